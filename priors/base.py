@@ -1,0 +1,129 @@
+"""The one prior interface every stage uses, whatever model is behind it.
+
+A prior is a text-conditioned epsilon-prediction diffusion model with a DDPM schedule. Stages
+never touch diffusers classes directly: they encode text, move renders into the model's space,
+and ask for (CFG-combined) noise predictions. The embedded toy prior, Stable Diffusion 1.x/2.x
+(latent space, VAE) and DeepFloyd IF stage I (pixel space) all sit behind this class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class DiffusionPrior:
+    """A loaded prior. `identity` goes into artifact keys: same identity, same model weights."""
+
+    identity: str
+    space: Literal["pixel", "latent"]
+    image_size: int  # renders are resized to this many pixels before entering the model
+    tokenizer: Any
+    text_encoder: torch.nn.Module
+    unet: torch.nn.Module
+    scheduler: Any
+    vae: torch.nn.Module | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    default_guidance_scale: float = 7.5
+    extra: dict = field(default_factory=dict)
+
+    # ---- schedule -------------------------------------------------------------------------
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler.config.num_train_timesteps)
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self.scheduler.alphas_cumprod.to(self.device, torch.float32)
+
+    # ---- text -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """Token-level embeddings [B, L, D] for cross-attention (the empty string is the unconditional)."""
+        tokens = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        out = self.text_encoder(tokens.input_ids.to(self.device))
+        hidden = out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
+        return hidden.to(self.dtype)
+
+    # ---- image space ----------------------------------------------------------------------
+    def images_to_model(self, rgb: torch.Tensor) -> torch.Tensor:
+        """Renders [B,3,H,W] in [0,1] -> model inputs, differentiably (resize, [-1,1], VAE if latent)."""
+        x = rgb.to(self.dtype)
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = F.interpolate(x, (self.image_size, self.image_size), mode="bilinear", align_corners=False, antialias=x.shape[-1] > self.image_size)
+        x = x * 2.0 - 1.0
+        if self.space == "latent":
+            posterior = self.vae.encode(x).latent_dist
+            x = posterior.sample() * self.vae.config.scaling_factor
+        return x
+
+    @torch.no_grad()
+    def model_to_images(self, x: torch.Tensor) -> torch.Tensor:
+        """Model-space samples -> RGB [B,3,H,W] in [0,1]."""
+        if self.space == "latent":
+            x = self.vae.decode(x / self.vae.config.scaling_factor).sample
+        return ((x.float() + 1.0) / 2.0).clamp(0, 1)
+
+    # ---- noise prediction -----------------------------------------------------------------
+    def predict_noise(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        cond: torch.Tensor,
+        uncond: torch.Tensor | None = None,
+        guidance_scale: float = 1.0,
+        unet: torch.nn.Module | None = None,
+        **unet_kwargs,
+    ) -> torch.Tensor:
+        """Epsilon prediction with classifier-free guidance: one batched UNet call for cond+uncond.
+
+        `unet` lets VSD query a LoRA-adapted copy; `unet_kwargs` pass e.g. class_labels (camera).
+        """
+        net = unet if unet is not None else self.unet
+        t = t.to(self.device)
+        if t.ndim == 0:
+            t = t.expand(x_t.shape[0])
+        x_t = x_t.to(self.dtype)
+        if uncond is None or guidance_scale == 1.0:
+            out = net(x_t, t, encoder_hidden_states=cond.to(self.dtype), **unet_kwargs).sample
+            return self._eps(out, x_t)
+        out = net(
+            torch.cat([x_t, x_t]),
+            torch.cat([t, t]),
+            encoder_hidden_states=torch.cat([cond, uncond]).to(self.dtype),
+            **{k: torch.cat([v, v]) if torch.is_tensor(v) else v for k, v in unet_kwargs.items()},
+        ).sample
+        out = self._eps(out, torch.cat([x_t, x_t]))
+        eps_cond, eps_uncond = out.chunk(2)
+        return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+    def _eps(self, out: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+        # DeepFloyd IF predicts (eps, variance) stacked on channels: keep eps.
+        if out.shape[1] == 2 * x_t.shape[1]:
+            out = out[:, : x_t.shape[1]]
+        return out
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = self.alphas_cumprod[t.long()].view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    def describe(self) -> dict:
+        """Small JSON-able summary for manifests."""
+        return {
+            "identity": self.identity,
+            "space": self.space,
+            "image_size": self.image_size,
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+        }
