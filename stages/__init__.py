@@ -1,0 +1,59 @@
+"""The stage registry: which stages exist and their order in a flow.
+
+Each stage module defines `STAGE = Stage(...)`. The order below is the pipeline order; a module
+that is not written yet is simply absent (its key is then unknown in flow.yaml).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from collections import OrderedDict
+
+from t3d.stage import Stage
+
+PIPELINE = [
+    ("encode_prompt", "t3d.stages.encode_prompt"),
+    ("coarse", "t3d.stages.coarse_nerf"),
+    ("refine", "t3d.stages.vsd_refine"),
+    ("extract_mesh", "t3d.stages.extract_mesh"),
+    ("texture", "t3d.stages.texture_finetune"),
+    ("export", "t3d.stages.export"),
+]
+
+
+class StageRegistry(OrderedDict):
+    """name -> Stage, in pipeline order."""
+
+    def __init__(self, stages: list[Stage] | None = None):
+        super().__init__()
+        for stage in stages or []:
+            self.add(stage)
+
+    def add(self, stage: Stage) -> None:
+        for dep in stage.inputs:
+            if dep not in self:
+                raise ValueError(f"stage {stage.name!r} consumes {dep!r}, which must be registered before it")
+        self[stage.name] = stage
+
+
+def default_registry() -> StageRegistry:
+    reg = StageRegistry()
+    for name, module in PIPELINE:
+        if importlib.util.find_spec(module) is None:
+            continue
+        stage = importlib.import_module(module).STAGE
+        assert stage.name == name, f"{module} declares {stage.name!r}, expected {name!r}"
+        reg.add(stage)
+    return reg
+
+
+def registry_from_env() -> StageRegistry:
+    """T3D_STAGE_REGISTRY=module:attr swaps in another registry (plugins, tests)."""
+    spec = os.environ.get("T3D_STAGE_REGISTRY")
+    if not spec:
+        return default_registry()
+    module, _, attr = spec.partition(":")
+    reg = getattr(importlib.import_module(module), attr or "REGISTRY")
+    return reg() if callable(reg) else reg

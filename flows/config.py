@@ -1,0 +1,181 @@
+"""flow.yaml -> a validated FlowConfig, or one ConfigError naming the file, the key path and the fix."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+
+from t3d.cameras import CameraParams
+from t3d.stages import StageRegistry, registry_from_env
+
+
+class ConfigError(Exception):
+    """Bad user input (exit code 2). The message is meant to be printed as is."""
+
+
+class FlowBase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = None
+    prompts: list[str] | None = None
+    negative_prompt: str = ""
+    seed: int = Field(0, ge=0)
+    prior: str = "embedded"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    store: str = "./artifacts"
+    camera: CameraParams = Field(default_factory=CameraParams)
+    name: str | None = Field(None, description="run name; defaults to the prompt's slug")
+
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _strip(cls, v: str | None) -> str | None:
+        return v.strip() if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _one_prompt_source(self):
+        if self.prompt is None and not self.prompts:
+            raise ValueError("give `prompt: \"a red cube\"` (or a `prompts:` list)")
+        if self.prompt is not None and self.prompts:
+            raise ValueError("give either `prompt` or `prompts`, not both")
+        texts = [self.prompt] if self.prompt is not None else self.prompts
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text.strip():
+                where = "prompt" if self.prompt is not None else f"prompts[{i}]"
+                raise ValueError(f"{where} is empty: write what to generate, e.g. \"a red cube\"")
+        return self
+
+    def prompt_list(self) -> list[str]:
+        return [self.prompt] if self.prompt is not None else [p.strip() for p in self.prompts]
+
+    def enabled_stages(self) -> list[str]:
+        return [name for name, params in self.stages if params.enabled]  # type: ignore[attr-defined]
+
+
+def config_model(registry: StageRegistry) -> type[FlowBase]:
+    fields = {name: (stage.params, Field(default_factory=stage.params)) for name, stage in registry.items()}
+    stages_model = create_model("StagesConfig", __config__=ConfigDict(extra="forbid"), **fields)
+    stages_model.__iter__ = lambda self: iter((n, getattr(self, n)) for n in registry)  # type: ignore[method-assign]
+    return create_model("FlowConfig", __base__=FlowBase, stages=(stages_model, Field(default_factory=stages_model)))
+
+
+# ---- loading ------------------------------------------------------------------------------
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'stages.coarse.steps=200' -> (['stages','coarse','steps'], 200); values parse as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set stages.coarse.steps=200")
+    key, _, raw = text.partition("=")
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"--set {text!r}: the key is empty")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text}: {'.'.join(path[: i + 1])} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _suggest(word: str, choices: list[str]) -> str:
+    match = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f"did you mean '{match[0]}'? " if match else ""
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names valid at the parent of `loc` (for did-you-mean on unknown keys)."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        current = field.annotation
+    return list(getattr(current, "model_fields", {}))
+
+
+def _format_error(err: dict, model: type[BaseModel], source: str) -> str:
+    loc = tuple(err["loc"])
+    path = ".".join(str(p) for p in loc) or "(top level)"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(model, loc)
+        hint = _suggest(str(loc[-1]), allowed)
+        where = ".".join(str(p) for p in loc[:-1]) or "the top level"
+        return f"{source}: unknown key '{path}'. {hint}Valid keys in {where}: {', '.join(allowed)}."
+    if kind == "missing":
+        return f"{source}: '{path}' is required."
+    given = err.get("input")
+    msg = err["msg"].removeprefix("Value error, ")
+    if isinstance(given, (dict, list)):
+        return f"{source}: '{path}': {msg}."
+    return f"{source}: '{path}': {msg} (got {given!r})."
+
+
+def validate(data: Any, registry: StageRegistry | None = None, source: str = "flow") -> FlowBase:
+    registry = registry if registry is not None else registry_from_env()
+    model = config_model(registry)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys (prompt:, seed:, stages: ...), got {type(data).__name__}")
+    stages = data.get("stages")
+    if isinstance(stages, dict):
+        for name in stages:
+            if name not in registry and name in dict(_pipeline_names()):
+                raise ConfigError(f"{source}: 'stages.{name}' is not available in this version of t3d (stages here: {', '.join(registry)}). Remove the block.")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        lines = [_format_error(e, model, source) for e in exc.errors()]
+        raise ConfigError("\n".join(lines)) from None
+
+
+def _pipeline_names():
+    from t3d.stages import PIPELINE
+
+    return PIPELINE
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, registry: StageRegistry | None = None) -> FlowBase:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such file. Pass the path of a flow YAML, e.g. examples/sds_red_cube.yaml")
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; pass a flow YAML file inside it")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        raise ConfigError(f"{path}: YAML syntax error at {where}: {exc.problem}. Check indentation and quoting there.") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not readable as YAML ({exc})") from None
+    if data is None:
+        data = {}
+    if isinstance(data, dict) and overrides:
+        data = apply_overrides(data, overrides)
+    cfg = validate(data, registry, source=str(path))
+    # A relative store path in the file is relative to the file, so flows are portable.
+    if isinstance(data, dict) and "store" in data and "://" not in cfg.store and not Path(cfg.store).is_absolute():
+        from_override = any(o.strip().startswith("store=") for o in overrides or [])
+        if not from_override:
+            cfg.store = str((path.parent / cfg.store).resolve())
+    return cfg

@@ -1,0 +1,183 @@
+"""Plan and execute stages against the artifact store. Orchestrators (Prefect, tests) call this.
+
+Planning needs no model and no GPU: every key follows from the config, the prior's identity and
+the upstream keys, so a fully cached flow is recognised before anything heavy is imported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from t3d import __version__
+from t3d.slug import slugify
+from t3d.stage import StageContext
+from t3d.store import ArtifactCorrupt, ArtifactStore, artifact_key
+
+log = logging.getLogger("t3d")
+
+
+class StageFailed(Exception):
+    def __init__(self, stage: str, key: str, cause: BaseException):
+        super().__init__(f"stage {stage} ({key}) failed: {type(cause).__name__}: {cause}")
+        self.stage, self.key, self.cause = stage, key, cause
+
+
+@dataclass
+class PlannedStage:
+    name: str
+    key: str
+    inputs: dict[str, str]
+    status: str  # complete | missing | corrupt: ...
+    forced: bool = False
+
+    @property
+    def needs_run(self) -> bool:
+        return self.forced or self.status != "complete"
+
+
+@dataclass
+class StageResult:
+    stage: str
+    key: str
+    state: str  # cached | computed | failed
+    seconds: float
+    path: str | None = None
+    metrics: dict = field(default_factory=dict)
+    error: str | None = None
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: cuda was requested but torch sees no CUDA device (set device: auto or cpu)")
+    return torch.device(requested)
+
+
+def prior_identity(source: str) -> str:
+    from t3d.priors import prior_identity as identity
+
+    return identity(source)
+
+
+def run_id_for(cfg, prompt: str, flow_file: str | None) -> str:
+    """One run record per (flow file, prompt): re-running the same flow updates the same record."""
+    origin = str(Path(flow_file).resolve()) if flow_file else "inline"
+    digest = hashlib.sha256(f"{origin}\n{prompt}\n{cfg.seed}".encode()).hexdigest()[:8]
+    return f"{cfg.name or slugify(prompt)}-{digest}"
+
+
+def plan(cfg, prompt: str, registry, store: ArtifactStore, force_from: str | None = None) -> list[PlannedStage]:
+    enabled = cfg.enabled_stages()
+    if force_from is not None and force_from not in enabled:
+        known = ", ".join(enabled) or "none"
+        raise ValueError(f"--from {force_from}: not an enabled stage of this flow (enabled: {known})")
+    prior = prior_identity(cfg.prior)
+    keys: dict[str, str] = {}
+    planned: list[PlannedStage] = []
+    forcing = False
+    for name in enabled:
+        stage = registry[name]
+        params = getattr(cfg.stages, name)
+        missing = [dep for dep in stage.inputs if dep not in keys]
+        if missing:
+            raise ValueError(f"stages.{name} needs stage(s) {', '.join(missing)}, which are disabled: enable them (stages.{missing[0]}.enabled: true)")
+        inputs = {dep: keys[dep] for dep in stage.inputs}
+        context = {"camera": cfg.camera.model_dump(mode="json")}
+        if stage.uses_prompt:
+            context.update(prompt=prompt, negative_prompt=cfg.negative_prompt)
+        key = artifact_key(name, stage.version, params.key_params(), cfg.seed, inputs, prior, context)
+        keys[name] = key
+        forcing = forcing or name == force_from
+        planned.append(PlannedStage(name, key, inputs, store.status(key), forced=forcing))
+    return planned
+
+
+def execute(cfg, prompt: str, step: PlannedStage, registry, store: ArtifactStore, stage_log: logging.Logger | None = None, progress_hooks=None, show_progress: bool = True) -> StageResult:
+    """Run one planned stage (or reuse it): inputs verified, output committed atomically."""
+    stage_log = stage_log or log
+    started = time.perf_counter()
+    if not step.needs_run:
+        stage_log.info("%s: cached (%s)", step.name, step.key)
+        art = store.get(step.key)
+        return StageResult(step.name, step.key, "cached", time.perf_counter() - started, str(art.path), art.manifest.get("metrics", {}))
+    if step.status.startswith("corrupt"):
+        stage_log.warning("%s: existing artifact rejected (%s); recomputing", step.name, step.status)
+    stage = registry[step.name]
+    params = getattr(cfg.stages, step.name)
+    try:
+        inputs = {dep: store.get(key).path for dep, key in step.inputs.items()}
+    except ArtifactCorrupt as exc:
+        raise StageFailed(step.name, step.key, RuntimeError(f"upstream artifact unusable: {exc}; re-run with --from {next(iter(step.inputs))}")) from exc
+    checkpoints = store.checkpoint_dir(step.key)
+    if step.forced and step.status == "complete":
+        shutil.rmtree(checkpoints, ignore_errors=True)
+        checkpoints.mkdir(parents=True)
+    device = resolve_device(cfg.device)
+    manifest = {
+        "stage": step.name,
+        "version": stage.version,
+        "params": params.key_params(),
+        "seed": cfg.seed,
+        "prompt": prompt,
+        "negative_prompt": cfg.negative_prompt,
+        "inputs": step.inputs,
+        "prior": {"source": cfg.prior, "identity": prior_identity(cfg.prior)},
+        "camera": cfg.camera.model_dump(mode="json"),
+        "device": str(device),
+        "t3d_version": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    try:
+        with store.writer(step.key, manifest) as out:
+            ctx = StageContext(
+                stage=step.name,
+                key=step.key,
+                params=params,
+                seed=cfg.seed,
+                prompt=prompt,
+                negative_prompt=cfg.negative_prompt,
+                prior_source=cfg.prior,
+                device=device,
+                inputs=inputs,
+                out=out,
+                checkpoint_dir=checkpoints,
+                log=stage_log,
+                progress_hooks=list(progress_hooks or []),
+                show_progress=show_progress,
+            )
+            stage_log.info("%s: running (%s)", step.name, step.key)
+            t0 = time.perf_counter()
+            stage.run(ctx)
+            ctx.timings["total_s"] = round(time.perf_counter() - t0, 4)
+            manifest.update(metrics=ctx.metrics, backend=ctx.backend, timings=ctx.timings)
+    except Exception as exc:
+        stage_log.error("%s: failed: %s: %s", step.name, type(exc).__name__, exc)
+        raise StageFailed(step.name, step.key, exc) from exc
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    seconds = time.perf_counter() - started
+    stage_log.info("%s: done in %.1fs (%s)", step.name, seconds, step.key)
+    return StageResult(step.name, step.key, "computed", seconds, str(store.local_path(step.key)), manifest.get("metrics", {}))
+
+
+def record(store: ArtifactStore, run_id: str, cfg, prompt: str, flow_file: str | None, planned: list[PlannedStage], state: str, results: list[StageResult] | None = None) -> None:
+    store.record_run(
+        run_id,
+        {
+            "prompt": prompt,
+            "flow_file": str(Path(flow_file).resolve()) if flow_file else None,
+            "seed": cfg.seed,
+            "state": state,
+            "stages": {p.name: p.key for p in planned},
+            "results": [asdict(r) for r in results or []],
+        },
+    )

@@ -1,0 +1,177 @@
+"""The stage contract: what a stage declares and what it is handed when it runs.
+
+A stage is a pure function of (params, seed, upstream artifacts, prior): it reads its inputs
+from `ctx.inputs`, writes files into `ctx.out` (a temp folder the store commits atomically),
+and records metrics/backends in the context. It never computes keys, touches the store or
+knows about Prefect; that is the runner's job. Example: stages/encode_prompt.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from safetensors.torch import load_file, save_file
+
+
+class StageParams(BaseModel):
+    """Base for every stage's params block in flow.yaml. Unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+
+    def key_params(self) -> dict:
+        """The params that define the result (`enabled` does not)."""
+        return self.model_dump(mode="json", exclude={"enabled"})
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # the flow.yaml key under `stages:` and the `--from` name
+    version: str  # bump when the output for the same params would change
+    params: type[StageParams]
+    inputs: tuple[str, ...]  # upstream stages whose artifacts this one reads
+    run: Callable[["StageContext"], None]
+    uses_prompt: bool = False  # True: the prompt text itself is part of the key (encode_prompt)
+    description: str = ""
+
+
+ProgressHook = Callable[[str, int, int, dict], None]  # (stage, step, total, postfix)
+
+
+@dataclass
+class StageContext:
+    stage: str
+    key: str
+    params: Any  # the stage's StageParams subclass instance
+    seed: int
+    prompt: str
+    negative_prompt: str
+    prior_source: str
+    device: torch.device
+    inputs: dict[str, Path]  # upstream stage name -> local folder of its verified artifact
+    out: Path  # write outputs here; committed atomically when run() returns
+    checkpoint_dir: Path  # survives failures of this key; mid-stage resume reads it
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("t3d.stage"))
+    metrics: dict = field(default_factory=dict)
+    backend: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    progress_hooks: list[ProgressHook] = field(default_factory=list)
+    show_progress: bool = True
+
+    # ---- shared resources -----------------------------------------------------------------
+    def load_prior(self):
+        """The prior for this run (loaded once per process and device)."""
+        from t3d.priors import load_prior
+
+        return _cached_prior(load_prior, self.prior_source, str(self.device))
+
+    def generator(self, offset: int = 0, device: torch.device | str | None = None) -> torch.Generator:
+        """A torch.Generator seeded from the run seed (offset separates independent streams)."""
+        g = torch.Generator(device=device or "cpu")
+        g.manual_seed(int(self.seed) * 1_000_003 + offset)
+        return g
+
+    def input_manifest(self, name: str) -> dict:
+        return json.loads((self.inputs[name] / "manifest.json").read_text())
+
+    # ---- progress -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def progress(self, total: int, description: str | None = None, initial: int = 0) -> Iterator[Callable[..., None]]:
+        """Yields update(n=1, **postfix): a tqdm bar on a terminal, plus any registered hooks."""
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=initial, desc=description or self.stage, disable=None if self.show_progress else True, leave=False, dynamic_ncols=True)
+        state = {"step": initial}
+
+        def update(n: int = 1, **postfix: Any) -> None:
+            state["step"] += n
+            bar.update(n)
+            if postfix:
+                bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()}, refresh=False)
+            for hook in self.progress_hooks:
+                hook(self.stage, state["step"], total, postfix)
+
+        started = time.perf_counter()
+        try:
+            yield update
+        finally:
+            bar.close()
+            self.timings.setdefault("loop_s", 0.0)
+            self.timings["loop_s"] += time.perf_counter() - started
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def save_checkpoint(self, step: int, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
+        """Atomically replace the checkpoint: tensors as safetensors, the rest as JSON."""
+        save_checkpoint(self.checkpoint_dir, step, tensors, meta)
+
+    def load_checkpoint(self) -> tuple[int, dict[str, torch.Tensor], dict] | None:
+        return load_checkpoint(self.checkpoint_dir)
+
+
+_prior_cache: dict[tuple[str, str], Any] = {}
+
+
+def _cached_prior(loader, source: str, device: str):
+    key = (source, device)
+    if key not in _prior_cache:
+        _prior_cache[key] = loader(source, device=device)
+    return _prior_cache[key]
+
+
+# ---- checkpoint files ---------------------------------------------------------------------
+def save_checkpoint(folder: Path, step: int, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp_t, tmp_m = folder / "state.safetensors.tmp", folder / "state.json.tmp"
+    payload = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    payload["__step__"] = torch.tensor(int(step))
+    save_file(payload, str(tmp_t))
+    tmp_m.write_text(json.dumps({"step": int(step), "meta": meta or {}}, default=str))
+    # Tensors first, then the JSON that names the step: a kill in between leaves the old JSON,
+    # which load_checkpoint rejects by comparing the step stored in both.
+    tmp_t.replace(folder / "state.safetensors")
+    tmp_m.replace(folder / "state.json")
+
+
+def load_checkpoint(folder: Path) -> tuple[int, dict[str, torch.Tensor], dict] | None:
+    t, m = folder / "state.safetensors", folder / "state.json"
+    if not (t.exists() and m.exists()):
+        return None
+    info = json.loads(m.read_text())
+    tensors = load_file(str(t))
+    if "__step__" in tensors and int(tensors.pop("__step__").item()) != info["step"]:
+        return None
+    return info["step"], tensors, info.get("meta", {})
+
+
+def flatten_optimizer(optimizer: torch.optim.Optimizer, prefix: str = "opt") -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer state as flat tensors (for safetensors) plus JSON-able metadata."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, entry in state["state"].items():
+        for name, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{prefix}.{pid}.{name}"] = value
+            else:
+                scalars[f"{pid}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict, prefix: str = "opt") -> None:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith(prefix + "."):
+            _, pid, key = name.split(".", 2)
+            state.setdefault(int(pid), {})[key] = value
+    for name, value in meta.get("scalars", {}).items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})

@@ -1,0 +1,259 @@
+"""Content-addressed artifact store: a stage's output folder is written once, verified on every reuse.
+
+Layout under the store root (a local folder or any fsspec URI):
+    objects/<key>/...files...       finished artifacts; manifest.json is written last
+    runs/<run_id>.json              which keys a run (flow file x prompt) uses: for `ls` and `gc`
+    .tmp/                           local in-progress outputs, renamed into objects/ when complete
+
+A folder without a manifest, or whose files do not match the manifest's sha256, is never used:
+it is reported and recomputed. Stages always work on local folders; for remote stores finished
+artifacts are uploaded (manifest last) and downloaded into a local cache on reuse.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+
+
+class ArtifactCorrupt(Exception):
+    """An artifact folder exists but cannot be trusted (missing manifest, missing file, bad hash)."""
+
+
+def sha256_file(path: Path | str, fs: fsspec.AbstractFileSystem | None = None) -> str:
+    h = hashlib.sha256()
+    opener = fs.open if fs is not None else open
+    with opener(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def artifact_key(stage: str, version: str, params: dict, seed: int, inputs: dict[str, str], prior: str, context: dict | None = None) -> str:
+    """Same (stage, version, params, seed, upstream keys, prior, context) -> same key -> same artifact."""
+    payload = {
+        "stage": stage,
+        "version": version,
+        "params": params,
+        "seed": seed,
+        "inputs": dict(sorted(inputs.items())),
+        "prior": prior,
+        "context": context or {},
+    }
+    digest = hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+    return f"{stage}-{digest[:20]}"
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class Artifact:
+    key: str
+    path: Path  # local folder holding the verified files
+    manifest: dict
+
+
+class ArtifactStore:
+    def __init__(self, uri: str | os.PathLike = "./artifacts", cache_dir: str | os.PathLike | None = None):
+        self.uri = str(uri)
+        self.fs, root = fsspec.core.url_to_fs(self.uri)
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+        self.root = root.rstrip("/") if root not in ("/", "") else root
+        if self.is_local:
+            self.root = str(Path(self.root).resolve())
+            Path(self.root).mkdir(parents=True, exist_ok=True)
+            self.local_root = Path(self.root)
+        else:
+            base = Path(cache_dir or os.environ.get("T3D_CACHE", Path.home() / ".cache" / "t3d"))
+            slug = hashlib.sha256(self.uri.encode()).hexdigest()[:12]
+            self.local_root = base / f"store-{slug}"
+            self.local_root.mkdir(parents=True, exist_ok=True)
+        self._verified: dict[str, float] = {}
+
+    # ---- paths ----------------------------------------------------------------------------
+    def _obj(self, key: str, *parts: str) -> str:
+        return "/".join([self.root, "objects", key, *parts])
+
+    def local_path(self, key: str) -> Path:
+        return self.local_root / "objects" / key
+
+    def checkpoint_dir(self, key: str) -> Path:
+        """Where a running stage keeps mid-stage checkpoints (kept on failure, dropped on success)."""
+        path = self.local_root / "checkpoints" / key
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    # ---- reading --------------------------------------------------------------------------
+    def has_manifest(self, key: str) -> bool:
+        return self.fs.exists(self._obj(key, MANIFEST))
+
+    def read_manifest(self, key: str) -> dict:
+        try:
+            with self.fs.open(self._obj(key, MANIFEST), "r") as f:
+                return json.load(f)
+        except FileNotFoundError:
+            raise ArtifactCorrupt(f"{key}: no manifest.json (incomplete write)") from None
+        except json.JSONDecodeError as exc:
+            raise ArtifactCorrupt(f"{key}: manifest.json is not valid JSON ({exc})") from None
+
+    def verify(self, key: str) -> dict:
+        """Check every file against the manifest's sha256; raises ArtifactCorrupt. Returns the manifest."""
+        manifest = self.read_manifest(key)
+        if manifest.get("key") != key:
+            raise ArtifactCorrupt(f"{key}: manifest names key {manifest.get('key')!r}")
+        for rel, digest in manifest.get("files", {}).items():
+            path = self._obj(key, rel)
+            if not self.fs.exists(path):
+                raise ArtifactCorrupt(f"{key}: file {rel} is missing")
+            actual = sha256_file(path, self.fs)
+            if actual != digest:
+                raise ArtifactCorrupt(f"{key}: file {rel} has sha256 {actual[:12]}..., manifest says {digest[:12]}...")
+        return manifest
+
+    def status(self, key: str) -> str:
+        """'complete', 'missing' or 'corrupt: <why>' (hashes checked)."""
+        if not self.fs.exists(self._obj(key)):
+            return "missing"
+        try:
+            self.verify(key)
+            return "complete"
+        except ArtifactCorrupt as exc:
+            return f"corrupt: {exc}"
+
+    def get(self, key: str) -> Artifact:
+        """A verified artifact as a local folder (downloaded into the cache for remote stores)."""
+        manifest = self.verify(key)
+        if self.is_local:
+            return Artifact(key, self.local_path(key), manifest)
+        local = self.local_path(key)
+        cached_ok = (local / MANIFEST).exists() and all(
+            (local / rel).exists() and sha256_file(local / rel) == digest for rel, digest in manifest["files"].items()
+        )
+        if not cached_ok:
+            tmp = self.local_root / ".tmp" / f"dl-{key}-{uuid.uuid4().hex[:8]}"
+            tmp.mkdir(parents=True)
+            for rel in list(manifest["files"]) + [MANIFEST]:
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                self.fs.get(self._obj(key, rel), str(tmp / rel))
+            shutil.rmtree(local, ignore_errors=True)
+            local.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, local)
+        return Artifact(key, local, manifest)
+
+    def keys(self) -> list[str]:
+        base = f"{self.root}/objects"
+        if not self.fs.exists(base):
+            return []
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(base, detail=False))
+
+    # ---- writing --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def writer(self, key: str, manifest: dict) -> Iterator[Path]:
+        """Yield an empty local folder; on clean exit hash its files, write the manifest, commit.
+
+        On an exception nothing is committed and the temp folder is removed: a failed or killed
+        stage never leaves a reusable artifact (a kill leaves only an orphan in .tmp/, which
+        has no manifest in objects/ and is swept by `gc`).
+        """
+        tmp_root = self.local_root / ".tmp"
+        tmp_root.mkdir(parents=True, exist_ok=True)
+        tmp = tmp_root / f"{key}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            yield tmp
+            files = {}
+            for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+                rel = path.relative_to(tmp).as_posix()
+                if rel == MANIFEST:
+                    raise ValueError("stages must not write manifest.json themselves")
+                files[rel] = sha256_file(path)
+            full = {**manifest, "key": key, "files": files, "committed": _now()}
+            (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True, default=str))
+            self._commit(key, tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self._verified.pop(key, None)
+
+    def _commit(self, key: str, tmp: Path) -> None:
+        if self.is_local:
+            final = self.local_path(key)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if final.exists():  # a corrupt or forced-over artifact: move it aside first
+                trash = self.local_root / ".tmp" / f"trash-{key}-{uuid.uuid4().hex[:8]}"
+                os.replace(final, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            os.replace(tmp, final)  # atomic on one filesystem
+            return
+        # Remote: clear any partial upload, upload files, manifest last (its presence = complete).
+        remote = self._obj(key)
+        if self.fs.exists(remote):
+            self.fs.rm(remote, recursive=True)
+        for path in sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != MANIFEST):
+            rel = path.relative_to(tmp).as_posix()
+            self.fs.makedirs(self._obj(key, *rel.split("/")[:-1]) if "/" in rel else remote, exist_ok=True)
+            self.fs.put_file(str(path), self._obj(key, rel))
+        self.fs.put_file(str(tmp / MANIFEST), self._obj(key, MANIFEST))
+
+    def remove(self, key: str) -> None:
+        path = self._obj(key)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+        if not self.is_local:
+            shutil.rmtree(self.local_path(key), ignore_errors=True)
+
+    # ---- runs and garbage collection ------------------------------------------------------
+    def record_run(self, run_id: str, record: dict) -> None:
+        self.fs.makedirs(f"{self.root}/runs", exist_ok=True)
+        with self.fs.open(f"{self.root}/runs/{run_id}.json", "w") as f:
+            f.write(json.dumps({**record, "run_id": run_id, "updated": _now()}, indent=2, sort_keys=True, default=str))
+
+    def runs(self) -> list[dict]:
+        base = f"{self.root}/runs"
+        if not self.fs.exists(base):
+            return []
+        out = []
+        for p in sorted(self.fs.ls(base, detail=False)):
+            if p.endswith(".json"):
+                with self.fs.open(p, "r") as f:
+                    out.append(json.load(f))
+        return out
+
+    def gc(self, dry_run: bool = False, min_age_s: float = 3600.0) -> list[str]:
+        """Remove artifacts no run record references, and stale temp folders; returns what went."""
+        referenced = {key for run in self.runs() for key in run.get("stages", {}).values()}
+        removed = [k for k in self.keys() if k not in referenced]
+        if not dry_run:
+            for key in removed:
+                self.remove(key)
+            for sub in (".tmp", "checkpoints"):
+                base = self.local_root / sub
+                for path in base.glob("*") if base.exists() else []:
+                    stale = time.time() - path.stat().st_mtime > min_age_s
+                    if sub == "checkpoints" and path.name not in referenced:
+                        stale = True
+                    if stale:
+                        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
+        return removed

@@ -1,0 +1,116 @@
+"""Flow config validation: every malformed flow gets one error naming the file and the key."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from t3d.flows.config import ConfigError, apply_overrides, load_config
+from t3d.stages import default_registry
+
+REG = default_registry()
+
+GOOD = """
+prompt: a red cube
+seed: 3
+stages:
+  encode_prompt:
+    views: [front, back]
+"""
+
+
+def write(tmp_path, text, name="flow.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_good_flow_loads_with_defaults(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD), registry=REG)
+    assert cfg.prompt == "a red cube" and cfg.seed == 3
+    assert cfg.stages.encode_prompt.views == ["front", "back"]
+    assert cfg.prior == "embedded" and cfg.device == "auto"
+    assert cfg.enabled_stages() == list(REG)
+
+
+def test_set_overrides_parse_as_yaml(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD), ["seed=7", "stages.encode_prompt.views=[side]", "negative_prompt=blurry"], registry=REG)
+    assert cfg.seed == 7 and cfg.stages.encode_prompt.views == ["side"] and cfg.negative_prompt == "blurry"
+
+
+def test_relative_store_is_relative_to_the_flow_file(tmp_path):
+    (tmp_path / "sub").mkdir()
+    cfg = load_config(write(tmp_path, GOOD + "store: ./arts\n", "sub/flow.yaml"), registry=REG)
+    assert cfg.store == str((tmp_path / "sub" / "arts").resolve())
+
+
+# (yaml text, --set overrides, substrings the single error must contain)
+MALFORMED = [
+    ("promt: a red cube\n", [], ["promt", "did you mean 'prompt'"]),
+    ("prompt: a red cube\nsede: 1\n", [], ["sede", "did you mean 'seed'"]),
+    ("prompt: ''\n", [], ["prompt is empty"]),
+    ("prompt: '   '\n", [], ["prompt is empty"]),
+    ("seed: 1\n", [], ["prompt"]),
+    ("prompt: a\nprompts: [b]\n", [], ["either `prompt` or `prompts`"]),
+    ("prompts: [a red cube, '']\n", [], ["prompts[1] is empty"]),
+    ("prompt: a red cube\nseed: abc\n", [], ["'seed'", "integer", "'abc'"]),
+    ("prompt: a red cube\nseed: -1\n", [], ["'seed'", "greater than or equal to 0"]),
+    ("prompt: a red cube\ndevice: tpu\n", [], ["'device'", "'auto', 'cpu' or 'cuda'"]),
+    ("prompt: a red cube\nstages:\n  encod_prompt: {}\n", [], ["stages.encod_prompt", "did you mean 'encode_prompt'"]),
+    ("prompt: a red cube\nstages:\n  encode_prompt:\n    veiws: [front]\n", [], ["stages.encode_prompt.veiws", "did you mean 'views'"]),
+    ("prompt: a red cube\nstages:\n  encode_prompt:\n    views: [top]\n", [], ["stages.encode_prompt.views", "unknown view", "top"]),
+    ("prompt: a red cube\nstages:\n  encode_prompt:\n    views: front\n", [], ["stages.encode_prompt.views", "list"]),
+    ("prompt: a red cube\nstages:\n  encode_prompt:\n    enabled: maybe\n", [], ["stages.encode_prompt.enabled", "boolean"]),
+    ("prompt: a red cube\nstages: [encode_prompt]\n", [], ["'stages'"]),
+    ("prompt: a red cube\ncamera:\n  fov_deg: 200\n", [], ["camera.fov_deg", "less than 180"]),
+    ("prompt: a red cube\ncamera:\n  radus: 2\n", [], ["camera.radus", "did you mean 'radius'"]),
+    ("prompt: a red cube\nseed: [1, 2]\n", [], ["'seed'"]),
+    ("- a red cube\n- a blue cone\n", [], ["top level must be a mapping"]),
+    ("prompt: a red cube\n", ["stages.encode_prompt.viewz=[front]"], ["stages.encode_prompt.viewz", "did you mean 'views'"]),
+    ("prompt: a red cube\n", ["seed=x1"], ["'seed'", "'x1'"]),
+    ("prompt: a red cube\n", ["prompt.text=x"], ["--set prompt.text=x", "prompt is a value"]),
+    ("prompt: a red cube\n", ["seed"], ["--set 'seed'", "KEY=VALUE"]),
+]
+
+
+@pytest.mark.parametrize("text,overrides,expected", MALFORMED, ids=[f"case{i}" for i in range(len(MALFORMED))])
+def test_malformed_flow_names_the_key(tmp_path, text, overrides, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides, registry=REG)
+    message = str(info.value)
+    if not message.startswith("--set"):
+        assert str(path) in message, message
+    for part in expected:
+        assert part in message, f"{part!r} not in: {message}"
+
+
+def test_yaml_syntax_error_gives_line_number(tmp_path):
+    path = write(tmp_path, "prompt: a red cube\nstages:\n  encode_prompt: {views: [front\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, registry=REG)
+    assert str(path) in str(info.value) and "YAML syntax error at line" in str(info.value)
+
+
+def test_tab_indentation_is_a_syntax_error(tmp_path):
+    path = write(tmp_path, "prompt: a red cube\nstages:\n\tencode_prompt: {}\n")
+    with pytest.raises(ConfigError, match=r"line 3"):
+        load_config(path, registry=REG)
+
+
+def test_missing_file_and_folder(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "nope.yaml", registry=REG)
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_config(tmp_path, registry=REG)
+
+
+def test_empty_file_says_prompt_is_required(tmp_path):
+    with pytest.raises(ConfigError, match="prompt"):
+        load_config(write(tmp_path, ""), registry=REG)
+
+
+def test_override_into_missing_section_creates_it():
+    data = apply_overrides({"prompt": "x"}, ["stages.encode_prompt.views=[front]"])
+    assert data["stages"]["encode_prompt"]["views"] == ["front"]

@@ -1,0 +1,129 @@
+"""Artifact store: round trip, tamper detection, atomic commit, remote (fsspec) stores."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import uuid
+
+import pytest
+
+from t3d.store import ArtifactCorrupt, ArtifactStore, artifact_key
+
+
+def _write(store, key, payload=b"hello", name="data.bin"):
+    with store.writer(key, {"stage": "x", "params": {"a": 1}}) as out:
+        (out / name).write_bytes(payload)
+        (out / "sub").mkdir()
+        (out / "sub" / "more.txt").write_text("more")
+
+
+def test_key_depends_on_every_ingredient():
+    base = dict(stage="s", version="1", params={"a": 1}, seed=0, inputs={"u": "u-1"}, prior="p")
+    k = artifact_key(**base)
+    assert k.startswith("s-") and k == artifact_key(**base)
+    for change in ({"version": "2"}, {"params": {"a": 2}}, {"seed": 1}, {"inputs": {"u": "u-2"}}, {"prior": "q"}):
+        assert artifact_key(**{**base, **change}) != k, change
+    assert artifact_key(**base, context={"prompt": "a"}) != artifact_key(**base, context={"prompt": "b"})
+
+
+@pytest.mark.parametrize("kind", ["local", "file", "memory"])
+def test_round_trip(tmp_path, kind):
+    uri = {"local": str(tmp_path / "a"), "file": f"file://{tmp_path}/b", "memory": f"memory://t3d-{uuid.uuid4().hex}"}[kind]
+    store = ArtifactStore(uri, cache_dir=tmp_path / "cache")
+    _write(store, "x-1")
+    assert store.status("x-1") == "complete" and store.keys() == ["x-1"]
+    art = store.get("x-1")
+    assert (art.path / "data.bin").read_bytes() == b"hello"
+    assert (art.path / "sub" / "more.txt").read_text() == "more"
+    assert set(art.manifest["files"]) == {"data.bin", "sub/more.txt"}
+    assert art.manifest["params"] == {"a": 1} and art.manifest["key"] == "x-1"
+
+
+def test_tampered_file_is_detected_and_recomputable(tmp_path):
+    store = ArtifactStore(tmp_path)
+    _write(store, "x-1")
+    (tmp_path / "objects" / "x-1" / "data.bin").write_bytes(b"HELLO")
+    assert store.status("x-1").startswith("corrupt")
+    with pytest.raises(ArtifactCorrupt, match="data.bin"):
+        store.get("x-1")
+    _write(store, "x-1", b"again")  # recompute over it
+    assert store.get("x-1").path.joinpath("data.bin").read_bytes() == b"again"
+
+
+def test_missing_file_and_bad_manifest_are_corrupt(tmp_path):
+    store = ArtifactStore(tmp_path)
+    _write(store, "x-1")
+    (tmp_path / "objects" / "x-1" / "sub" / "more.txt").unlink()
+    assert "missing" in store.status("x-1")
+    _write(store, "x-2")
+    (tmp_path / "objects" / "x-2" / "manifest.json").write_text("{not json")
+    assert store.status("x-2").startswith("corrupt")
+
+
+def test_exception_in_writer_commits_nothing(tmp_path):
+    store = ArtifactStore(tmp_path)
+    with pytest.raises(RuntimeError):
+        with store.writer("x-1", {}) as out:
+            (out / "half.bin").write_bytes(b"half")
+            raise RuntimeError("boom")
+    assert store.status("x-1") == "missing" and store.keys() == []
+    assert not any((tmp_path / ".tmp").iterdir())
+
+
+def test_process_killed_midway_leaves_nothing_reusable(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import os
+        from t3d.store import ArtifactStore
+        store = ArtifactStore({str(tmp_path)!r})
+        with store.writer("x-1", {{}}) as out:
+            (out / "half.bin").write_bytes(b"half")
+            os._exit(9)  # killed: no cleanup, no commit
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script])
+    assert proc.returncode == 9
+    store = ArtifactStore(tmp_path)
+    assert store.status("x-1") == "missing"
+    assert list((tmp_path / ".tmp").iterdir()), "the orphan temp folder is left for gc"
+    store.gc(min_age_s=0)
+    assert not list((tmp_path / ".tmp").iterdir())
+
+
+def test_remote_partial_upload_is_not_used(tmp_path):
+    uri = f"memory://t3d-{uuid.uuid4().hex}"
+    store = ArtifactStore(uri, cache_dir=tmp_path)
+    _write(store, "x-1")
+    store.fs.rm(f"{store.root}/objects/x-1/manifest.json")  # as if the upload died before the manifest
+    assert store.status("x-1").startswith("corrupt")
+    with pytest.raises(ArtifactCorrupt, match="no manifest"):
+        store.get("x-1")
+
+
+def test_remote_cache_is_reverified(tmp_path):
+    store = ArtifactStore(f"memory://t3d-{uuid.uuid4().hex}", cache_dir=tmp_path)
+    _write(store, "x-1")
+    local = store.get("x-1").path
+    (local / "data.bin").write_bytes(b"tampered locally")
+    assert (store.get("x-1").path / "data.bin").read_bytes() == b"hello"
+
+
+def test_gc_keeps_referenced_artifacts(tmp_path):
+    store = ArtifactStore(tmp_path)
+    _write(store, "x-1")
+    _write(store, "x-2")
+    store.record_run("r1", {"stages": {"x": "x-1"}})
+    assert store.gc(dry_run=True) == ["x-2"] and store.keys() == ["x-1", "x-2"]
+    assert store.gc() == ["x-2"] and store.keys() == ["x-1"]
+    assert json.loads((tmp_path / "runs" / "r1.json").read_text())["stages"] == {"x": "x-1"}
+
+
+def test_stage_may_not_write_its_own_manifest(tmp_path):
+    store = ArtifactStore(tmp_path)
+    with pytest.raises(ValueError, match="manifest"):
+        with store.writer("x-1", {}) as out:
+            (out / "manifest.json").write_text("{}")
+    assert store.status("x-1") == "missing"
