@@ -30,7 +30,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _fail_input(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(EXIT_BAD_INPUT)
 
 
