@@ -105,10 +105,24 @@ def execute(cfg, prompt: str, step: PlannedStage, registry, store: ArtifactStore
     """Run one planned stage (or reuse it): inputs verified, output committed atomically."""
     stage_log = stage_log or log
     started = time.perf_counter()
+
+    def result(state: str) -> StageResult:
+        art = store.get(step.key)
+        return StageResult(step.name, step.key, state, time.perf_counter() - started, str(art.path), art.manifest.get("metrics", {}))
+
     if not step.needs_run:
         stage_log.info("%s: cached (%s)", step.name, step.key)
-        art = store.get(step.key)
-        return StageResult(step.name, step.key, "cached", time.perf_counter() - started, str(art.path), art.manifest.get("metrics", {}))
+        return result("cached")
+    with store.claim(step.key) as must_compute:
+        if not must_compute and not step.forced:
+            stage_log.info("%s: computed meanwhile by another run; reusing (%s)", step.name, step.key)
+            return result("cached")
+        _compute(cfg, prompt, step, registry, store, stage_log, progress_hooks, show_progress)
+    shutil.rmtree(store.checkpoint_dir(step.key), ignore_errors=True)
+    stage_log.info("%s: done in %.1fs (%s)", step.name, time.perf_counter() - started, step.key)
+    return result("computed")
+
+def _compute(cfg, prompt, step, registry, store, stage_log, progress_hooks, show_progress) -> None:
     if step.status.startswith("corrupt"):
         stage_log.warning("%s: existing artifact rejected (%s); recomputing", step.name, step.status)
     stage = registry[step.name]
@@ -163,10 +177,6 @@ def execute(cfg, prompt: str, step: PlannedStage, registry, store: ArtifactStore
     except Exception as exc:
         stage_log.error("%s: failed: %s: %s", step.name, type(exc).__name__, exc)
         raise StageFailed(step.name, step.key, exc) from exc
-    shutil.rmtree(checkpoints, ignore_errors=True)
-    seconds = time.perf_counter() - started
-    stage_log.info("%s: done in %.1fs (%s)", step.name, seconds, step.key)
-    return StageResult(step.name, step.key, "computed", seconds, str(store.local_path(step.key)), manifest.get("metrics", {}))
 
 
 def record(store: ArtifactStore, run_id: str, cfg, prompt: str, flow_file: str | None, planned: list[PlannedStage], state: str, results: list[StageResult] | None = None) -> None:

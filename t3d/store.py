@@ -19,6 +19,8 @@ import json
 import logging
 import os
 import shutil
+import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -223,6 +225,91 @@ class ArtifactStore:
             self.fs.rm(path, recursive=True)
         if not self.is_local:
             shutil.rmtree(self.local_path(key), ignore_errors=True)
+
+    # ---- claims: one writer per key across processes and machines ----------------------------
+    def _lock(self, key: str) -> str:
+        return f"{self.root}/locks/{key}.lock"
+
+    def _try_lock(self, key: str, owner: dict) -> bool:
+        path = self._lock(key)
+        body = json.dumps(owner).encode()
+        if self.is_local:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(body)
+            return True
+        # Object stores have no O_EXCL: write, then read back; the last writer wins and the loser backs off.
+        if self.fs.exists(path):
+            return False
+        self.fs.makedirs(f"{self.root}/locks", exist_ok=True)
+        with self.fs.open(path, "wb") as f:
+            f.write(body)
+        time.sleep(0.05)
+        with self.fs.open(path, "rb") as f:
+            return json.loads(f.read() or b"{}").get("token") == owner["token"]
+
+    def _lock_is_stale(self, key: str, stale_s: float) -> bool:
+        path = self._lock(key)
+        try:
+            with self.fs.open(path, "rb") as f:
+                owner = json.loads(f.read() or b"{}")
+            info = self.fs.info(path)
+        except (FileNotFoundError, json.JSONDecodeError):
+            return True
+        if owner.get("host") == socket.gethostname() and owner.get("pid"):
+            try:
+                os.kill(int(owner["pid"]), 0)
+            except ProcessLookupError:
+                return True  # the holder died on this machine
+            except PermissionError:
+                pass
+        mtime = info.get("mtime") or info.get("created") or time.time()
+        if hasattr(mtime, "timestamp"):
+            mtime = mtime.timestamp()
+        return time.time() - float(mtime) > stale_s
+
+    @contextlib.contextmanager
+    def claim(self, key: str, poll_s: float = 0.5, stale_s: float = 120.0, timeout_s: float | None = None) -> Iterator[bool]:
+        """Hold the right to compute `key`. Yields True to compute, False if another writer finished it.
+
+        A second run needing the same missing artifact waits for the first instead of writing it
+        twice. The holder refreshes its lock every stale_s/4; a lock whose holder died (or went
+        silent for stale_s) is broken.
+        """
+        owner = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex, "since": _now()}
+        started = time.monotonic()
+        while not self._try_lock(key, owner):
+            if self.has_manifest(key) and self.status(key) == "complete":
+                yield False
+                return
+            if self._lock_is_stale(key, stale_s):
+                log.warning("breaking stale lock on %s", key)
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm(self._lock(key))
+                continue
+            if timeout_s is not None and time.monotonic() - started > timeout_s:
+                raise TimeoutError(f"{key} is being computed by another run (lock {self._lock(key)}); waited {timeout_s:.0f}s")
+            time.sleep(poll_s)
+        stop = threading.Event()
+
+        def heartbeat() -> None:
+            while not stop.wait(stale_s / 4):
+                with contextlib.suppress(Exception):
+                    self.fs.touch(self._lock(key), truncate=False) if not self.is_local else os.utime(self._lock(key))
+
+        beat = threading.Thread(target=heartbeat, daemon=True)
+        beat.start()
+        try:
+            # Someone may have committed between our status check and the claim.
+            yield self.status(key) != "complete"
+        finally:
+            stop.set()
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(self._lock(key))
 
     # ---- runs and garbage collection ------------------------------------------------------
     def record_run(self, run_id: str, record: dict) -> None:

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 
 import pytest
@@ -127,3 +128,40 @@ def test_stage_may_not_write_its_own_manifest(tmp_path):
         with store.writer("x-1", {}) as out:
             (out / "manifest.json").write_text("{}")
     assert store.status("x-1") == "missing"
+
+
+def test_claim_makes_a_second_writer_wait_and_reuse(tmp_path):
+    """Two runs needing the same missing artifact: the second waits and reuses, never writes twice."""
+    import threading
+
+    store = ArtifactStore(tmp_path)
+    order = []
+    first_holds = threading.Event()
+
+    def first():
+        with store.claim("x-1") as compute:
+            order.append(("first", compute))
+            first_holds.set()
+            time.sleep(0.6)
+            _write(store, "x-1")
+
+    t = threading.Thread(target=first)
+    t.start()
+    first_holds.wait(5)
+    with ArtifactStore(tmp_path).claim("x-1", poll_s=0.05) as compute:
+        order.append(("second", compute))
+    t.join()
+    assert order == [("first", True), ("second", False)]
+    assert not (tmp_path / "locks" / "x-1.lock").exists()
+
+
+def test_stale_lock_of_dead_process_is_broken(tmp_path):
+    store = ArtifactStore(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(proc.stdout)
+    (tmp_path / "locks").mkdir()
+    import socket
+
+    (tmp_path / "locks" / "x-1.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead_pid, "token": "t"}))
+    with store.claim("x-1", poll_s=0.01, timeout_s=5) as compute:
+        assert compute is True
