@@ -39,6 +39,7 @@ def run(
     flow_file: Path = typer.Argument(..., help="flow YAML, e.g. examples/sds_red_cube.yaml"),
     set_: list[str] = typer.Option([], "--set", help="override a key: --set stages.coarse.steps=200 (repeatable)"),
     from_stage: Optional[str] = typer.Option(None, "--from", help="force this stage and every later one to re-run"),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="run this prompt instead of the file's prompt(s)"),
     no_prefect: bool = typer.Option(False, "--no-prefect", help="run the stages in-process without Prefect"),
     verbose: bool = typer.Option(False, "-v", "--verbose"),
 ) -> None:
@@ -50,7 +51,7 @@ def run(
     _setup_logging(verbose)
     registry = registry_from_env()
     try:
-        cfg = load_config(flow_file, set_, registry)
+        cfg = load_config(flow_file, set_, registry, prompt=prompt)
     except ConfigError as exc:
         _fail_input(str(exc))
     failed = False
@@ -88,6 +89,87 @@ def _headline_file(path: str | None) -> str:
         if found:
             return str(found[0])
     return str(folder)
+
+
+@app.command()
+def batch(
+    prompts_file: Path = typer.Argument(..., help="text file: one prompt per line, '#' comments"),
+    flow: Path = typer.Option(..., "--flow", help="base flow YAML; each prompt replaces its prompt"),
+    concurrency: int = typer.Option(1, "--concurrency", "-j", min=1, help="prompts run at once"),
+    set_: list[str] = typer.Option([], "--set", help="override a key for every prompt"),
+    summary: Optional[Path] = typer.Option(None, help="summary path without suffix (writes .csv and .json); default batch-<file>"),
+    data: Path = typer.Option(Path.home() / ".cache" / "t3d" / "prefect", help="Prefect data folder when t3d starts the server itself"),
+) -> None:
+    """Generate every prompt of a list: one flow run each; a failing prompt does not stop the others."""
+    import os
+
+    from t3d.flows.batch import read_prompts, run_batch, write_summary
+    from t3d.flows.config import ConfigError, load_config
+    from t3d.flows.publish import publish_table
+    from t3d.flows.server import server_env, start_server
+
+    try:
+        prompts = read_prompts(prompts_file)
+        load_config(flow, set_, prompt=prompts[0])
+    except ConfigError as exc:
+        _fail_input(str(exc))
+    server = None
+    api = os.environ.get("PREFECT_API_URL")
+    if not api:
+        console.print(f"starting a Prefect server for this batch (data in {data}) ...")
+        server = start_server(data)
+        api = server.api_url
+        console.print(f"Prefect UI: {server.ui_url}")
+    env = server_env(data, api) if server else {**os.environ}
+    env.setdefault("TQDM_DISABLE", "1")
+    os.environ["PREFECT_API_URL"] = api
+    done = []
+
+    def report(row) -> None:
+        done.append(row)
+        colour = {"failed": "red", "cached": "cyan"}.get(row.state, "green")
+        console.print(f"[{len(done)}/{len(prompts)}] [{colour}]{row.state}[/] {row.prompt!r} ({row.seconds:.1f}s)", highlight=False)
+
+    try:
+        rows = run_batch(flow, prompts, concurrency, set_, env=env, on_done=report)
+        base = summary or Path(f"batch-{prompts_file.stem}")
+        json_path, csv_path = write_summary(rows, base)
+        publish_table([{"prompt": r.prompt, "state": r.state, "seconds": r.seconds, "glb": r.glb, "error": r.error} for r in rows], f"batch-{prompts_file.stem}", f"batch {prompts_file.name}")
+    finally:
+        if server:
+            server.stop()
+    table = Table(title=f"batch {prompts_file} ({concurrency} at a time)", title_justify="left")
+    for col in ("prompt", "state", "seconds", "glb", "quality", "error"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        quality = ", ".join(f"{k}={v:.3g}" for k, v in r.metrics.items() if any(m in k for m in ("iou", "color_err")))
+        table.add_row(r.prompt, r.state, f"{r.seconds:.1f}", r.glb, quality, r.error)
+    out.print(table)
+    out.print(f"summary: {csv_path} and {json_path}")
+    raise typer.Exit(EXIT_FAILED if any(r.state == "failed" for r in rows) else EXIT_OK)
+
+
+@app.command()
+def server(
+    host: str = typer.Option("127.0.0.1", help="address to bind (keep 127.0.0.1 unless you mean to expose it)"),
+    port: int = typer.Option(4200),
+    data: Path = typer.Option(Path.home() / ".cache" / "t3d" / "prefect", help="Prefect database and settings folder"),
+) -> None:
+    """Start Prefect's server and UI; runs report to it once PREFECT_API_URL points at it."""
+    import time
+
+    from t3d.flows.server import start_server
+
+    srv = start_server(data, host=host, port=port)
+    out.print(f"Prefect UI:  {srv.ui_url}\nAPI:         {srv.api_url}\ndata:        {srv.data_dir}\nlog:         {srv.log_path}")
+    out.print(f"In another shell:  export PREFECT_API_URL={srv.api_url}   then t3d run / t3d batch report here. Ctrl-C stops.")
+    try:
+        while srv.process.poll() is None:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        srv.stop()
 
 
 @app.command("ls")

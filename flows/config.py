@@ -154,7 +154,8 @@ def _pipeline_names():
     return PIPELINE
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None, registry: StageRegistry | None = None) -> FlowBase:
+def load_config(path: str | Path, overrides: list[str] | None = None, registry: StageRegistry | None = None, prompt: str | None = None) -> FlowBase:
+    """Read, override (--set, then `prompt`, which replaces prompt/prompts) and validate a flow file."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: no such file. Pass the path of a flow YAML, e.g. examples/sds_red_cube.yaml")
@@ -172,6 +173,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None, registry: 
         data = {}
     if isinstance(data, dict) and overrides:
         data = apply_overrides(data, overrides)
+    if isinstance(data, dict) and prompt is not None:
+        data.pop("prompts", None)
+        data["prompt"] = prompt
     cfg = validate(data, registry, source=str(path))
     # A relative store path in the file is relative to the file, so flows are portable.
     if isinstance(data, dict) and "store" in data and "://" not in cfg.store and not Path(cfg.store).is_absolute():

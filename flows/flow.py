@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass, field
 
 from t3d import runner
+from t3d.flows.publish import ProgressPublisher, publish_stage
 from t3d.slug import slugify
 from t3d.store import ArtifactStore
 
@@ -40,7 +41,7 @@ def run_prompt(cfg, prompt: str, registry, *, flow_file: str | None = None, forc
     else:
         results, error, failed = _run_prefect(cfg, prompt, planned, registry, store, run_id, show_progress)
         state = "failed" if error else "completed"
-    runner.record(store, run_id, cfg, prompt, flow_file, planned, state, results)
+    runner.record(store, run_id, cfg, prompt, flow_file, planned, state, results, error)
     return PromptRun(prompt, run_id, state, results, error, failed)
 
 
@@ -63,8 +64,10 @@ def _run_prefect(cfg, prompt, planned, registry, store, run_id, show_progress):
     results: list[runner.StageResult] = []
 
     def stage_task(stage: str, key: str, inputs: dict[str, str]) -> dict:
-        result = runner.execute(cfg, prompt, by_name[stage], registry, store, stage_log=get_run_logger(), show_progress=show_progress)
+        hooks = [ProgressPublisher(prompt, stage)]
+        result = runner.execute(cfg, prompt, by_name[stage], registry, store, stage_log=get_run_logger(), progress_hooks=hooks, show_progress=show_progress)
         results.append(result)
+        publish_stage(prompt, result)
         return {"stage": result.stage, "key": result.key, "state": result.state, "seconds": round(result.seconds, 3)}
 
     @flow(name="t3d", flow_run_name=f"{slug}", log_prints=True, validate_parameters=False)

@@ -179,7 +179,7 @@ def _compute(cfg, prompt, step, registry, store, stage_log, progress_hooks, show
         raise StageFailed(step.name, step.key, exc) from exc
 
 
-def record(store: ArtifactStore, run_id: str, cfg, prompt: str, flow_file: str | None, planned: list[PlannedStage], state: str, results: list[StageResult] | None = None) -> None:
+def record(store: ArtifactStore, run_id: str, cfg, prompt: str, flow_file: str | None, planned: list[PlannedStage], state: str, results: list[StageResult] | None = None, error: str | None = None) -> None:
     store.record_run(
         run_id,
         {
@@ -189,5 +189,6 @@ def record(store: ArtifactStore, run_id: str, cfg, prompt: str, flow_file: str |
             "state": state,
             "stages": {p.name: p.key for p in planned},
             "results": [asdict(r) for r in results or []],
+            "error": error,
         },
     )

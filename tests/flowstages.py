@@ -1,7 +1,8 @@
 """Small real stages for orchestration tests: arithmetic on files, one that fails on demand.
 
 `T3D_TEST_FAIL_ONCE=<path>`: stage `b` fails while that file exists and deletes it, so the
-first run fails and the re-run succeeds (a crash the user then fixed).
+first run fails and the re-run succeeds (a crash the user then fixed). If the file holds text,
+only prompts containing that text fail.
 """
 
 from __future__ import annotations
@@ -26,22 +27,22 @@ class CParams(StageParams):
     offset: int = 1
 
 
-def _count(name: str) -> None:
+def _count(name: str, prompt: str = "") -> None:
     log = os.environ.get("T3D_TEST_CALLS")
     if log:
         with open(log, "a") as f:
-            f.write(name + "\n")
+            f.write(name + ("\t" + prompt if os.environ.get("T3D_TEST_CALLS_PROMPTS") else "") + "\n")
 
 
 def run_a(ctx):
-    _count("a")
+    _count("a", ctx.prompt)
     (ctx.out / "value.json").write_text(json.dumps({"value": ctx.params.value + ctx.seed}))
 
 
 def run_b(ctx):
-    _count("b")
+    _count("b", ctx.prompt)
     marker = os.environ.get("T3D_TEST_FAIL_ONCE")
-    if marker and Path(marker).exists():
+    if marker and Path(marker).exists() and Path(marker).read_text().strip() in ctx.prompt:
         Path(marker).unlink()
         raise RuntimeError("stage b failed on purpose")
     value = json.loads((ctx.inputs["a"] / "value.json").read_text())["value"]
@@ -50,7 +51,7 @@ def run_b(ctx):
 
 
 def run_c(ctx):
-    _count("c")
+    _count("c", ctx.prompt)
     value = json.loads((ctx.inputs["b"] / "value.json").read_text())["value"]
     (ctx.out / "value.json").write_text(json.dumps({"value": value + ctx.params.offset}))
 

@@ -43,7 +43,7 @@ def value_of(result, stage):
 
 def test_failed_stage_resumes_where_it_stopped(tmp_path, calls, monkeypatch, identity_prior, prefect_server):
     marker = tmp_path / "fail-once"
-    marker.write_text("x")
+    marker.write_text("")
     monkeypatch.setenv("T3D_TEST_FAIL_ONCE", str(marker))
     cfg = cfg_for(tmp_path, identity_prior)
 
@@ -116,7 +116,7 @@ def test_cli_exit_codes_and_prefect_temporary_server(tmp_path, identity_prior):
         store: ./store
         """))
     marker = tmp_path / "fail-once"
-    marker.write_text("x")
+    marker.write_text("")
     env = {**os.environ, "T3D_STAGE_REGISTRY": "tests.flowstages:REGISTRY", "T3D_TEST_FAIL_ONCE": str(marker), "PYTHONPATH": str(Path(__file__).parents[1])}
     env.pop("PREFECT_API_URL", None)
     failed = _cli(["run", str(flow)], env, tmp_path)

@@ -1,0 +1,83 @@
+"""What a run shows in the Prefect UI: a live progress bar per stage, then previews and metrics.
+
+Artifact keys must be lowercase letters, digits and dashes, so they are built from slugs.
+Every call is best-effort: the UI is a view, never a reason for a stage to fail.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+from pathlib import Path
+
+from t3d.slug import slugify
+
+log = logging.getLogger("t3d")
+PREVIEW_LIMIT_BYTES = 600_000  # inline images bigger than this are linked by path instead
+
+
+def _key(*parts: str) -> str:
+    return "-".join(slugify(p, 40) for p in parts)[:120]
+
+
+class ProgressPublisher:
+    """A stage progress hook: creates a progress artifact, updates it at most every `every_s`."""
+
+    def __init__(self, prompt: str, stage: str, every_s: float = 2.0):
+        self.prompt, self.stage, self.every_s = prompt, stage, every_s
+        self.artifact_id = None
+        self.last = 0.0
+
+    def __call__(self, stage: str, step: int, total: int, postfix: dict) -> None:
+        now = time.monotonic()
+        if step < total and now - self.last < self.every_s:
+            return
+        self.last = now
+        pct = 100.0 * step / max(total, 1)
+        desc = f"{self.stage} {step}/{total}" + "".join(f" {k}={v:.4g}" if isinstance(v, float) else f" {k}={v}" for k, v in postfix.items())
+        try:
+            from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+            if self.artifact_id is None:
+                self.artifact_id = create_progress_artifact(pct, key=_key(self.prompt, self.stage, "progress"), description=desc)
+            else:
+                update_progress_artifact(self.artifact_id, pct, description=desc)
+        except Exception as exc:  # noqa: BLE001
+            log.debug("progress artifact not published: %s", exc)
+
+
+def stage_markdown(prompt: str, result, folder: Path | None) -> str:
+    lines = [f"### {result.stage}: {result.state} in {result.seconds:.1f}s", "", f"prompt: `{prompt}`  ", f"key: `{result.key}`", ""]
+    if result.metrics:
+        lines += ["| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in result.metrics.items() if not isinstance(v, (list, dict))]
+        lines.append("")
+    if folder is not None:
+        for image in sorted(folder.glob("*.png")) + sorted(folder.glob("*.gif")):
+            data = image.read_bytes()
+            if len(data) <= PREVIEW_LIMIT_BYTES:
+                mime = "image/gif" if image.suffix == ".gif" else "image/png"
+                lines.append(f"![{image.name}](data:{mime};base64,{base64.b64encode(data).decode()})")
+            else:
+                lines.append(f"`{image}`")
+    return "\n".join(lines)
+
+
+def publish_stage(prompt: str, result) -> None:
+    try:
+        from prefect.artifacts import create_markdown_artifact
+
+        folder = Path(result.path) if result.path else None
+        create_markdown_artifact(stage_markdown(prompt, result, folder), key=_key(prompt, result.stage), description=f"{result.stage} for {prompt!r}")
+    except Exception as exc:  # noqa: BLE001
+        log.debug("stage artifact not published: %s", exc)
+
+
+def publish_table(rows: list[dict], key: str, description: str) -> None:
+    try:
+        from prefect.artifacts import create_table_artifact
+
+        create_table_artifact(rows, key=_key(key), description=description)
+    except Exception as exc:  # noqa: BLE001
+        log.debug("table artifact not published: %s", exc)
