@@ -172,6 +172,36 @@ def server(
         srv.stop()
 
 
+@app.command()
+def deploy(pool: str = typer.Option(..., "--pool", help="Prefect work pool (created as a process pool if missing)")) -> None:
+    """Register the t3d-prompt and t3d-stage deployments on a work pool (needs PREFECT_API_URL)."""
+    import os
+
+    from t3d.flows.deploy import deploy as do_deploy
+
+    if not os.environ.get("PREFECT_API_URL"):
+        _fail_input("PREFECT_API_URL is not set: start `t3d server` (or point at your Prefect server) first")
+    for name, dep_id in do_deploy(pool).items():
+        out.print(f"deployment {name}  ({dep_id})")
+    out.print(f"Route a flow with `executor: {{pool: {pool}}}` (whole flow) or on one stage; start workers with `t3d worker --pool {pool}`.")
+
+
+@app.command()
+def worker(
+    pool: str = typer.Option(..., "--pool", help="work pool to poll"),
+    limit: Optional[int] = typer.Option(None, help="flow runs at once on this worker"),
+    name: Optional[str] = typer.Option(None, help="worker name shown in the UI"),
+) -> None:
+    """Start a process worker on this machine (e.g. the GPU box) for a work pool."""
+    import os
+
+    from t3d.flows.deploy import start_worker
+
+    if not os.environ.get("PREFECT_API_URL"):
+        _fail_input("PREFECT_API_URL is not set: point it at the Prefect server the flows report to")
+    start_worker(pool, limit, name)
+
+
 @app.command("ls")
 def list_runs(store: str = typer.Option("./artifacts", help="artifact store path or fsspec URI")) -> None:
     """List runs and the state of each of their stages."""

@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from t3d.cameras import CameraParams
+from t3d.stage import ExecutorParams
 from t3d.stages import StageRegistry, registry_from_env
 
 
@@ -29,6 +30,7 @@ class FlowBase(BaseModel):
     store: str = "./artifacts"
     camera: CameraParams = Field(default_factory=CameraParams)
     name: str | None = Field(None, description="run name; defaults to the prompt's slug")
+    executor: ExecutorParams | None = Field(None, description="run the whole flow on this Prefect work pool")
 
     @field_validator("prompt", "negative_prompt")
     @classmethod

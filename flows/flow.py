@@ -1,16 +1,24 @@
-"""The Prefect flow: one task per enabled stage, in order, each handed its upstream keys.
+"""The Prefect flows: one task per enabled stage, in order, each handed its upstream keys.
 
 No maths here: tasks call t3d.runner. Caching is the artifact store's (content keys verified by
 hash), not Prefect's: Prefect's default cache policy includes the run id and its hash of tensors
 is not stable across processes, so every task runs with cache_policy=NONE and returns a small
 dict. A flow whose every stage is already complete is answered from the store without starting
 Prefect at all (its temporary server takes 7-18 s to start).
+
+Routing: `executor: {pool: NAME}` at the top of flow.yaml sends the whole prompt to the work
+pool's deployment `t3d-prompt/NAME`; on a stage it sends just that stage to `t3d-stage/NAME`.
+Workers read and write the same artifact store, which must then be a shared path or fsspec URI.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 from dataclasses import dataclass, field
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NONE
 
 from t3d import runner
 from t3d.flows.publish import ProgressPublisher, publish_stage
@@ -18,6 +26,10 @@ from t3d.slug import slugify
 from t3d.store import ArtifactStore
 
 log = logging.getLogger("t3d")
+PROMPT_FLOW, STAGE_FLOW = "t3d-prompt", "t3d-stage"
+# A local `t3d run` hands its registry and result list to the flow here, not as flow parameters
+# (which Prefect serializes into the API); a worker's run finds it empty.
+_LOCAL: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("t3d_local_run", default=None)
 
 
 @dataclass
@@ -31,55 +43,117 @@ class PromptRun:
 
 
 def run_prompt(cfg, prompt: str, registry, *, flow_file: str | None = None, force_from: str | None = None, use_prefect: bool = True, show_progress: bool = True) -> PromptRun:
+    """Run (or resume) every enabled stage for one prompt; records the run in the store."""
     store = ArtifactStore(cfg.store)
     planned = runner.plan(cfg, prompt, registry, store, force_from)
     run_id = runner.run_id_for(cfg, prompt, flow_file)
     runner.record(store, run_id, cfg, prompt, flow_file, planned, "running")
+    results: list[runner.StageResult] = []
+    error = failed = None
     if not any(p.needs_run for p in planned) or not use_prefect:
-        results, error, failed = _run_inline(cfg, prompt, planned, registry, store, show_progress)
-        state = "failed" if error else ("cached" if all(r.state == "cached" for r in results) else "completed")
+        for step in planned:
+            try:
+                results.append(runner.execute(cfg, prompt, step, registry, store, show_progress=show_progress))
+            except runner.StageFailed as exc:
+                error, failed = str(exc), exc.stage
+                break
+    elif cfg.executor is not None:
+        results, error, failed = _run_on_pool(cfg, prompt, force_from, flow_file)
     else:
-        results, error, failed = _run_prefect(cfg, prompt, planned, registry, store, run_id, show_progress)
-        state = "failed" if error else "completed"
+        try:
+            flow_fn = t3d_prompt_flow.with_options(flow_run_name=slugify(prompt))
+            token = _LOCAL.set((registry, results, show_progress))
+            try:
+                flow_fn(cfg.model_dump(mode="json"), prompt, flow_file, force_from)
+            finally:
+                _LOCAL.reset(token)
+        except runner.StageFailed as exc:
+            error, failed = str(exc), exc.stage
+    state = "failed" if error else ("cached" if results and all(r.state == "cached" for r in results) else "completed")
     runner.record(store, run_id, cfg, prompt, flow_file, planned, state, results, error)
     return PromptRun(prompt, run_id, state, results, error, failed)
 
 
-def _run_inline(cfg, prompt, planned, registry, store, show_progress):
-    results = []
-    for step in planned:
-        try:
-            results.append(runner.execute(cfg, prompt, step, registry, store, show_progress=show_progress))
-        except runner.StageFailed as exc:
-            return results, str(exc), exc.stage
-    return results, None, None
+def _stage_task(cfg, prompt: str, step: runner.PlannedStage, registry, store: ArtifactStore, show_progress: bool) -> runner.StageResult:
+    params = getattr(cfg.stages, step.name)
+    pool = params.executor.pool if params.executor else None
+    if pool and step.needs_run:
+        return _run_stage_on_pool(cfg, prompt, step, pool)
+    result = runner.execute(cfg, prompt, step, registry, store, stage_log=get_run_logger(), progress_hooks=[ProgressPublisher(prompt, step.name)], show_progress=show_progress)
+    publish_stage(prompt, result)
+    return result
 
 
-def _run_prefect(cfg, prompt, planned, registry, store, run_id, show_progress):
-    from prefect import flow, get_run_logger, task
-    from prefect.cache_policies import NONE
+@flow(name=PROMPT_FLOW, log_prints=True, validate_parameters=False)
+def t3d_prompt_flow(config: dict, prompt: str, flow_file: str | None = None, force_from: str | None = None) -> list[dict]:
+    """All enabled stages for one prompt. Deployed as `t3d-prompt/<pool>` for workers."""
+    from t3d.flows.config import validate
+    from t3d.stages import registry_from_env
 
+    local = _LOCAL.get()
+    registry, results, show_progress = local if local is not None else (registry_from_env(), [], False)
+    cfg = validate(config, registry, source="flow parameters")
+    store = ArtifactStore(cfg.store)
+    planned = {p.name: p for p in runner.plan(cfg, prompt, registry, store, force_from)}
     slug = slugify(prompt)
-    by_name = {p.name: p for p in planned}
-    results: list[runner.StageResult] = []
 
-    def stage_task(stage: str, key: str, inputs: dict[str, str]) -> dict:
-        hooks = [ProgressPublisher(prompt, stage)]
-        result = runner.execute(cfg, prompt, by_name[stage], registry, store, stage_log=get_run_logger(), progress_hooks=hooks, show_progress=show_progress)
+    def run_stage(stage: str, key: str, inputs: dict[str, str]) -> dict:  # small, JSON-able arguments only
+        result = _stage_task(cfg, prompt, planned[stage], registry, store, show_progress)
         results.append(result)
-        publish_stage(prompt, result)
         return {"stage": result.stage, "key": result.key, "state": result.state, "seconds": round(result.seconds, 3)}
 
-    @flow(name="t3d", flow_run_name=f"{slug}", log_prints=True, validate_parameters=False)
-    def t3d_flow(prompt: str, seed: int, stages: dict[str, str]) -> list[dict]:
-        outputs = []
-        for step in planned:
-            run_task = task(stage_task, name=step.name, task_run_name=f"{slug}/{step.name}", cache_policy=NONE, retries=0)
-            outputs.append(run_task(step.name, step.key, step.inputs))
-        return outputs
+    outputs = []
+    for step in planned.values():
+        stage_task = task(run_stage, name=step.name, task_run_name=f"{slug}/{step.name}", cache_policy=NONE, retries=0)
+        outputs.append(stage_task(step.name, step.key, step.inputs))
+    if local is None:  # a worker's run: record it, since no `t3d run` process is waiting on it
+        runner.record(store, runner.run_id_for(cfg, prompt, flow_file), cfg, prompt, flow_file, list(planned.values()), "completed", results)
+    return outputs
 
-    try:
-        t3d_flow(prompt=prompt, seed=cfg.seed, stages={p.name: p.key for p in planned})
-    except runner.StageFailed as exc:
-        return results, str(exc), exc.stage
-    return results, None, None
+
+@flow(name=STAGE_FLOW, log_prints=True, validate_parameters=False)
+def t3d_stage_flow(config: dict, prompt: str, stage: str, force: bool = False) -> dict:
+    """One stage, on whichever worker picks it up; its inputs come from the shared store."""
+    from t3d.flows.config import validate
+    from t3d.stages import registry_from_env
+
+    registry = registry_from_env()
+    cfg = validate(config, registry, source="flow parameters")
+    store = ArtifactStore(cfg.store)
+    step = next(p for p in runner.plan(cfg, prompt, registry, store) if p.name == stage)
+    step.forced = force
+    result = runner.execute(cfg, prompt, step, registry, store, stage_log=get_run_logger(), progress_hooks=[ProgressPublisher(prompt, stage)], show_progress=False)
+    publish_stage(prompt, result)
+    return {"stage": result.stage, "key": result.key, "state": result.state, "seconds": round(result.seconds, 3)}
+
+
+def _wait_deployment(name: str, parameters: dict, run_name: str):
+    from prefect.deployments import run_deployment
+
+    flow_run = run_deployment(name, parameters=parameters, flow_run_name=run_name, timeout=None)
+    return flow_run
+
+
+def _run_stage_on_pool(cfg, prompt: str, step: runner.PlannedStage, pool: str) -> runner.StageResult:
+    flow_run = _wait_deployment(f"{STAGE_FLOW}/{pool}", {"config": cfg.model_dump(mode="json"), "prompt": prompt, "stage": step.name, "force": step.forced}, f"{slugify(prompt)}/{step.name}")
+    store = ArtifactStore(cfg.store)
+    if not flow_run.state.is_completed():
+        raise runner.StageFailed(step.name, step.key, RuntimeError(f"remote run {flow_run.name} on pool {pool!r} ended {flow_run.state.name}: {flow_run.state.message}"))
+    art = store.get(step.key)
+    return runner.StageResult(step.name, step.key, "computed", float(art.manifest.get("timings", {}).get("total_s", 0.0)), str(art.path), art.manifest.get("metrics", {}))
+
+
+def _run_on_pool(cfg, prompt: str, force_from: str | None, flow_file: str | None):
+    pool = cfg.executor.pool
+    flow_run = _wait_deployment(f"{PROMPT_FLOW}/{pool}", {"config": cfg.model_dump(mode="json"), "prompt": prompt, "flow_file": flow_file, "force_from": force_from}, slugify(prompt))
+    store = ArtifactStore(cfg.store)
+    results = []
+    from t3d.stages import registry_from_env
+
+    for step in runner.plan(cfg, prompt, registry_from_env(), store):
+        if step.status == "complete":
+            art = store.get(step.key)
+            results.append(runner.StageResult(step.name, step.key, "computed", 0.0, str(art.path), art.manifest.get("metrics", {})))
+    if flow_run.state.is_completed():
+        return results, None, None
+    return results, f"remote run {flow_run.name} on pool {pool!r} ended {flow_run.state.name}: {flow_run.state.message}", None

@@ -17,8 +17,16 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
+
+
+class ExecutorParams(BaseModel):
+    """Where a stage (or a whole flow) runs: a Prefect work pool, e.g. {pool: gpu}."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pool: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 class StageParams(BaseModel):
@@ -27,10 +35,11 @@ class StageParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
+    executor: ExecutorParams | None = None
 
     def key_params(self) -> dict:
-        """The params that define the result (`enabled` does not)."""
-        return self.model_dump(mode="json", exclude={"enabled"})
+        """The params that define the result (`enabled` and where it runs do not)."""
+        return self.model_dump(mode="json", exclude={"enabled", "executor"})
 
 
 @dataclass(frozen=True)
