@@ -165,6 +165,7 @@ def _compute(cfg, prompt, step, registry, store, stage_log, progress_hooks, show
                 inputs=inputs,
                 out=out,
                 checkpoint_dir=checkpoints,
+                camera=cfg.camera,
                 log=stage_log,
                 progress_hooks=list(progress_hooks or []),
                 show_progress=show_progress,

@@ -20,6 +20,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 
+from t3d.cameras import CameraParams
+
 
 class ExecutorParams(BaseModel):
     """Where a stage (or a whole flow) runs: a Prefect work pool, e.g. {pool: gpu}."""
@@ -69,6 +71,7 @@ class StageContext:
     inputs: dict[str, Path]  # upstream stage name -> local folder of its verified artifact
     out: Path  # write outputs here; committed atomically when run() returns
     checkpoint_dir: Path  # survives failures of this key; mid-stage resume reads it
+    camera: CameraParams = field(default_factory=CameraParams)  # the flow's camera distribution
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("t3d.stage"))
     metrics: dict = field(default_factory=dict)
     backend: dict = field(default_factory=dict)
