@@ -23,7 +23,7 @@ pip_install -e ".[dev]"
 
 if command -v npm >/dev/null 2>&1; then
   if [ ! -d .tools/node_modules/gltf-validator ]; then
-    npm install --silent --no-audit --no-fund --prefix .tools gltf-validator@2 >/dev/null 2>&1 || echo "warning: npm could not install gltf-validator; GLB validation tests will be skipped" >&2
+    npm install --silent --no-audit --no-fund --prefix .tools gltf-validator@2.0.0-dev.3.10 >/dev/null 2>&1 || echo "warning: npm could not install gltf-validator; GLB validation tests will be skipped" >&2
   fi
 else
   echo "warning: npm not found; GLB validation tests will be skipped" >&2

@@ -32,7 +32,7 @@ class StageRegistry(OrderedDict):
             self.add(stage)
 
     def add(self, stage: Stage) -> None:
-        for dep in stage.inputs:
+        for dep in stage.inputs:  # optional inputs may be absent from a registry
             if dep not in self:
                 raise ValueError(f"stage {stage.name!r} consumes {dep!r}, which must be registered before it")
         self[stage.name] = stage

@@ -91,6 +91,7 @@ def plan(cfg, prompt: str, registry, store: ArtifactStore, force_from: str | Non
         if missing:
             raise ValueError(f"stages.{name} needs stage(s) {', '.join(missing)}, which are disabled: enable them (stages.{missing[0]}.enabled: true)")
         inputs = {dep: keys[dep] for dep in stage.inputs}
+        inputs.update({dep: keys[dep] for dep in stage.optional_inputs if dep in keys})
         context = {"camera": cfg.camera.model_dump(mode="json")}
         if stage.uses_prompt:
             context.update(prompt=prompt, negative_prompt=cfg.negative_prompt)

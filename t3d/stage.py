@@ -51,6 +51,7 @@ class Stage:
     params: type[StageParams]
     inputs: tuple[str, ...]  # upstream stages whose artifacts this one reads
     run: Callable[["StageContext"], None]
+    optional_inputs: tuple[str, ...] = ()  # read when enabled in the flow (e.g. refine's field over coarse's)
     uses_prompt: bool = False  # True: the prompt text itself is part of the key (encode_prompt)
     description: str = ""
 

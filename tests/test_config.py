@@ -31,7 +31,7 @@ def test_good_flow_loads_with_defaults(tmp_path):
     assert cfg.prompt == "a red cube" and cfg.seed == 3
     assert cfg.stages.encode_prompt.views == ["front", "back"]
     assert cfg.prior == "embedded" and cfg.device == "auto"
-    assert cfg.enabled_stages() == list(REG)
+    assert cfg.enabled_stages() == [n for n in REG if n != "refine"], "refine (VSD) is opt-in"
 
 
 def test_set_overrides_parse_as_yaml(tmp_path):

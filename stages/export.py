@@ -1,0 +1,95 @@
+"""export: the final textured mesh as files people can open, plus a turntable of those files.
+
+Reads the textured mesh of the stage before it (mesh.glb, see extract_mesh.load_mesh) and writes
+it under the asset's name, a slug of the prompt unless `name` is given:
+  NAME.glb                        PBR metallic 0, roughness 1, base colour factor 1 (y-up glTF)
+  NAME.obj + NAME.mtl + NAME.png  white diffuse (Kd 1 1 1), texture named after the asset
+  turntable.gif / turntable.png   the exported GLB itself, loaded back and rasterized
+
+It reads the texture stage's mesh.glb when that stage is enabled, else extract_mesh's (same layout).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from t3d.export import check_name, export_glb, export_obj, turntable
+from t3d.raster import make_raster_context
+from t3d.slug import slugify
+from t3d.stage import Stage, StageContext, StageParams
+from t3d.stages.extract_mesh import load_mesh
+
+SOURCE = "extract_mesh"
+
+
+class ExportParams(StageParams):
+    name: str | None = Field(None, description="asset file name (letters, digits, . _ -); None: a slug of the prompt")
+    formats: list[Literal["glb", "obj"]] = Field(default_factory=lambda: ["glb", "obj"], min_length=1)
+    y_up: bool = Field(True, description="rotate t3d's z-up world into glTF/OBJ's y-up (front facing +z)")
+    turntable_frames: int = Field(24, ge=4)
+    turntable_size: int = Field(256, ge=16)
+    turntable_elevation: float = Field(15.0, ge=-89, le=89)
+    raster_backend: str = Field("auto", pattern="^(auto|cuda-library|torch)$")
+
+    @field_validator("name")
+    @classmethod
+    def _slug_safe(cls, name: str | None) -> str | None:
+        return None if name is None else check_name(name)
+
+
+def run(ctx: StageContext) -> None:
+    p: ExportParams = ctx.params
+    t0 = time.perf_counter()
+    tmesh = load_mesh(ctx.inputs.get("texture", ctx.inputs[SOURCE]))
+    name = p.name or slugify(ctx.prompt)
+    check_name(name)
+    files: list[str] = []
+    if "glb" in p.formats:
+        export_glb(ctx.out / f"{name}.glb", tmesh, y_up=p.y_up)
+        files.append(f"{name}.glb")
+    if "obj" in p.formats:
+        paths = export_obj(ctx.out, name, tmesh, y_up=p.y_up)
+        files += [path.name for path in paths.values()]
+    ctx.timings["write_s"] = round(time.perf_counter() - t0, 3)
+
+    # the turntable renders a file as written (the GLB when there is one), not the in-memory mesh
+    t1 = time.perf_counter()
+    raster_ctx, choice = make_raster_context(p.raster_backend, ctx.device)
+    ctx.backend["raster"] = choice.as_dict()
+    source = ctx.out / (f"{name}.glb" if "glb" in p.formats else f"{name}.obj")
+    cam = ctx.camera
+    turntable(
+        source, ctx.out / "turntable.gif", p.turntable_frames, p.turntable_size, elevation_deg=p.turntable_elevation,
+        radius=cam.radius, fov_deg=cam.fov_deg, strip_path=ctx.out / "turntable.png", ctx=raster_ctx, device=ctx.device,
+        y_up=p.y_up,
+    )
+    ctx.timings["turntable_s"] = round(time.perf_counter() - t1, 3)
+    ctx.metrics.update(
+        {
+            "name": name,
+            "files": files,
+            "faces": int(len(tmesh.faces)),
+            "vertices": int(len(tmesh.verts)),
+            "texture": list(tmesh.texture.shape[:2]),
+        }
+    )
+    # Quality of the delivered file itself (toy prompts only): the GLB read back and rasterized.
+    from t3d.export import load_textured
+    from t3d.toyeval import evaluate_mesh
+
+    delivered = load_textured(source, y_up=p.y_up) if "glb" in p.formats else tmesh
+    ctx.metrics.update(evaluate_mesh(delivered, ctx.prompt, cam, raster_ctx=raster_ctx, device=ctx.device))
+
+
+STAGE = Stage(
+    name="export",
+    version="1",
+    params=ExportParams,
+    inputs=(SOURCE,),
+    optional_inputs=("texture",),
+    run=run,
+    description="GLB (PBR, non-metallic) and OBJ+MTL+PNG named after the asset, with a turntable of the files",
+)

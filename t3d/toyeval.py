@@ -1,0 +1,57 @@
+"""Quality in the toy world, where ground truth exists: silhouette IoU and foreground colour error
+against the true primitive, from held-out orbit views (between the training azimuths' grid).
+
+Used by the stages' metrics and by bench/quality.py, for NeRF renders and textured meshes alike.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from t3d import toyworld
+from t3d.cameras import CameraParams, orbit_cameras
+from t3d.volume import light_directions
+
+
+def eval_cameras(camera: CameraParams, n_views: int = 8):
+    return orbit_cameras(camera, n_views, elevation_deg=15.0, start_deg=360.0 / n_views / 2)
+
+
+def score(pred_rgb: torch.Tensor, pred_mask: torch.Tensor, true_rgb: torch.Tensor, true_mask: torch.Tensor) -> dict:
+    """IoU of (mask > 0.5) and mean |rgb difference| over pixels both call foreground ([B,C,H,W])."""
+    pred = pred_mask[:, 0] > 0.5
+    true = true_mask[:, 0] > 0.5
+    iou = ((pred & true).sum() / (pred | true).sum().clamp_min(1)).item()
+    both = pred & true
+    err = (pred_rgb - true_rgb).abs().mean(1)[both]
+    return {"iou": round(iou, 4), "color_err": round(err.mean().item(), 4) if err.numel() else 1.0}
+
+
+@torch.no_grad()
+def render_textured_mesh(tmesh, cams, size: int, raster_ctx=None, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """A TexturedMesh lit like the toy world (camera-fixed light): rgb [B,3,H,W] on white, mask [B,1,H,W]."""
+    from t3d.raster import render_mesh
+
+    cams = cams.to(device)
+    tex = torch.as_tensor(tmesh.texture, device=device).float().div(255).flip(0)  # PNG rows -> GL rows (row 0 = v 0)
+    out = render_mesh(
+        torch.as_tensor(tmesh.verts, device=device), torch.as_tensor(tmesh.faces, device=device), cams, size,
+        ctx=raster_ctx, uvs=torch.as_tensor(tmesh.uvs, device=device), tex=tex[..., :3], background=1.0,
+    )
+    light = light_directions(cams)
+    lam = (out["normal"] * light[:, None, None, :]).sum(-1, keepdim=True).clamp_min(0)
+    shaded = out["rgb"][..., :3] * (toyworld.AMBIENT + toyworld.DIFFUSE * lam)
+    rgb = shaded * out["mask"] + (1 - out["mask"])
+    return rgb.permute(0, 3, 1, 2).clamp(0, 1), out["mask"].permute(0, 3, 1, 2)
+
+
+def evaluate_mesh(tmesh, prompt: str, camera: CameraParams, n_views: int = 8, size: int = 32, raster_ctx=None, device="cpu") -> dict:
+    """{} for prompts outside the toy world."""
+    try:
+        shape, colour = toyworld.parse_prompt(prompt)
+    except ValueError:
+        return {}
+    cams = eval_cameras(camera, n_views)
+    rgb, mask = render_textured_mesh(tmesh, cams, size, raster_ctx, device)
+    true_rgb, true_mask = toyworld.render_primitive(shape, colour, cams.to(device), size)
+    return score(rgb, mask, true_rgb, true_mask)
