@@ -67,16 +67,20 @@ def run(
 
 def _print_run(result) -> None:
     table = Table(title=f"{result.prompt!r}  [{result.state}]", title_justify="left")
-    for col in ("stage", "state", "seconds", "key", "output"):
+    for col in ("stage", "state", "seconds", "key", "quality"):
         table.add_column(col, overflow="fold")
     for r in result.results:
         style = {"cached": "cyan", "computed": "green"}.get(r.state, "red")
-        table.add_row(r.stage, f"[{style}]{r.state}[/]", f"{r.seconds:.1f}", r.key, _headline_file(r.path))
+        quality = " ".join(f"{k}={r.metrics[k]:.3f}" for k in ("iou", "color_err") if isinstance(r.metrics.get(k), (int, float)))
+        table.add_row(r.stage, f"[{style}]{r.state}[/]", f"{r.seconds:.1f}", r.key, quality)
     if result.error:
-        table.add_row(result.failed_stage or "?", "[red]failed[/]", "", "", result.error[:200])
+        table.add_row(result.failed_stage or "?", "[red]failed[/]", "", "", "")
     out.print(table)
+    if result.results:
+        last = result.results[-1]
+        out.print(f"{last.stage} output: {_headline_file(last.path)}", soft_wrap=True, highlight=False)
     if result.error:
-        console.print(f"[red]{result.error}[/]\nFix the cause and run the same command again: finished stages are reused.", highlight=False)
+        console.print(f"[red]{result.error}[/]\nFix the cause and run the same command again: finished stages are reused.", highlight=False, soft_wrap=True)
 
 
 def _headline_file(path: str | None) -> str:
