@@ -52,7 +52,10 @@ class DiffusionPrior:
             truncation=True,
             return_tensors="pt",
         )
-        out = self.text_encoder(tokens.input_ids.to(self.device))
+        kwargs = {}
+        if self.extra.get("text_attention_mask"):  # DeepFloyd IF's T5 masks its padding
+            kwargs["attention_mask"] = tokens.attention_mask.to(self.device)
+        out = self.text_encoder(tokens.input_ids.to(self.device), **kwargs)
         hidden = out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
         return hidden.to(self.dtype)
 
@@ -97,21 +100,25 @@ class DiffusionPrior:
         x_t = x_t.to(self.dtype)
         if uncond is None or guidance_scale == 1.0:
             out = net(x_t, t, encoder_hidden_states=cond.to(self.dtype), **unet_kwargs).sample
-            return self._eps(out, x_t)
+            return self._eps(out, x_t, t)
         out = net(
             torch.cat([x_t, x_t]),
             torch.cat([t, t]),
             encoder_hidden_states=torch.cat([cond, uncond]).to(self.dtype),
             **{k: torch.cat([v, v]) if torch.is_tensor(v) else v for k, v in unet_kwargs.items()},
         ).sample
-        out = self._eps(out, torch.cat([x_t, x_t]))
+        out = self._eps(out, torch.cat([x_t, x_t]), torch.cat([t, t]))
         eps_cond, eps_uncond = out.chunk(2)
         return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
-    def _eps(self, out: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+    def _eps(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         # DeepFloyd IF predicts (eps, variance) stacked on channels: keep eps.
         if out.shape[1] == 2 * x_t.shape[1]:
             out = out[:, : x_t.shape[1]]
+        # v-prediction models (e.g. SD 2.x at 768 px): eps = sqrt(a) * v + sqrt(1 - a) * x_t.
+        if t is not None and getattr(self.scheduler.config, "prediction_type", "epsilon") == "v_prediction":
+            a = self.alphas_cumprod[t.long()].view(-1, *([1] * (x_t.ndim - 1))).to(out.dtype)
+            out = a.sqrt() * out + (1 - a).sqrt() * x_t
         return out
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

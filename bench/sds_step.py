@@ -1,0 +1,132 @@
+"""Seconds per coarse-stage optimisation step, split into render / prior forward / backward / optimizer.
+
+Default: CPU, the embedded toy prior (or the tiny random prior when the toy prior is not trained
+yet), the coarse stage's default resolution, batch and samples, for SDS and SJC.
+--sd21: on CUDA only, an SD-2.1-sized UNet (random weights, fp16, 64x64 latents from 512 px via an
+SD-sized VAE) behind the same DiffusionPrior interface, rendering 64 px like DreamFusion/threestudio.
+Last output line: one JSON object {"sds": {...}, "sjc": {...}, "device": ..., "config": ...}.
+Usage: python bench/sds_step.py [--steps 5] [--warmup 2] [--methods sds,sjc] [--sd21] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from t3d.cameras import VIEW_SUFFIXES, CameraParams
+from t3d.stages.coarse_nerf import CoarseParams, CoarseTrainer
+from t3d.stages.encode_prompt import PromptEmbeddings
+
+SPLIT = ("render_s", "prior_forward_s", "backward_s", "optimizer_s", "step_s")
+
+
+def toy_setup(prompt: str):
+    from t3d.priors import PriorNotFoundError, build_tiny_prior, load_prior
+
+    try:
+        prior, name = load_prior("embedded"), "embedded"
+    except PriorNotFoundError:
+        prior, name = build_tiny_prior("pixel", seed=0, image_size=32), "tiny-pixel (embedded prior not trained yet)"
+    texts = {"cond": prompt, "uncond": ""}
+    texts.update({f"view.{v}": prompt + suffix for v, suffix in VIEW_SUFFIXES.items()})
+    emb = prior.encode_text(list(texts.values())).float()
+    named = dict(zip(texts, emb.split(1)))
+    embeddings = PromptEmbeddings(named["cond"], named["uncond"], {k[5:]: v for k, v in named.items() if k.startswith("view.")}, texts)
+    return prior, name, embeddings, CoarseParams()
+
+
+def sd21_setup():
+    """SD 2.1 sizes from config, random weights: for timings only."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    from t3d.nerf import FieldParams
+    from t3d.priors import DiffusionPrior
+
+    if not torch.cuda.is_available():
+        raise SystemExit("--sd21 needs CUDA (an SD-sized UNet step on 2 CPU cores takes minutes)")
+    device, dtype = torch.device("cuda"), torch.float16
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=1024,
+        attention_head_dim=[5, 10, 20, 20],
+        use_linear_projection=True,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=512,
+        scaling_factor=0.18215,
+    )
+    for m in (unet, vae):
+        m.to(device, dtype).eval().requires_grad_(False)
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    prior = DiffusionPrior(
+        identity="sd21-sized-random", space="latent", image_size=512, tokenizer=None, text_encoder=torch.nn.Identity(),
+        unet=unet, scheduler=sched, vae=vae, device=device, dtype=dtype, default_guidance_scale=100.0,
+    )
+    gen = torch.Generator().manual_seed(0)
+    rand = lambda: torch.randn(1, 77, 1024, generator=gen)  # noqa: E731
+    embeddings = PromptEmbeddings(rand(), rand(), {v: rand() for v in VIEW_SUFFIXES}, {})
+    gpu_grid = {"otype": "HashGrid", "n_levels": 16, "n_features_per_level": 2, "log2_hashmap_size": 19, "base_resolution": 16, "per_level_scale": 1.447269237440378}
+    params = CoarseParams(resolution=64, batch_size=1, n_samples=64, field=FieldParams(grid=gpu_grid, bound=1.0))
+    return prior, "sd21-sized (random weights, fp16)", embeddings, params
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--methods", default="sds,sjc")
+    ap.add_argument("--sd21", action="store_true")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--prompt", default="a red sphere")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    prior, prior_name, embeddings, params = sd21_setup() if args.sd21 else toy_setup(args.prompt)
+    device = prior.device
+    result: dict = {}
+    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        p = params.model_copy(update={"method": method, "albedo_warmup": 0.0, "steps": 10_000})
+        trainer = CoarseTrainer(p, prior, embeddings, CameraParams(), device, seed=0)
+        for _ in range(args.warmup):
+            trainer.step()
+        recs = [trainer.step() for _ in range(args.steps)]
+        result[method] = {k: round(statistics.median(r[k] for r in recs), 4) for k in SPLIT}
+        result[method]["hashgrid_backend"] = trainer.field.backend.backend
+        print(f"{method}: " + "  ".join(f"{k}={result[method][k]:.3f}" for k in SPLIT), flush=True)
+    result["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    result["config"] = {
+        "prior": prior_name,
+        "resolution": params.resolution,
+        "batch_size": params.batch_size,
+        "n_samples": params.n_samples,
+        "shading": params.shading,
+        "normal_mode": params.normal_mode,
+        "grid": params.field.grid,
+        "steps_timed": args.steps,
+        "statistic": "median",
+        "torch": torch.__version__,
+    }
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

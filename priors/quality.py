@@ -1,0 +1,146 @@
+"""Measured quality of a prior on the toy world: does a sample show the prompted colour and shape?
+
+- colour: the dominant hue of the sample's foreground (pixels clearly off the white background,
+  saturated enough to have a hue) must be nearest to the prompted colour's hue;
+- shape: the sample's silhouette is compared (IoU) with every shape's ground-truth silhouettes
+  over the camera views the prompt's suffix allows (all views without a suffix); the shape whose
+  best view matches best must be the prompted one.
+"""
+
+from __future__ import annotations
+
+import colorsys
+from functools import lru_cache
+
+import torch
+
+from t3d.cameras import CameraParams, make_cameras, view_names
+from t3d.toyworld import COLOURS, SHAPES, parse_prompt, render_primitive, split_view, toy_prompts_with_views
+
+BACKGROUND_THRESHOLD = 0.25  # a pixel is foreground when some channel is this far below white
+MIN_SATURATION = 0.3
+
+
+def foreground_mask(rgb: torch.Tensor) -> torch.Tensor:
+    """[B,3,H,W] in [0,1] -> bool [B,H,W]: pixels clearly off the white background."""
+    return (1.0 - rgb).amax(dim=1) > BACKGROUND_THRESHOLD
+
+
+def _hue_sat(rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hue in degrees and HSV saturation of [...,3] colours."""
+    r, g, b = rgb.unbind(-1)
+    mx, _ = rgb.max(-1)
+    mn, _ = rgb.min(-1)
+    delta = (mx - mn).clamp_min(1e-6)
+    hue = torch.where(
+        mx == r, ((g - b) / delta) % 6, torch.where(mx == g, (b - r) / delta + 2, (r - g) / delta + 4)
+    ) * 60.0
+    sat = (mx - mn) / mx.clamp_min(1e-6)
+    return hue, sat
+
+
+def _colour_hues() -> torch.Tensor:
+    return torch.tensor([colorsys.rgb_to_hsv(*COLOURS[c])[0] * 360.0 for c in COLOURS])
+
+
+def dominant_colour(rgb: torch.Tensor) -> list[str | None]:
+    """Per image [3,H,W]: the toy colour whose hue most foreground pixels are nearest to (None if empty)."""
+    names = list(COLOURS)
+    ref = _colour_hues()
+    fg = foreground_mask(rgb)
+    out: list[str | None] = []
+    for img, m in zip(rgb, fg):
+        px = img.permute(1, 2, 0)[m]
+        if px.shape[0] == 0:
+            out.append(None)
+            continue
+        hue, sat = _hue_sat(px)
+        hue = hue[sat > MIN_SATURATION]
+        if hue.numel() == 0:
+            out.append(None)
+            continue
+        d = (hue[:, None] - ref[None, :]).abs() % 360.0
+        d = torch.minimum(d, 360.0 - d)
+        votes = torch.bincount(d.argmin(dim=1), minlength=len(names))
+        out.append(names[int(votes.argmax())])
+    return out
+
+
+@lru_cache(maxsize=16)
+def reference_silhouettes(view: str | None, size: int, az_step: float = 10.0, el_step: float = 5.0) -> dict[str, torch.Tensor]:
+    """Ground-truth masks (bool [V,H,W]) of every shape over a grid of the camera distribution,
+    keeping the cameras whose view name is `view` (all of them for None)."""
+    p = CameraParams()
+    az = torch.arange(p.azimuth_range[0], p.azimuth_range[1], az_step)
+    el = torch.arange(p.elevation_range[0], p.elevation_range[1] + 1e-6, el_step)
+    A, E = torch.meshgrid(az, el, indexing="ij")
+    cams = make_cameras(A.reshape(-1), E.reshape(-1), p.radius, p.fov_deg)
+    if view is not None:
+        keep = torch.tensor([v == view for v in view_names(cams, p)])
+        cams = make_cameras(A.reshape(-1)[keep], E.reshape(-1)[keep], p.radius, p.fov_deg)
+    refs = {}
+    for shape in SHAPES:
+        _, mask = render_primitive(shape, "red", cams, size, supersample=2)
+        refs[shape] = mask[:, 0] > 0.5
+    return refs
+
+
+def classify_shapes(rgb: torch.Tensor, view: str | None) -> tuple[list[str | None], torch.Tensor]:
+    """Best-matching shape per image by silhouette IoU, and the IoU table [B, n_shapes]."""
+    fg = foreground_mask(rgb)
+    refs = reference_silhouettes(view, rgb.shape[-1])
+    scores = torch.zeros(rgb.shape[0], len(SHAPES))
+    for j, shape in enumerate(SHAPES):
+        ref = refs[shape].float()  # [V,H,W]
+        f = fg.float().flatten(1)  # [B,P]
+        inter = f @ ref.flatten(1).T  # [B,V]
+        union = f.sum(1, keepdim=True) + ref.flatten(1).sum(1)[None] - inter
+        scores[:, j] = (inter / union.clamp_min(1)).amax(dim=1)
+    names: list[str | None] = [SHAPES[int(i)] if fg[k].any() else None for k, i in enumerate(scores.argmax(dim=1))]
+    return names, scores
+
+
+def evaluate_prior(
+    prior,
+    prompts: list[str] | None = None,
+    n: int = 8,
+    steps: int = 50,
+    guidance: float = 7.5,
+    seed: int = 0,
+    batch_size: int = 64,
+    progress: bool = False,
+    return_images: bool = False,
+) -> dict:
+    """Colour and shape accuracy of `n` samples per toy prompt (all 80 suffixed prompts by default)."""
+    from .sample import sample_images
+
+    prompts = list(prompts or toy_prompts_with_views())
+    images = sample_images(prior, prompts, n=n, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size, progress=progress)
+    per_prompt = {}
+    c_ok_all, s_ok_all = 0, 0
+    for i, prompt in enumerate(prompts):
+        shape, colour = parse_prompt(prompt)
+        _, view = split_view(prompt)
+        imgs = images[i * n : (i + 1) * n]
+        colours = dominant_colour(imgs)
+        shapes, _ = classify_shapes(imgs, view)
+        c_ok = sum(c == colour for c in colours)
+        s_ok = sum(s == shape for s in shapes)
+        c_ok_all += c_ok
+        s_ok_all += s_ok
+        per_prompt[prompt] = {"color_acc": c_ok / n, "shape_acc": s_ok / n, "colours": colours, "shapes": shapes}
+    total = max(1, len(prompts) * n)
+    result = {
+        "color_acc": c_ok_all / total,
+        "shape_acc": s_ok_all / total,
+        "per_prompt": per_prompt,
+        "n": n,
+        "steps": steps,
+        "guidance": guidance,
+        "seed": seed,
+        "prior": prior.identity,
+        "chance": {"color": 1 / len(COLOURS), "shape": 1 / len(SHAPES)},
+    }
+    if return_images:
+        result["images"] = images
+    return result

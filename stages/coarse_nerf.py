@@ -1,0 +1,385 @@
+"""coarse: optimise a hash-grid NeRF against the prior with SDS (DreamFusion) or SJC.
+
+Reads the prompt embeddings of encode_prompt, samples cameras from the flow's camera
+distribution (the one the toy prior was trained on), renders, scores the renders with the prior
+and steps Adam. Checkpoints every `checkpoint_every` steps (field, optimizer, RNG, loss history)
+so a killed run resumes where it stopped. Writes:
+  field.safetensors + field.json   the field's weights and FieldParams (load with load_field)
+  turntable.png / turntable.gif    preview strip and animation
+  loss_curve.png + losses.json     the optimisation trace
+For toy-world prompts ("a red cube") it also measures silhouette IoU and foreground colour error
+against the true primitive from held-out orbit views (metrics iou / color_err).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+from safetensors.torch import load_file, save_file
+
+from t3d.cameras import CameraParams, orbit_cameras, sample_cameras, view_names
+from t3d.guidance import anneal_t_range, guidance_loss, opacity_entropy, opacity_sparsity, orientation_loss
+from t3d.nerf import FieldParams, NeRFField
+from t3d.stage import Stage, StageContext, StageParams, flatten_optimizer, restore_optimizer
+from t3d.volume import OccupancyGrid, render
+
+FIELD_FILE = "field.safetensors"
+FIELD_CONFIG = "field.json"
+
+
+def _default_field() -> FieldParams:
+    return FieldParams(bound=0.9, blob_density=5.0, blob_radius=0.4)
+
+
+class CoarseParams(StageParams):
+    method: Literal["sds", "sjc"] = "sds"
+    steps: int = Field(400, ge=1)
+    batch_size: int = Field(4, ge=1)
+    resolution: int = Field(32, ge=8, description="render size; the prior resizes to its own")
+    n_samples: int = Field(48, ge=4, description="samples per ray")
+    lr_grid: float = Field(1e-2, gt=0)
+    lr_mlp: float = Field(3e-3, gt=0)
+    lr_bg: float = Field(1e-3, gt=0)
+    lr_end_factor: float = Field(0.1, gt=0, le=1, description="learning rates decay exponentially to this factor by the last step")
+    guidance_scale: float | None = Field(7.5, description="CFG scale for the score; None: the prior's sampling default (the toy prior: 2.0, too weak for SDS). SD wants ~100")
+    t_range: tuple[float, float] = (0.02, 0.98)
+    t_range_end: tuple[float, float] | None = Field((0.02, 0.6), description="annealed to this by the last step; None: fixed")
+    t_anneal: Literal["linear", "sqrt", "none"] = "linear"
+    weighting: Literal["sds", "uniform", "fantasia"] = "sds"
+    grad_clip: float | None = None
+    sjc_n_noise: int = Field(1, ge=1, description="SJC: noise draws averaged per score (PAAS)")
+    sjc_var_red: bool = True
+    albedo_warmup: float = Field(0.1, ge=0, le=1, description="fraction of steps rendered with albedo shading only")
+    shading: Literal["lambertian", "albedo"] = "lambertian"
+    textureless_prob: float = Field(0.0, ge=0, le=1)
+    albedo_prob: float = Field(0.0, ge=0, le=1)
+    random_light: bool = False
+    light_jitter: float = 0.3
+    ambient: float = Field(0.35, ge=0, le=1)
+    normal_mode: Literal["surface", "sample"] = "surface"
+    lambda_orient: float = 0.0
+    lambda_sparsity: float = 0.0
+    lambda_entropy: float = Field(10.0, description="opacity entropy (mean over pixels): crisp silhouettes")
+    occupancy_res: int = Field(32, ge=0, description="occupancy grid cells per side for empty-space skipping; 0: off")
+    occupancy_every: int = Field(8, ge=1)
+    occupancy_threshold: float = Field(0.01, ge=0)
+    field: FieldParams = Field(default_factory=_default_field)
+    checkpoint_every: int = Field(100, ge=1)
+    preview_size: int = Field(64, ge=16)
+    preview_frames: int = Field(24, ge=4)
+    eval_views: int = Field(8, ge=1)
+
+
+# ---- the optimisation loop (also used by bench/sds_step.py) --------------------------------
+class CoarseTrainer:
+    """One SDS/SJC step at a time on a NeRFField; knows how to save and restore itself."""
+
+    def __init__(self, params: CoarseParams, prior, embeddings, camera: CameraParams, device, seed: int = 0):
+        self.p = params
+        self.prior = prior
+        self.emb = embeddings.to(prior.device, prior.dtype)
+        self.camera = camera
+        self.device = torch.device(device)
+        self.field = NeRFField(params.field, device=self.device)
+        groups = [
+            {"params": list(self.field.encoding.parameters()), "lr": params.lr_grid, "base_lr": params.lr_grid, "name": "grid"},
+            {"params": list(self.field.mlp.parameters()), "lr": params.lr_mlp, "base_lr": params.lr_mlp, "name": "mlp"},
+        ]
+        if self.field.bg_mlp is not None:
+            groups.append({"params": list(self.field.bg_mlp.parameters()), "lr": params.lr_bg, "base_lr": params.lr_bg, "name": "bg"})
+        self.opt = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15)
+        self.occupancy = (
+            OccupancyGrid(params.field.bound, params.occupancy_res, params.occupancy_threshold, device=self.device)
+            if params.occupancy_res > 0
+            else None
+        )
+        self.gen = torch.Generator().manual_seed(int(seed) * 7919 + 17)
+        self.rand = random.Random(int(seed))
+        self.step_idx = 0
+        self.history: list[dict] = []
+
+    def shading_at(self, step: int) -> str:
+        if step < self.p.albedo_warmup * self.p.steps or self.p.shading == "albedo":
+            return "albedo"
+        u = self.rand.random()
+        if u < self.p.textureless_prob:
+            return "textureless"
+        if u < self.p.textureless_prob + self.p.albedo_prob:
+            return "albedo"
+        return "lambertian"
+
+    def step(self) -> dict:
+        p = self.p
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        t0 = time.perf_counter()
+        decay = p.lr_end_factor ** (self.step_idx / max(p.steps - 1, 1))
+        for group in self.opt.param_groups:
+            group["lr"] = group["base_lr"] * decay
+        if self.occupancy is not None and self.step_idx % p.occupancy_every == 0:
+            self.occupancy.update(self.field, self.gen)
+        cams = sample_cameras(self.camera, p.batch_size, self.gen)
+        cond = self.emb.for_views(view_names(cams, self.camera))
+        uncond = self.emb.uncond_batch(p.batch_size)
+        shading = self.shading_at(self.step_idx)
+        out = render(
+            self.field, cams, p.resolution, n_samples=p.n_samples, shading=shading, random_light=p.random_light,
+            light_jitter=p.light_jitter, ambient=p.ambient, perturb=True, generator=self.gen,
+            compute_normals=p.lambda_orient > 0, normal_mode=p.normal_mode, occupancy=self.occupancy,
+        )
+        sync()
+        t1 = time.perf_counter()
+        t_range = anneal_t_range(self.step_idx, p.steps, p.t_range, p.t_range_end, p.t_anneal)
+        loss_g, info = guidance_loss(
+            p.method, self.prior, out["rgb"], cond, uncond, guidance_scale=p.guidance_scale, t_range=t_range,
+            weighting=p.weighting, grad_clip=p.grad_clip, generator=self.gen, n_noise=p.sjc_n_noise, var_red=p.sjc_var_red,
+        )
+        loss = loss_g
+        terms = {"guidance": float(loss_g.detach())}
+        if p.lambda_orient > 0 and out["orient_weights"] is not None:
+            orient = orientation_loss(out["orient_weights"], out["orient_normals"], out["ray_dirs"], n_rays=out["opacity"].numel())
+            loss = loss + p.lambda_orient * orient
+            terms["orient"] = float(orient.detach())
+        if p.lambda_sparsity > 0:
+            sparse = opacity_sparsity(out["opacity"])
+            loss = loss + p.lambda_sparsity * sparse
+            terms["sparsity"] = float(sparse.detach())
+        if p.lambda_entropy > 0:
+            ent = opacity_entropy(out["opacity"])
+            loss = loss + p.lambda_entropy * ent
+            terms["entropy"] = float(ent.detach())
+        sync()
+        t2 = time.perf_counter()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        sync()
+        t3 = time.perf_counter()
+        self.opt.step()
+        sync()
+        t4 = time.perf_counter()
+        record = {
+            "step": self.step_idx,
+            "loss": float(loss.detach()),
+            **terms,
+            "grad_norm": info["grad_norm"],
+            "t_mean": float(info["t"].float().mean()),
+            "opacity": float(out["opacity"].detach().mean()),
+            "occupied": self.occupancy.fraction() if self.occupancy is not None else 1.0,
+            "shading": shading,
+        }
+        self.history.append(record)
+        self.step_idx += 1
+        return {**record, "render_s": t1 - t0, "prior_forward_s": t2 - t1, "backward_s": t3 - t2, "optimizer_s": t4 - t3, "step_s": t4 - t0}
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors = {f"field.{k}": v for k, v in self.field.state_dict().items()}
+        opt_t, opt_meta = flatten_optimizer(self.opt)
+        tensors.update(opt_t)
+        tensors["rng"] = self.gen.get_state()
+        if self.occupancy is not None:
+            tensors.update({f"occupancy.{k}": v for k, v in self.occupancy.state_dict().items()})
+        meta = {"optimizer": opt_meta, "history": self.history, "py_rng": _jsonable_random_state(self.rand.getstate())}
+        return tensors, meta
+
+    def load_state(self, step: int, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        self.field.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("field.")})
+        restore_optimizer(self.opt, {k: v.to(self.device) for k, v in tensors.items()}, meta["optimizer"])
+        self.gen.set_state(tensors["rng"])
+        if self.occupancy is not None and "occupancy.grid" in tensors:
+            self.occupancy.load_state_dict({"density": tensors["occupancy.density"], "grid": tensors["occupancy.grid"]})
+        self.rand.setstate(_tuple_random_state(meta["py_rng"]))
+        self.history = list(meta.get("history", []))
+        self.step_idx = int(step)
+
+
+def _jsonable_random_state(state):
+    return [state[0], list(state[1]), state[2]]
+
+
+def _tuple_random_state(state):
+    return (state[0], tuple(state[1]), state[2])
+
+
+# ---- outputs -------------------------------------------------------------------------------
+def save_field(field: NeRFField, folder: Path) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in field.state_dict().items()}, str(Path(folder) / FIELD_FILE))
+    (Path(folder) / FIELD_CONFIG).write_text(json.dumps(field.config_dict(), indent=2))
+
+
+def load_field(folder: Path, device: torch.device | str = "cpu", backend: str | None = None) -> NeRFField:
+    """The coarse stage's field, ready to render or to seed the next stage."""
+    cfg = json.loads((Path(folder) / FIELD_CONFIG).read_text())
+    if backend is not None:
+        cfg["backend"] = backend
+    field = NeRFField(FieldParams.model_validate(cfg), device=device)
+    field.load_state_dict(load_file(str(Path(folder) / FIELD_FILE), device=str(device)))
+    return field
+
+
+@torch.no_grad()
+def render_turntable(field: NeRFField, camera: CameraParams, n: int, size: int, ambient: float = 0.35, elevation: float = 15.0) -> torch.Tensor:
+    cams = orbit_cameras(camera, n, elevation_deg=elevation)
+    frames = []
+    for i in range(n):
+        out = render(field, _one(cams, i), size, n_samples=64, shading="lambertian", ambient=ambient, chunk_rays=4096)
+        frames.append(out["rgb"][0])
+    return torch.stack(frames).clamp(0, 1)
+
+
+def _one(cams, i):
+    from t3d.cameras import CameraBatch
+
+    return CameraBatch(cams.azimuth[i : i + 1], cams.elevation[i : i + 1], cams.radius[i : i + 1], cams.fov_deg, cams.c2w[i : i + 1])
+
+
+def _to_pil(img: torch.Tensor):
+    from PIL import Image
+
+    arr = (img.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype("uint8")
+    return Image.fromarray(arr)
+
+
+def write_previews(frames: torch.Tensor, folder: Path, strip_views: int = 8) -> None:
+    step = max(1, frames.shape[0] // strip_views)
+    strip = torch.cat(list(frames[::step][:strip_views]), dim=2)
+    _to_pil(strip).save(Path(folder) / "turntable.png")
+    images = [_to_pil(f) for f in frames]
+    images[0].save(Path(folder) / "turntable.gif", save_all=True, append_images=images[1:], duration=80, loop=0)
+
+
+def write_loss_curve(history: list[dict], path: Path, key: str = "loss", size=(480, 240)) -> None:
+    """A dependency-free line plot (PIL): raw values faint, a running mean bold."""
+    from PIL import Image, ImageDraw
+
+    w, h = size
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    values = [r[key] for r in history if math.isfinite(r.get(key, float("nan")))]
+    if len(values) >= 2:
+        lo, hi = min(values), max(values)
+        hi = hi if hi > lo else lo + 1.0
+        margin = 24
+
+        def xy(i, v):
+            return margin + (w - 2 * margin) * i / (len(values) - 1), h - margin - (h - 2 * margin) * (v - lo) / (hi - lo)
+
+        draw.line([xy(i, v) for i, v in enumerate(values)], fill=(190, 190, 230), width=1)
+        k = max(1, len(values) // 50)
+        smooth = [sum(values[max(0, i - k) : i + 1]) / len(values[max(0, i - k) : i + 1]) for i in range(len(values))]
+        draw.line([xy(i, v) for i, v in enumerate(smooth)], fill=(30, 30, 160), width=2)
+        draw.text((margin, 4), f"{key}: {values[0]:.4g} -> {smooth[-1]:.4g} ({len(values)} steps)", fill="black")
+        draw.text((margin, h - margin + 6), f"min {lo:.4g}  max {hi:.4g}", fill="black")
+    img.save(path)
+
+
+@torch.no_grad()
+def evaluate_toy(field: NeRFField, prompt: str, camera: CameraParams, n_views: int = 8, size: int = 32) -> dict:
+    """Silhouette IoU and foreground colour error vs the true primitive (toy prompts only, else {})."""
+    from t3d import toyworld
+
+    try:
+        shape, colour = toyworld.parse_prompt(prompt)
+    except ValueError:
+        return {}
+    cams = orbit_cameras(camera, n_views, elevation_deg=15.0, start_deg=360.0 / n_views / 2)
+    out = render(field, cams, size, n_samples=64, shading="lambertian", light_dir=toyworld.DEFAULT_LIGHT, ambient=toyworld.AMBIENT, diffuse=toyworld.DIFFUSE, background="white")
+    true_rgb, true_mask = toyworld.render_primitive(shape, colour, cams.to(field.device), size)
+    pred = out["opacity"][:, 0] > 0.5
+    true = true_mask[:, 0] > 0.5
+    iou = ((pred & true).sum() / (pred | true).sum().clamp_min(1)).item()
+    both = pred & true
+    err = (out["rgb"] - true_rgb).abs().mean(1)[both]
+    return {"iou": round(iou, 4), "color_err": round(err.mean().item(), 4) if err.numel() else 1.0}
+
+
+# ---- the stage -----------------------------------------------------------------------------
+def _camera_params(ctx: StageContext) -> CameraParams:
+    """The flow's camera distribution: recorded in the upstream manifest (its key depends on it)."""
+    try:
+        cam = ctx.input_manifest("encode_prompt").get("camera")
+    except (KeyError, FileNotFoundError):
+        cam = None
+    cam = getattr(ctx, "camera", None) or cam
+    return CameraParams.model_validate(cam) if cam else CameraParams()
+
+
+def run(ctx: StageContext) -> None:
+    threads = os.environ.get("T3D_TORCH_THREADS")
+    if threads and ctx.device.type == "cpu":
+        # On a shared 2-core box, 2 intra-op threads competing with other processes run up to
+        # 30x slower than 1 (OpenMP oversubscription); T3D_TORCH_THREADS=1 avoids that.
+        previous = torch.get_num_threads()
+        torch.set_num_threads(int(threads))
+        try:
+            return _run(ctx)
+        finally:
+            torch.set_num_threads(previous)
+    return _run(ctx)
+
+
+def _run(ctx: StageContext) -> None:
+    from t3d.stages.encode_prompt import load_embeddings
+
+    p: CoarseParams = ctx.params
+    prior = ctx.load_prior()
+    emb = load_embeddings(ctx.inputs["encode_prompt"])
+    camera = _camera_params(ctx)
+    torch.manual_seed(int(ctx.seed))
+    trainer = CoarseTrainer(p, prior, emb, camera, ctx.device, seed=ctx.seed)
+    ctx.backend["hashgrid"] = trainer.field.backend.as_dict()
+    ctx.backend["renderer"] = "torch-volume"
+    resumed = ctx.load_checkpoint()
+    if resumed is not None:
+        step, tensors, meta = resumed
+        trainer.load_state(step, tensors, meta)
+        ctx.log.info("coarse: resumed at step %d of %d", step, p.steps)
+        ctx.metrics["resumed_from"] = int(step)
+    split = {"render_s": 0.0, "prior_forward_s": 0.0, "backward_s": 0.0, "optimizer_s": 0.0}
+    with ctx.progress(p.steps, f"coarse ({p.method})", initial=trainer.step_idx) as update:
+        while trainer.step_idx < p.steps:
+            rec = trainer.step()
+            for k in split:
+                split[k] += rec[k]
+            if not math.isfinite(rec["loss"]):
+                raise FloatingPointError(f"coarse: loss is {rec['loss']} at step {rec['step']}; lower lr_grid/guidance_scale")
+            update(1, loss=rec["loss"], opacity=rec["opacity"])
+            if trainer.step_idx % p.checkpoint_every == 0 and trainer.step_idx < p.steps:
+                tensors, meta = trainer.state()
+                ctx.save_checkpoint(trainer.step_idx, tensors, meta)
+    ctx.timings.update({k: round(v, 3) for k, v in split.items()})
+
+    save_field(trainer.field, ctx.out)
+    started = time.perf_counter()
+    frames = render_turntable(trainer.field, camera, p.preview_frames, p.preview_size, ambient=p.ambient)
+    write_previews(frames, ctx.out)
+    write_loss_curve(trainer.history, ctx.out / "loss_curve.png")
+    (ctx.out / "losses.json").write_text(json.dumps(trainer.history))
+    ctx.timings["preview_s"] = round(time.perf_counter() - started, 3)
+    metrics = evaluate_toy(trainer.field, ctx.prompt, camera, n_views=p.eval_views)
+    last = trainer.history[-min(20, len(trainer.history)) :]
+    ctx.metrics.update(
+        {
+            "steps": p.steps,
+            "final_loss": round(sum(r["loss"] for r in last) / max(len(last), 1), 6),
+            "final_opacity": round(last[-1]["opacity"], 4) if last else None,
+            **metrics,
+        }
+    )
+
+
+STAGE = Stage(
+    name="coarse",
+    version="1",
+    params=CoarseParams,
+    inputs=("encode_prompt",),
+    run=run,
+    description="hash-grid NeRF optimised against the prior with SDS or SJC",
+)
