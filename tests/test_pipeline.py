@@ -16,6 +16,7 @@ from t3d.nerf import FieldParams, NeRFField
 from t3d.raster import render_mesh
 from t3d.stages import default_registry
 from t3d.stages.texture_finetune import shade_mesh_image
+from tests.gltf_check import assert_valid_glb
 
 TINY = textwrap.dedent("""
     prompt: a red cube
@@ -45,6 +46,7 @@ def test_full_pipeline_on_tiny_prior(tmp_path):
     for name in ("a-red-cube.obj", "a-red-cube.mtl", "a-red-cube.png", "turntable.gif"):
         assert (glb.parent / name).exists(), name
     assert {"iou", "color_err"} <= set(export.metrics), "toy prompts are scored on the delivered file"
+    assert_valid_glb(glb)
 
     edited = load_config(flow, ["stages.texture.steps=3"], registry=reg)
     again = run_prompt(edited, edited.prompt, reg, flow_file=str(flow), use_prefect=False, show_progress=False)
