@@ -36,9 +36,10 @@ def _score_artifact(stage: str, folder: Path, prompt: str, camera) -> dict:
     from t3d.toyeval import evaluate_mesh
 
     if stage in ("coarse", "refine"):
-        from t3d.stages.coarse_nerf import evaluate_toy, load_field
+        from t3d.stages.coarse_nerf import load_field
+        from t3d.toyeval import evaluate_field
 
-        return evaluate_toy(load_field(folder), prompt, camera)
+        return evaluate_field(load_field(folder), prompt, camera)
     if stage == "export":
         from t3d.export import load_textured
 

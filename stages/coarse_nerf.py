@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from t3d.cameras import CameraParams, orbit_cameras, sample_cameras, view_names
 from t3d.guidance import anneal_t_range, guidance_loss, opacity_entropy, opacity_sparsity, orientation_loss
 from t3d.nerf import FieldParams, NeRFField
 from t3d.stage import Stage, StageContext, StageParams, flatten_optimizer, restore_optimizer
+from t3d.toyeval import evaluate_field
 from t3d.volume import OccupancyGrid, render
 
 FIELD_FILE = "field.safetensors"
@@ -280,58 +280,16 @@ def write_loss_curve(history: list[dict], path: Path, key: str = "loss", size=(4
     img.save(path)
 
 
-@torch.no_grad()
-def evaluate_toy(field: NeRFField, prompt: str, camera: CameraParams, n_views: int = 8, size: int = 32) -> dict:
-    """Silhouette IoU and foreground colour error vs the true primitive (toy prompts only, else {})."""
-    from t3d import toyworld
-
-    try:
-        shape, colour = toyworld.parse_prompt(prompt)
-    except ValueError:
-        return {}
-    cams = orbit_cameras(camera, n_views, elevation_deg=15.0, start_deg=360.0 / n_views / 2)
-    out = render(field, cams, size, n_samples=64, shading="lambertian", light_dir=toyworld.DEFAULT_LIGHT, ambient=toyworld.AMBIENT, diffuse=toyworld.DIFFUSE, background="white")
-    true_rgb, true_mask = toyworld.render_primitive(shape, colour, cams.to(field.device), size)
-    pred = out["opacity"][:, 0] > 0.5
-    true = true_mask[:, 0] > 0.5
-    iou = ((pred & true).sum() / (pred | true).sum().clamp_min(1)).item()
-    both = pred & true
-    err = (out["rgb"] - true_rgb).abs().mean(1)[both]
-    return {"iou": round(iou, 4), "color_err": round(err.mean().item(), 4) if err.numel() else 1.0}
 
 
 # ---- the stage -----------------------------------------------------------------------------
-def _camera_params(ctx: StageContext) -> CameraParams:
-    """The flow's camera distribution: recorded in the upstream manifest (its key depends on it)."""
-    try:
-        cam = ctx.input_manifest("encode_prompt").get("camera")
-    except (KeyError, FileNotFoundError):
-        cam = None
-    cam = getattr(ctx, "camera", None) or cam
-    return CameraParams.model_validate(cam) if cam else CameraParams()
-
-
 def run(ctx: StageContext) -> None:
-    threads = os.environ.get("T3D_TORCH_THREADS")
-    if threads and ctx.device.type == "cpu":
-        # On a shared 2-core box, 2 intra-op threads competing with other processes run up to
-        # 30x slower than 1 (OpenMP oversubscription); T3D_TORCH_THREADS=1 avoids that.
-        previous = torch.get_num_threads()
-        torch.set_num_threads(int(threads))
-        try:
-            return _run(ctx)
-        finally:
-            torch.set_num_threads(previous)
-    return _run(ctx)
-
-
-def _run(ctx: StageContext) -> None:
     from t3d.stages.encode_prompt import load_embeddings
 
     p: CoarseParams = ctx.params
     prior = ctx.load_prior()
     emb = load_embeddings(ctx.inputs["encode_prompt"])
-    camera = _camera_params(ctx)
+    camera = ctx.camera
     torch.manual_seed(int(ctx.seed))
     trainer = CoarseTrainer(p, prior, emb, camera, ctx.device, seed=ctx.seed)
     ctx.backend["hashgrid"] = trainer.field.backend.as_dict()
@@ -363,7 +321,7 @@ def _run(ctx: StageContext) -> None:
     write_loss_curve(trainer.history, ctx.out / "loss_curve.png")
     (ctx.out / "losses.json").write_text(json.dumps(trainer.history))
     ctx.timings["preview_s"] = round(time.perf_counter() - started, 3)
-    metrics = evaluate_toy(trainer.field, ctx.prompt, camera, n_views=p.eval_views)
+    metrics = evaluate_field(trainer.field, ctx.prompt, camera, n_views=p.eval_views)
     last = trainer.history[-min(20, len(trainer.history)) :]
     ctx.metrics.update(
         {

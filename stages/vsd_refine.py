@@ -20,7 +20,8 @@ from pydantic import Field
 from t3d.cameras import CameraParams, orbit_cameras, sample_cameras, view_names
 from t3d.guidance import anneal_t_range, opacity_entropy
 from t3d.stage import Stage, StageContext, StageParams, flatten_optimizer, restore_optimizer
-from t3d.stages.coarse_nerf import evaluate_toy, load_field, render_turntable, save_field, write_loss_curve, write_previews
+from t3d.stages.coarse_nerf import load_field, render_turntable, save_field, write_loss_curve, write_previews
+from t3d.toyeval import evaluate_field
 from t3d.stages.encode_prompt import load_embeddings
 from t3d.vsd import load_lora_state, lora_loss, lora_state, make_lora_unet, trainable_parameters, vsd_loss
 from t3d.volume import render
@@ -174,7 +175,7 @@ def run(ctx: StageContext) -> None:
         folder.mkdir(exist_ok=True)
         save_field(field, folder)
         write_previews(render_turntable(field, camera, p.preview_frames, p.preview_size, ambient=p.ambient), folder)
-        ctx.metrics.update({f"particle{i}.{k}": v for k, v in evaluate_toy(field, ctx.prompt, camera, n_views=p.eval_views).items()})
+        ctx.metrics.update({f"particle{i}.{k}": v for k, v in evaluate_field(field, ctx.prompt, camera, n_views=p.eval_views).items()})
     save_file({k: v.contiguous().cpu() for k, v in lora_state(trainer.lora).items()}, str(ctx.out / "lora.safetensors"))
     (ctx.out / "losses.json").write_text(json.dumps(trainer.history))
     write_loss_curve(trainer.history, ctx.out / "loss_curve.png")

@@ -6,8 +6,10 @@ the upstream keys, so a fully cached flow is recognised before anything heavy is
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import os
 import platform
 import shutil
 import time
@@ -60,6 +62,23 @@ def resolve_device(requested: str) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device: cuda was requested but torch sees no CUDA device (set device: auto or cpu)")
     return torch.device(requested)
+
+
+@contextlib.contextmanager
+def cpu_threads(device: torch.device):
+    """T3D_TORCH_THREADS=N sets torch's intra-op threads for CPU stages. On a small shared box
+    (2 cores plus a Prefect server, a batch sibling...) 1 thread runs several times faster than
+    2, because OpenMP threads spin while competing for the cores."""
+    wanted = os.environ.get("T3D_TORCH_THREADS")
+    if not wanted or device.type != "cpu":
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(wanted)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def prior_identity(source: str) -> str:
@@ -173,7 +192,8 @@ def _compute(cfg, prompt, step, registry, store, stage_log, progress_hooks, show
             )
             stage_log.info("%s: running (%s)", step.name, step.key)
             t0 = time.perf_counter()
-            stage.run(ctx)
+            with cpu_threads(device):
+                stage.run(ctx)
             ctx.timings["total_s"] = round(time.perf_counter() - t0, 4)
             manifest.update(metrics=ctx.metrics, backend=ctx.backend, timings=ctx.timings)
     except Exception as exc:

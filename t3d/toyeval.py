@@ -28,6 +28,21 @@ def score(pred_rgb: torch.Tensor, pred_mask: torch.Tensor, true_rgb: torch.Tenso
 
 
 @torch.no_grad()
+def evaluate_field(field, prompt: str, camera: CameraParams, n_views: int = 8, size: int = 32) -> dict:
+    """A radiance field, volume-rendered lambertian under the toy world's light. {} if not a toy prompt."""
+    from t3d.volume import render
+
+    try:
+        shape, colour = toyworld.parse_prompt(prompt)
+    except ValueError:
+        return {}
+    cams = eval_cameras(camera, n_views)
+    out = render(field, cams, size, n_samples=64, shading="lambertian", light_dir=toyworld.DEFAULT_LIGHT, ambient=toyworld.AMBIENT, diffuse=toyworld.DIFFUSE, background="white")
+    true_rgb, true_mask = toyworld.render_primitive(shape, colour, cams.to(field.device), size)
+    return score(out["rgb"], out["opacity"], true_rgb, true_mask)
+
+
+@torch.no_grad()
 def render_textured_mesh(tmesh, cams, size: int, raster_ctx=None, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """A TexturedMesh lit like the toy world (camera-fixed light): rgb [B,3,H,W] on white, mask [B,1,H,W]."""
     from t3d.raster import render_mesh

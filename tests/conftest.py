@@ -6,6 +6,10 @@ import pytest
 
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# One intra-op thread in tests and the processes they start: many small ops, several processes
+# (Prefect server, workers, batch siblings) on 2 cores; spinning OpenMP threads cost 5-30x.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("T3D_TORCH_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

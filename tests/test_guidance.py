@@ -151,7 +151,8 @@ def test_regularizers():
 def test_short_sds_run_against_the_embedded_prior_improves_silhouette():
     """80 SDS steps (batch 2, 32 px) on "a red sphere": silhouette IoU vs the true primitive rises."""
     from t3d.priors import PriorNotFoundError, load_prior
-    from t3d.stages.coarse_nerf import CoarseParams, CoarseTrainer, evaluate_toy
+    from t3d.stages.coarse_nerf import CoarseParams, CoarseTrainer
+    from t3d.toyeval import evaluate_field as evaluate_toy
     from t3d.stages.encode_prompt import PromptEmbeddings
 
     try:
