@@ -78,6 +78,15 @@ def _expand(cond: torch.Tensor, b: int) -> torch.Tensor:
     return cond.expand(b, -1, -1) if cond.shape[0] == 1 and b > 1 else cond
 
 
+def _prepare(prior, rgb, guidance_scale, t_range, generator, t):
+    """Shared by SDS and SJC: the guidance scale, the renders in model space, the timesteps."""
+    scale = prior.default_guidance_scale if guidance_scale is None else guidance_scale
+    x = prior.images_to_model(rgb).float()
+    if t is None:
+        t = sample_timesteps(x.shape[0], t_range, prior.num_train_timesteps, generator)
+    return scale, x, t.to(x.device).long()
+
+
 def sds_loss(
     prior,
     rgb: torch.Tensor,
@@ -93,12 +102,8 @@ def sds_loss(
     noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """DreamFusion's SDS loss for renders rgb [B,3,H,W] in [0,1]; cond/uncond [B or 1, L, D]."""
-    scale = prior.default_guidance_scale if guidance_scale is None else guidance_scale
-    x = prior.images_to_model(rgb).float()
+    scale, x, t = _prepare(prior, rgb, guidance_scale, t_range, generator, t)
     b = x.shape[0]
-    if t is None:
-        t = sample_timesteps(b, t_range, prior.num_train_timesteps, generator)
-    t = t.to(x.device).long()
     if noise is None:
         noise = torch.randn(x.shape, generator=generator).to(x.device)
     alphas = prior.alphas_cumprod.to(x.device)[t].view(-1, 1, 1, 1)
@@ -127,12 +132,8 @@ def sjc_loss(
     t: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """SJC's Perturb-and-Average Scoring chained through the renderer (ascends log p)."""
-    scale = prior.default_guidance_scale if guidance_scale is None else guidance_scale
-    x = prior.images_to_model(rgb).float()
+    scale, x, t = _prepare(prior, rgb, guidance_scale, t_range, generator, t)
     b = x.shape[0]
-    if t is None:
-        t = sample_timesteps(b, t_range, prior.num_train_timesteps, generator)
-    t = t.to(x.device).long()
     a = prior.alphas_cumprod.to(x.device)[t].view(-1, 1, 1, 1)
     sigma = ((1 - a) / a).sqrt()
     with torch.no_grad():

@@ -11,6 +11,10 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("T3D_TORCH_THREADS", "1")
 
+import torch  # noqa: E402  (after the thread settings above)
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 
 @pytest.fixture(scope="session")
 def prefect_server():

@@ -208,15 +208,6 @@ def test_turntable_renders_the_exported_file(textured, tmp_path):
 # ------------------------------------------------------------------------------ the stages
 
 
-@pytest.fixture
-def one_thread():
-    """Intra-op threads fight other processes on a shared 2-core machine (10-30x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _ctx(stage, params, inputs, out, prompt="a red cube"):
     from t3d.stage import StageContext
 
@@ -227,7 +218,7 @@ def _ctx(stage, params, inputs, out, prompt="a red cube"):
     )
 
 
-def test_extract_mesh_and_export_stages(tmp_path, one_thread):
+def test_extract_mesh_and_export_stages(tmp_path):
     from t3d.nerf import NeRFField
     from t3d.stages import default_registry
     from t3d.stages.coarse_nerf import _default_field, save_field

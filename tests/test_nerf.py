@@ -17,15 +17,6 @@ from t3d.volume import light_directions, ray_sphere, render
 SMALL_GRID = {"otype": "HashGrid", "n_levels": 4, "n_features_per_level": 2, "log2_hashmap_size": 12, "base_resolution": 8, "per_level_scale": 1.6}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small-op workloads: 1 intra-op thread is as fast on 2 cores and immune to oversubscription."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 class SphereField(torch.nn.Module):
     """Analytic field: a solid ball of constant density and colour (the renderer's test double)."""
 
