@@ -4,8 +4,10 @@ Default: CPU, the embedded toy prior (or the tiny random prior when the toy prio
 yet), the coarse stage's default resolution, batch and samples, for SDS and SJC.
 --sd21: on CUDA only, an SD-2.1-sized UNet (random weights, fp16, 64x64 latents from 512 px via an
 SD-sized VAE) behind the same DiffusionPrior interface, rendering 64 px like DreamFusion/threestudio.
-Last output line: one JSON object {"sds": {...}, "sjc": {...}, "device": ..., "config": ...}.
-Usage: python bench/sds_step.py [--steps 5] [--warmup 2] [--methods sds,sjc] [--sd21] [--threads N]
+VSD (the refine stage: field step + LoRA step) is timed at the same settings; vsd_over_sds is the
+ratio of whole steps (goal <= 2.5).
+Last output line: one JSON object {"sds": {...}, "sjc": {...}, "vsd": {...}, "vsd_over_sds", "device", "config"}.
+Usage: python bench/sds_step.py [--steps 5] [--warmup 2] [--methods sds,sjc,vsd] [--sd21] [--threads N]
 """
 
 from __future__ import annotations
@@ -88,11 +90,30 @@ def sd21_setup():
     return prior, "sd21-sized (random weights, fp16)", embeddings, params
 
 
+def vsd_timing(prior, embeddings, params, device, warmup: int, steps: int) -> dict:
+    """One VSD step (field update + LoRA update) at the coarse stage's render settings."""
+    import tempfile
+    from pathlib import Path
+
+    from t3d.nerf import NeRFField
+    from t3d.stages.coarse_nerf import save_field
+    from t3d.stages.vsd_refine import RefineParams, VSDTrainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_field(NeRFField(params.field, device=device), Path(tmp))
+        rp = RefineParams(steps=10_000, batch_size=params.batch_size, resolution=params.resolution, n_samples=params.n_samples)
+        trainer = VSDTrainer(rp, prior, embeddings, Path(tmp), CameraParams(), device, seed=0)
+        for _ in range(warmup):
+            trainer.step()
+        recs = [trainer.step() for _ in range(steps)]
+    return {k: round(statistics.median(r[k] for r in recs), 4) for k in ("field_step_s", "lora_step_s", "step_s")}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--methods", default="sds,sjc")
+    ap.add_argument("--methods", default="sds,sjc,vsd")
     ap.add_argument("--sd21", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--prompt", default="a red sphere")
@@ -103,6 +124,10 @@ def main(argv=None) -> dict:
     device = prior.device
     result: dict = {}
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        if method == "vsd":
+            result["vsd"] = vsd_timing(prior, embeddings, params, device, args.warmup, args.steps)
+            print("vsd: " + "  ".join(f"{k}={v:.3f}" for k, v in result["vsd"].items()), flush=True)
+            continue
         p = params.model_copy(update={"method": method, "albedo_warmup": 0.0, "steps": 10_000})
         trainer = CoarseTrainer(p, prior, embeddings, CameraParams(), device, seed=0)
         for _ in range(args.warmup):
@@ -111,6 +136,8 @@ def main(argv=None) -> dict:
         result[method] = {k: round(statistics.median(r[k] for r in recs), 4) for k in SPLIT}
         result[method]["hashgrid_backend"] = trainer.field.backend.backend
         print(f"{method}: " + "  ".join(f"{k}={result[method][k]:.3f}" for k in SPLIT), flush=True)
+    if "vsd" in result and "sds" in result:
+        result["vsd_over_sds"] = round(result["vsd"]["step_s"] / result["sds"]["step_s"], 3)
     result["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     result["config"] = {
         "prior": prior_name,
