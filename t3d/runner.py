@@ -66,10 +66,10 @@ def resolve_device(requested: str) -> torch.device:
 
 @contextlib.contextmanager
 def cpu_threads(device: torch.device):
-    """T3D_TORCH_THREADS=N sets torch's intra-op threads for CPU stages. On a small shared box
-    (2 cores plus a Prefect server, a batch sibling...) 1 thread runs several times faster than
-    2, because OpenMP threads spin while competing for the cores."""
-    wanted = os.environ.get("T3D_TORCH_THREADS")
+    """Torch intra-op threads for a CPU stage: T3D_TORCH_THREADS=N, else 1 on machines with <= 2
+    cores. There a Prefect server or a batch sibling always shares the cores, and OpenMP threads
+    that spin while competing make 2 threads several times slower than 1."""
+    wanted = os.environ.get("T3D_TORCH_THREADS") or ("1" if (os.cpu_count() or 1) <= 2 else None)
     if not wanted or device.type != "cpu":
         yield
         return
