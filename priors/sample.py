@@ -102,7 +102,7 @@ def sample_grid(
     prompt: str,
     n: int = 8,
     steps: int = 50,
-    guidance: float = 7.5,
+    guidance: float | None = None,
     seed: int = 0,
     out="grid.png",
     prior: str | DiffusionPrior = "embedded",
@@ -114,5 +114,6 @@ def sample_grid(
         from .loading import load_prior
 
         prior = load_prior(prior, device=device)
+    guidance = prior.default_guidance_scale if guidance is None else guidance
     images = sample_images(prior, [prompt], n=n, steps=steps, guidance=guidance, seed=seed, progress=True)
     return save_png(image_grid(images, nrow=min(n, 8)), out, upscale=upscale if prior.image_size <= 128 else 1)
