@@ -128,10 +128,13 @@ def t3d_stage_flow(config: dict, prompt: str, stage: str, force: bool = False) -
 
 
 def _wait_deployment(name: str, parameters: dict, run_name: str):
+    """Submit to a work pool and wait. The idempotency key makes a client-side retry of the
+    create request (a slow server under load) return the same run instead of a duplicate."""
+    import uuid
+
     from prefect.deployments import run_deployment
 
-    flow_run = run_deployment(name, parameters=parameters, flow_run_name=run_name, timeout=None)
-    return flow_run
+    return run_deployment(name, parameters=parameters, flow_run_name=run_name, timeout=None, poll_interval=1, idempotency_key=uuid.uuid4().hex)
 
 
 def _run_stage_on_pool(cfg, prompt: str, step: runner.PlannedStage, pool: str) -> runner.StageResult:
