@@ -54,7 +54,9 @@ def stage_markdown(prompt: str, result, folder: Path | None) -> str:
         lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in result.metrics.items() if not isinstance(v, (list, dict))]
         lines.append("")
     if folder is not None:
-        for image in sorted(folder.glob("*.png")) + sorted(folder.glob("*.gif")):
+        # Turntables first: what a person wants to see; texture atlases and curves after.
+        images = sorted(folder.glob("*.png")) + sorted(folder.glob("*.gif"))
+        for image in sorted(images, key=lambda p: (not p.name.startswith("turntable"), p.suffix != ".gif", p.name)):
             data = image.read_bytes()
             if len(data) <= PREVIEW_LIMIT_BYTES:
                 mime = "image/gif" if image.suffix == ".gif" else "image/png"
