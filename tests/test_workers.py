@@ -17,10 +17,11 @@ POOL = "t3d-test-pool"
 
 
 async def _flow_runs(api: str):
-    from prefect.client.orchestration import get_client
+    """Ask *this* server (another test may have left a session-wide Prefect server configured)."""
+    from prefect.client.orchestration import PrefectClient
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 
-    async with get_client() as client:
+    async with PrefectClient(api) as client:
         runs = await client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["t3d-prompt"])))
         artifacts = await client.read_artifacts()
     return runs, artifacts
