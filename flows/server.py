@@ -38,6 +38,7 @@ class LocalServer:
     ui_url: str
     data_dir: Path
     log_path: Path
+    log_file: object = None
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -46,6 +47,8 @@ class LocalServer:
                 self.process.wait(15)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+        if self.log_file is not None:
+            self.log_file.close()
 
     def __enter__(self) -> "LocalServer":
         return self
@@ -78,9 +81,11 @@ def start_server(data_dir: str | Path, host: str = "127.0.0.1", port: int | None
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
+            logf.close()
             raise RuntimeError(f"prefect server exited with {proc.returncode}; see {log_path}")
         if healthy(api):
-            return LocalServer(proc, api, f"http://{host}:{port}", data_dir, log_path)
+            return LocalServer(proc, api, f"http://{host}:{port}", data_dir, log_path, logf)
         time.sleep(0.3)
     proc.kill()
+    logf.close()
     raise TimeoutError(f"prefect server did not become healthy in {timeout_s:.0f}s; see {log_path}")
