@@ -47,7 +47,7 @@ class RefineParams(StageParams):
     weighting: str = "sds"
     grad_clip: float | None = None
     lambda_entropy: float = 1e-3
-    shading: str = Field("albedo", pattern="^(albedo|lambertian)$")
+    shading: str = Field("lambertian", pattern="^(albedo|lambertian)$", description="lambertian: the prior was trained on lit images (albedo renders gave higher colour error)")
     ambient: float = Field(0.35, ge=0, le=1)
     checkpoint_every: int = Field(50, ge=1)
     preview_size: int = Field(64, ge=16)
