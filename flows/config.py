@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from t3d.cameras import CameraParams
 from t3d.stage import ExecutorParams
-from t3d.stages import StageRegistry, registry_from_env
+from t3d.stages import PIPELINE, StageRegistry, registry_from_env
 
 
 class ConfigError(Exception):
@@ -141,19 +141,13 @@ def validate(data: Any, registry: StageRegistry | None = None, source: str = "fl
     stages = data.get("stages")
     if isinstance(stages, dict):
         for name in stages:
-            if name not in registry and name in dict(_pipeline_names()):
+            if name not in registry and name in dict(PIPELINE):
                 raise ConfigError(f"{source}: 'stages.{name}' is not available in this version of t3d (stages here: {', '.join(registry)}). Remove the block.")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         lines = [_format_error(e, model, source) for e in exc.errors()]
         raise ConfigError("\n".join(lines)) from None
-
-
-def _pipeline_names():
-    from t3d.stages import PIPELINE
-
-    return PIPELINE
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None, registry: StageRegistry | None = None, prompt: str | None = None) -> FlowBase:
