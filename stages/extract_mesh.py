@@ -3,7 +3,9 @@
 Reads the coarse stage's field (field.safetensors + field.json), samples its density on a grid,
 extracts the iso-surface (automatic threshold unless given; t3d.mesh explains the rule), keeps the
 largest piece, decimates to a face budget, unwraps UVs with xatlas, and bakes the field's albedo
-into a texture by rasterizing the UV layout. Writes:
+into a texture by rasterizing the UV layout. With geometry_steps > 0 the surface is first refined
+with SDS on a signed-distance grid through the rasterizer (t3d.dmtet, Magic3D's DMTet step).
+Writes:
   mesh.glb                 the textured mesh (y-up glTF; read it back with `load_mesh`)
   texture.png              the baked albedo (also inside mesh.glb)
   turntable.gif / .png     the mesh itself rendered with the rasterizer, around the object
@@ -11,17 +13,22 @@ into a texture by rasterizing the UV layout. Writes:
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from pydantic import Field
 
 from t3d.export import TexturedMesh, bake_texture, export_glb, load_textured, turntable, unwrap
-from t3d.mesh import extract_mesh
+from t3d.dmtet import GeometrySettings, refine_geometry
+from t3d.mesh import auto_threshold, clean_mesh, extract_mesh, sample_grid
 from t3d.raster import make_raster_context
 from t3d.stage import Stage, StageContext, StageParams
-from t3d.stages.coarse_nerf import load_field
+from t3d.toyeval import evaluate_mesh
+from t3d.stages.coarse_nerf import load_field, write_loss_curve
+from t3d.stages.encode_prompt import load_embeddings
 
 MESH_FILE = "mesh.glb"
 TEXTURE_FILE = "texture.png"
@@ -37,11 +44,57 @@ class ExtractMeshParams(StageParams):
     raster_backend: str = Field("auto", pattern="^(auto|cuda-library|torch)$")
     preview_size: int = Field(128, ge=16)
     preview_frames: int = Field(24, ge=4)
+    geometry_steps: int = Field(0, ge=0, description="SDS steps refining the surface on an SDF grid (0: off)")
+    geometry_resolution: int = Field(64, ge=16, le=256, description="SDF grid samples per side")
+    geometry_lr: float = Field(2e-3, gt=0, description="Adam step on the SDF values (world units)")
+    geometry_render_size: int = Field(64, ge=16)
+    geometry_batch_size: int = Field(2, ge=1)
+    geometry_guidance_scale: float = Field(7.5, gt=0)
+    geometry_t_range: tuple[float, float] = (0.02, 0.5)
+    geometry_laplacian: float = Field(0.5, ge=0, description="weight of mesh smoothness (Laplacian, in voxels^2)")
+    geometry_anchor: float = Field(10.0, ge=0, description="weight of the pull towards the coarse SDF (in voxels^2)")
+    checkpoint_every: int = Field(50, ge=1)
 
 
 def load_mesh(folder: Path) -> TexturedMesh:
     """The textured mesh this stage wrote, in t3d world coordinates (z up)."""
     return load_textured(Path(folder) / MESH_FILE)
+
+
+def _refined_surface(ctx: StageContext, field, raster_ctx):
+    """SDS on an SDF grid initialised from the field's occupancy (t3d.dmtet), then the usual clean-up."""
+    p: ExtractMeshParams = ctx.params
+    prior = ctx.load_prior()
+    emb = load_embeddings(ctx.inputs["encode_prompt"]).to(prior.device, prior.dtype)
+    with torch.no_grad():
+        sigma, lo, spacing = sample_grid(field.density, p.geometry_resolution, field.params.bound, device=ctx.device)
+    sigma = np.nan_to_num(sigma, nan=0.0, posinf=np.float32(3e38)).clip(min=0.0)
+    tau = auto_threshold(sigma, spacing) if p.threshold is None else float(p.threshold)
+    settings = GeometrySettings(
+        steps=p.geometry_steps, resolution=p.geometry_resolution, render_size=p.geometry_render_size,
+        batch_size=p.geometry_batch_size, lr=p.geometry_lr, guidance_scale=p.geometry_guidance_scale,
+        t_range=tuple(p.geometry_t_range), laplacian_weight=p.geometry_laplacian, anchor_weight=p.geometry_anchor,
+    )
+    gen = torch.Generator().manual_seed(int(ctx.seed) * 7919 + 5)
+    resume = ctx.load_checkpoint()
+    if resume is not None:
+        ctx.metrics["resumed_from"] = int(resume[0])
+
+    def checkpoint(step: int, tensors: dict, meta: dict) -> None:
+        if step % p.checkpoint_every == 0 and step < p.geometry_steps:
+            ctx.save_checkpoint(step, tensors, meta)
+
+    def albedo(points: torch.Tensor) -> torch.Tensor:
+        return field.query(points.to(field.device))[1]
+
+    with ctx.progress(p.geometry_steps, "geometry (sds on sdf)", initial=resume[0] if resume else 0) as update:
+        verts, faces, history = refine_geometry(
+            sigma, lo, spacing, tau, albedo, prior, emb, ctx.camera, settings, gen,
+            raster_ctx=raster_ctx, device=ctx.device, progress=update, resume=resume, on_step=checkpoint,
+        )
+    mesh = clean_mesh(verts.cpu().numpy(), faces.cpu().numpy(), keep_largest=p.keep_largest, max_faces=p.max_faces)
+    mesh.metadata.update({"threshold": tau, "resolution": int(p.geometry_resolution)})
+    return mesh, history
 
 
 def run(ctx: StageContext) -> None:
@@ -54,12 +107,18 @@ def run(ctx: StageContext) -> None:
     raster_ctx, choice = make_raster_context(p.raster_backend, ctx.device)
     ctx.backend["raster"] = choice.as_dict()
 
-    with torch.no_grad():
-        mesh = extract_mesh(
-            field.density, p.resolution, field.params.bound, p.threshold,
-            max_faces=p.max_faces, keep_largest=p.keep_largest, device=ctx.device,
-        )
-    timings["marching_cubes_s"] = time.perf_counter() - t0
+    if p.geometry_steps:
+        mesh, history = _refined_surface(ctx, field, raster_ctx)
+        timings["geometry_s"] = time.perf_counter() - t0
+        (ctx.out / "geometry_losses.json").write_text(json.dumps(history))
+        write_loss_curve(history, ctx.out / "geometry_loss_curve.png")
+    else:
+        with torch.no_grad():
+            mesh = extract_mesh(
+                field.density, p.resolution, field.params.bound, p.threshold,
+                max_faces=p.max_faces, keep_largest=p.keep_largest, device=ctx.device,
+            )
+        timings["marching_cubes_s"] = time.perf_counter() - t0
     ctx.log.info("extract_mesh: %d faces at threshold %.4g", len(mesh.faces), mesh.metadata["threshold"])
 
     t1 = time.perf_counter()
@@ -98,13 +157,14 @@ def run(ctx: StageContext) -> None:
             "extent": [round(float(x), 4) for x in mesh.extents],
         }
     )
+    ctx.metrics.update(evaluate_mesh(tmesh, ctx.prompt, cam, raster_ctx=raster_ctx, device=ctx.device))
 
 
 STAGE = Stage(
     name="extract_mesh",
-    version="1",
+    version="2",
     params=ExtractMeshParams,
-    inputs=("coarse",),
+    inputs=("encode_prompt", "coarse"),
     optional_inputs=("refine",),
     run=run,
     description="marching cubes on the coarse field, decimate, xatlas UVs, albedo baked into a texture",

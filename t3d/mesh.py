@@ -36,7 +36,7 @@ import trimesh
 
 log = logging.getLogger(__name__)
 
-__all__ = ["extract_mesh", "sample_grid", "auto_threshold", "largest_component", "decimate", "orient_outward"]
+__all__ = ["extract_mesh", "sample_grid", "auto_threshold", "clean_mesh", "largest_component", "decimate", "orient_outward"]
 
 DensityFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -220,11 +220,16 @@ def extract_mesh(
     if len(faces) == 0:
         raise ValueError("marching cubes produced no faces")
     verts = lo[None] + (verts - 1.0) * spacing[None]
-    mesh = trimesh.Trimesh(verts.astype(np.float64), faces.astype(np.int64), process=True)
+    mesh = clean_mesh(verts, faces, keep_largest=keep_largest, max_faces=max_faces)
+    mesh.metadata.update({"threshold": tau, "resolution": int(resolution), "bound": [lo.tolist(), (lo + spacing * (int(resolution) - 1)).tolist()]})
+    return mesh
+
+
+def clean_mesh(verts, faces, *, keep_largest: bool = True, max_faces: int | None = None) -> trimesh.Trimesh:
+    """Merge duplicate vertices, keep the largest piece, decimate, orient outward."""
+    mesh = trimesh.Trimesh(np.asarray(verts, dtype=np.float64), np.asarray(faces, dtype=np.int64), process=True)
     if keep_largest:
         mesh = largest_component(mesh)
     if max_faces is not None:
         mesh = decimate(mesh, max_faces)
-    mesh = orient_outward(mesh)
-    mesh.metadata.update({"threshold": tau, "resolution": int(resolution), "bound": [lo.tolist(), (lo + spacing * (int(resolution) - 1)).tolist()]})
-    return mesh
+    return orient_outward(mesh)
