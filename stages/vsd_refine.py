@@ -39,6 +39,7 @@ class RefineParams(StageParams):
     lora_rank: int = Field(4, ge=1)
     lora_lr: float = Field(1e-3, gt=0)
     lora_steps_per_step: int = Field(1, ge=1)
+    lora_warmup_steps: int = Field(0, ge=0, description="LoRA steps on the coarse renders before the field moves (a fresh LoRA equals the prior, so early VSD is pure CFG push)")
     camera_dropout: float = Field(0.1, ge=0, le=1)
     lr_grid: float = Field(5e-3, gt=0)
     lr_mlp: float = Field(1e-3, gt=0)
@@ -112,6 +113,26 @@ class VSDTrainer:
         self.step_idx += 1
         return {**record, "field_step_s": t1 - t0, "lora_step_s": t2 - t1, "step_s": t2 - t0}
 
+    def warm_up_lora(self, steps: int, update=None) -> list[float]:
+        """Fit the LoRA to the particles' current renders (no field update)."""
+        p = self.p
+        losses = []
+        for _ in range(steps):
+            cams = [sample_cameras(self.camera, p.batch_size, self.gen) for _ in self.fields]
+            with torch.no_grad():
+                rgb = torch.cat([render(f, c, p.resolution, n_samples=p.n_samples, shading=p.shading, ambient=p.ambient, perturb=True, generator=self.gen)["rgb"] for f, c in zip(self.fields, cams)])
+                x0 = self.prior.images_to_model(rgb).float()
+            c2w = torch.cat([c.c2w for c in cams])
+            names = sum((view_names(c, self.camera) for c in cams), [])
+            l_lora = lora_loss(self.prior, self.lora, x0, c2w, self.emb.for_views(names), camera_dropout=p.camera_dropout, generator=self.gen)
+            self.lora_opt.zero_grad(set_to_none=True)
+            l_lora.backward()
+            self.lora_opt.step()
+            losses.append(float(l_lora.detach()))
+            if update is not None:
+                update(1, lora=losses[-1])
+        return losses
+
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         tensors: dict[str, torch.Tensor] = {}
         for i, f in enumerate(self.fields):
@@ -161,6 +182,10 @@ def run(ctx: StageContext) -> None:
         trainer.load_state(*resumed)
         ctx.metrics["resumed_from"] = int(resumed[0])
         ctx.log.info("refine: resumed at step %d of %d", resumed[0], p.steps)
+    if resumed is None and p.lora_warmup_steps:
+        with ctx.progress(p.lora_warmup_steps, "refine: LoRA warm-up") as update:
+            warm = trainer.warm_up_lora(p.lora_warmup_steps, update)
+        ctx.metrics["lora_warmup_loss"] = round(sum(warm[-10:]) / len(warm[-10:]), 5)
     with ctx.progress(p.steps, f"refine (VSD, {p.particles} particle{'s' if p.particles > 1 else ''})", initial=trainer.step_idx) as update:
         while trainer.step_idx < p.steps:
             rec = trainer.step()

@@ -96,3 +96,17 @@ def test_particles_diverge(tmp_path):
     for _ in range(3):
         trainer.step()
     assert particle_distance(trainer.fields, CameraParams(), size=16, n_views=2) > 0.0
+
+
+def test_lora_warm_up_moves_only_the_lora(tmp_path):
+    """Warm-up fits the LoRA to the current renders and leaves the fields where they were."""
+    prior, emb, params = _setup(tmp_path)
+    trainer = _trainer(tmp_path, prior, emb, params)
+    field_before = {k: v.clone() for k, v in trainer.fields[0].state_dict().items()}
+    lora_before = {k: v.clone() for k, v in lora_state(trainer.lora).items()}
+    calls = []
+    losses = trainer.warm_up_lora(3, update=lambda n, **kw: calls.append(kw["lora"]))
+    assert len(losses) == 3 and calls == losses and all(l > 0 for l in losses)
+    assert all(torch.equal(v, field_before[k]) for k, v in trainer.fields[0].state_dict().items())
+    assert any(not torch.equal(v, lora_before[k]) for k, v in lora_state(trainer.lora).items())
+    assert trainer.step_idx == 0 and trainer.history == []
