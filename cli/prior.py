@@ -36,7 +36,7 @@ def sample(
     prompt: str = typer.Argument(..., help='e.g. "a blue cone, side view"'),
     n: int = typer.Option(8, "--n", help="Number of samples."),
     steps: int = typer.Option(50, "--steps", help="DDIM steps."),
-    guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale (default: the prior's own: 2.0 for the toy prior, 7.5 otherwise)."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale (default: the prior's own, 7.5 for the toy prior)."),
     seed: int = typer.Option(0, "--seed"),
     out: Path = typer.Option(Path("grid.png"), "--out", help="PNG grid to write."),
     prior: str = typer.Option("embedded", "--prior", help="embedded, a local diffusers folder or a hub id."),

@@ -49,7 +49,7 @@ class CoarseParams(StageParams):
     lr_mlp: float = Field(3e-3, gt=0)
     lr_bg: float = Field(1e-3, gt=0)
     lr_end_factor: float = Field(0.1, gt=0, le=1, description="learning rates decay exponentially to this factor by the last step")
-    guidance_scale: float | None = Field(7.5, description="CFG scale for the score; None: the prior's sampling default (the toy prior: 2.0, too weak for SDS). SD wants ~100")
+    guidance_scale: float | None = Field(7.5, description="CFG scale for the score; None: the prior's sampling default (7.5 for the toy prior). SD wants ~100")
     t_range: tuple[float, float] = (0.02, 0.98)
     t_range_end: tuple[float, float] | None = Field((0.02, 0.6), description="annealed to this by the last step; None: fixed")
     t_anneal: Literal["linear", "sqrt", "none"] = "linear"
