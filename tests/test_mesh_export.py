@@ -231,7 +231,8 @@ def test_extract_mesh_and_export_stages(tmp_path):
     save_field(NeRFField(_default_field()), coarse)  # untrained: the blob, a grey ball of radius ~0.25
 
     stage = reg["extract_mesh"]
-    ctx = _ctx(stage, stage.params(resolution=48, texture_size=128, max_faces=2000, preview_size=48, preview_frames=4), {"coarse": coarse}, tmp_path / "mesh")
+    params = stage.params(resolution=48, texture_size=128, max_faces=2000, preview_size=48, preview_frames=4, geometry_steps=0)
+    ctx = _ctx(stage, params, {"coarse": coarse}, tmp_path / "mesh")
     stage.run(ctx)
     assert {"mesh.glb", "texture.png", "turntable.gif", "turntable.png"} <= {p.name for p in ctx.out.iterdir()}
     assert ctx.metrics["watertight"] and 0 < ctx.metrics["faces"] <= 2000
