@@ -46,6 +46,7 @@ class ExtractMeshParams(StageParams):
     preview_frames: int = Field(24, ge=4)
     geometry_steps: int = Field(200, ge=0, description="SDS steps refining the surface on an SDF grid (0: plain marching cubes); ~50 s on a CPU core, cubes get their corners back")
     geometry_resolution: int = Field(64, ge=16, le=256, description="SDF grid samples per side")
+    geometry_correction_resolution: int = Field(16, ge=2, le=256, description="the SDF changes by a trilinear correction grid this coarse (smooth surfaces)")
     geometry_lr: float = Field(2e-3, gt=0, description="Adam step on the SDF values (world units)")
     geometry_render_size: int = Field(64, ge=16)
     geometry_batch_size: int = Field(2, ge=1)
@@ -74,6 +75,7 @@ def _refined_surface(ctx: StageContext, field, raster_ctx):
         steps=p.geometry_steps, resolution=p.geometry_resolution, render_size=p.geometry_render_size,
         batch_size=p.geometry_batch_size, lr=p.geometry_lr, guidance_scale=p.geometry_guidance_scale,
         t_range=tuple(p.geometry_t_range), laplacian_weight=p.geometry_laplacian, anchor_weight=p.geometry_anchor,
+        correction_resolution=p.geometry_correction_resolution,
     )
     gen = torch.Generator().manual_seed(int(ctx.seed) * 7919 + 5)
     resume = ctx.load_checkpoint()

@@ -13,9 +13,9 @@ Written here from the method's description:
 - `marching_tets`: one surface vertex per tetrahedron edge whose ends have opposite signs, at
   the linear zero crossing (so gradients reach the SDF values), one triangle per tetrahedron
   with 1 or 3 inside corners, two with 2; each triangle faces away from the inside corners;
-- `refine_geometry`: Adam on the SDF values near the surface against SDS on lambertian renders
-  (colours from the field, fixed), with silhouette gradients from antialiasing, a Laplacian
-  smoothness term and a pull towards the initial SDF.
+- `refine_geometry`: Adam on a smooth correction of the SDF (a coarse grid, trilinearly
+  upsampled) against SDS on lambertian renders (colours from the field, fixed), with silhouette
+  gradients from antialiasing, a Laplacian smoothness term and a pull towards the initial SDF.
 """
 
 from __future__ import annotations
@@ -168,6 +168,7 @@ class GeometrySettings:
     laplacian_weight: float = 0.5
     anchor_weight: float = 10.0
     band_voxels: float = 4.0
+    correction_resolution: int = 16
     ambient: float = 0.35
 
 
@@ -201,16 +202,25 @@ def refine_geometry(
     voxel = float(np.mean(spacing))
     band = sdf0.abs() < settings.band_voxels * voxel
     tets = tets[band[tets].all(1)]  # only tets near the surface can hold it during refinement
-    sdf = torch.nn.Parameter(sdf0.clone())
-    opt = torch.optim.Adam([sdf], lr=settings.lr)
+    # The SDF moves by a smooth correction: a coarse grid, trilinearly upsampled. Per-vertex
+    # freedom let SDS noise roughen the surface (a 32-px prior cannot ask for finer detail).
+    r = max(2, min(res, int(settings.correction_resolution)))
+    delta = torch.nn.Parameter(torch.zeros(1, 1, r, r, r, device=device))
+    opt = torch.optim.Adam([delta], lr=settings.lr)
+
+    def current_sdf() -> torch.Tensor:
+        up = torch.nn.functional.interpolate(delta, size=(res, res, res), mode="trilinear", align_corners=True)
+        return sdf0 + up.reshape(-1)
+
     step, history = 0, []
     if resume is not None:
         step, tensors, meta = resume
-        sdf.data.copy_(tensors["sdf"].to(device))
+        delta.data.copy_(tensors["delta"].to(device))
         restore_optimizer(opt, tensors, meta["opt"])
         generator.set_state(tensors["rng"])
         history = list(meta["history"])
     while step < settings.steps:
+        sdf = current_sdf()
         mverts, faces = marching_tets(verts, tets, sdf)
         if faces.shape[0] == 0:
             raise FloatingPointError(f"geometry refinement lost the surface at step {step}; lower geometry_lr")
@@ -233,7 +243,7 @@ def refine_geometry(
             progress(1, loss=rec["loss"])
         if on_step is not None:
             opt_t, opt_meta = flatten_optimizer(opt)
-            on_step(step, {"sdf": sdf.detach(), "rng": generator.get_state(), **opt_t}, {"opt": opt_meta, "history": history})
+            on_step(step, {"delta": delta.detach(), "rng": generator.get_state(), **opt_t}, {"opt": opt_meta, "history": history})
     with torch.no_grad():
-        mverts, faces = marching_tets(verts, tets, sdf)
+        mverts, faces = marching_tets(verts, tets, current_sdf())
     return mverts.detach(), faces, history
