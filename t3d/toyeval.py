@@ -6,6 +6,7 @@ Used by the stages' metrics and by bench/quality.py, for NeRF renders and textur
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from t3d import toyworld
@@ -48,7 +49,8 @@ def render_textured_mesh(tmesh, cams, size: int, raster_ctx=None, device="cpu") 
     from t3d.raster import render_mesh
 
     cams = cams.to(device)
-    tex = torch.as_tensor(tmesh.texture, device=device).float().div(255).flip(0)  # PNG rows -> GL rows (row 0 = v 0)
+    tex = torch.as_tensor(np.array(tmesh.texture), device=device)  # copy: read-only PNG buffers
+    tex = tex.float().div(255).flip(0)  # PNG rows -> GL rows (row 0 = v 0)
     out = render_mesh(
         torch.as_tensor(tmesh.verts, device=device), torch.as_tensor(tmesh.faces, device=device), cams, size,
         ctx=raster_ctx, uvs=torch.as_tensor(tmesh.uvs, device=device), tex=tex[..., :3], background=1.0,
