@@ -43,6 +43,7 @@ class RefineParams(StageParams):
     camera_dropout: float = Field(0.1, ge=0, le=1)
     lr_grid: float = Field(5e-3, gt=0)
     lr_mlp: float = Field(1e-3, gt=0)
+    lr_end_factor: float = Field(1.0, gt=0, le=1, description="field learning rates decay exponentially to this factor by the last step (the LoRA's stays); 0.1 raised the toy bench's colour error, so none by default")
     t_range: tuple[float, float] = (0.02, 0.7)
     t_range_end: tuple[float, float] | None = (0.02, 0.5)
     weighting: str = "sds"
@@ -63,7 +64,7 @@ class VSDTrainer:
         self.fields = [load_field(coarse_folder, device) for _ in range(p.particles)]
         groups = []
         for f in self.fields:
-            groups += [{"params": list(f.encoding.parameters()), "lr": p.lr_grid}, {"params": list(f.mlp.parameters()), "lr": p.lr_mlp}]
+            groups += [{"params": list(f.encoding.parameters()), "lr": p.lr_grid, "base_lr": p.lr_grid}, {"params": list(f.mlp.parameters()), "lr": p.lr_mlp, "base_lr": p.lr_mlp}]
         self.field_opt = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15)
         with torch.random.fork_rng(devices=[]):  # LoRA init from the run seed, not the global stream
             torch.manual_seed(int(seed))
@@ -90,6 +91,9 @@ class VSDTrainer:
         loss = loss_vsd
         if p.lambda_entropy > 0:
             loss = loss + p.lambda_entropy * sum(opacity_entropy(r["opacity"]) for r in renders)
+        decay = p.lr_end_factor ** (self.step_idx / max(p.steps - 1, 1))
+        for group in self.field_opt.param_groups:
+            group["lr"] = group["base_lr"] * decay
         self.field_opt.zero_grad(set_to_none=True)
         loss.backward()
         self.field_opt.step()

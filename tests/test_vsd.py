@@ -69,6 +69,7 @@ def test_camera_embedding_changes_the_lora_prediction():
 
 def test_resume_restores_fields_lora_and_optimizers(tmp_path):
     prior, emb, params = _setup(tmp_path / "coarse")
+    params = params.model_copy(update={"lr_end_factor": 0.5})  # the decayed lr must resume too
     straight = _trainer(tmp_path / "coarse", prior, emb, params)
     for _ in range(4):
         straight.step()
@@ -110,3 +111,14 @@ def test_lora_warm_up_moves_only_the_lora(tmp_path):
     assert all(torch.equal(v, field_before[k]) for k, v in trainer.fields[0].state_dict().items())
     assert any(not torch.equal(v, lora_before[k]) for k, v in lora_state(trainer.lora).items())
     assert trainer.step_idx == 0 and trainer.history == []
+
+
+def test_field_learning_rate_decays_to_the_end_factor_and_the_lora_rate_stays(tmp_path):
+    prior, emb, params = _setup(tmp_path)
+    params = params.model_copy(update={"lr_end_factor": 0.1})
+    trainer = _trainer(tmp_path, prior, emb, params)
+    for _ in range(params.steps):
+        trainer.step()
+    grid, mlp = trainer.field_opt.param_groups[:2]
+    assert abs(grid["lr"] - params.lr_grid * 0.1) < 1e-12 and abs(mlp["lr"] - params.lr_mlp * 0.1) < 1e-12
+    assert trainer.lora_opt.param_groups[0]["lr"] == params.lora_lr
