@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from t3d.cameras import CameraParams, orbit_cameras, sample_cameras, view_names
 from t3d.guidance import anneal_t_range, guidance_loss, opacity_entropy, opacity_sparsity, orientation_loss
 from t3d.nerf import FieldParams, NeRFField
-from t3d.stage import Stage, StageContext, StageParams, flatten_optimizer, restore_optimizer
+from t3d.stage import Stage, StageContext, StageParams, decay_learning_rates, flatten_optimizer, restore_optimizer
 from t3d.toyeval import evaluate_field
 from t3d.volume import OccupancyGrid, render
 
@@ -120,9 +120,7 @@ class CoarseTrainer:
         p = self.p
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         t0 = time.perf_counter()
-        decay = p.lr_end_factor ** (self.step_idx / max(p.steps - 1, 1))
-        for group in self.opt.param_groups:
-            group["lr"] = group["base_lr"] * decay
+        decay_learning_rates(self.opt, p.lr_end_factor, self.step_idx, p.steps)
         if self.occupancy is not None and self.step_idx % p.occupancy_every == 0:
             self.occupancy.update(self.field, self.gen)
         cams = sample_cameras(self.camera, p.batch_size, self.gen)

@@ -19,7 +19,7 @@ from pydantic import Field
 
 from t3d.cameras import CameraParams, orbit_cameras, sample_cameras, view_names
 from t3d.guidance import anneal_t_range, opacity_entropy
-from t3d.stage import Stage, StageContext, StageParams, flatten_optimizer, restore_optimizer
+from t3d.stage import Stage, StageContext, StageParams, decay_learning_rates, flatten_optimizer, restore_optimizer
 from t3d.stages.coarse_nerf import load_field, render_turntable, save_field, write_loss_curve, write_previews
 from t3d.toyeval import evaluate_field
 from t3d.stages.encode_prompt import load_embeddings
@@ -91,9 +91,7 @@ class VSDTrainer:
         loss = loss_vsd
         if p.lambda_entropy > 0:
             loss = loss + p.lambda_entropy * sum(opacity_entropy(r["opacity"]) for r in renders)
-        decay = p.lr_end_factor ** (self.step_idx / max(p.steps - 1, 1))
-        for group in self.field_opt.param_groups:
-            group["lr"] = group["base_lr"] * decay
+        decay_learning_rates(self.field_opt, p.lr_end_factor, self.step_idx, p.steps)
         self.field_opt.zero_grad(set_to_none=True)
         loss.backward()
         self.field_opt.step()

@@ -165,6 +165,13 @@ def load_checkpoint(folder: Path) -> tuple[int, dict[str, torch.Tensor], dict] |
     return info["step"], tensors, info.get("meta", {})
 
 
+def decay_learning_rates(optimizer: torch.optim.Optimizer, end_factor: float, step: int, steps: int) -> None:
+    """Exponential decay from each group's base_lr to end_factor x base_lr at the last step (derived from the step, so resume needs no scheduler state)."""
+    decay = end_factor ** (step / max(steps - 1, 1))
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * decay
+
+
 def flatten_optimizer(optimizer: torch.optim.Optimizer, prefix: str = "opt") -> tuple[dict[str, torch.Tensor], dict]:
     """Optimizer state as flat tensors (for safetensors) plus JSON-able metadata."""
     state = optimizer.state_dict()
