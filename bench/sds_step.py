@@ -6,8 +6,13 @@ yet), the coarse stage's default resolution, batch and samples, for SDS and SJC.
 SD-sized VAE) behind the same DiffusionPrior interface, rendering 64 px like DreamFusion/threestudio.
 VSD (the refine stage: field step + LoRA step) is timed at the same settings; vsd_over_sds is the
 ratio of whole steps (goal <= 2.5).
+--dtype fp16 (default) or fp32 sets the SD-sized prior's precision (the toy prior is always fp32).
+On CUDA each method also reports its it/s (1 / median step) and peak_mem_mib, the peak of
+torch.cuda.max_memory_allocated over its warm-up and timed steps (reset before each method).
+--dry-run parses the arguments and, with --sd21, builds the SD-2.1-sized UNet and VAE on the meta
+device (no memory, no CUDA) to print their parameter counts; then exits.
 Last output line: one JSON object {"sds": {...}, "sjc": {...}, "vsd": {...}, "vsd_over_sds", "device", "config"}.
-Usage: python bench/sds_step.py [--steps 5] [--warmup 2] [--methods sds,sjc,vsd] [--sd21] [--threads N]
+Usage: python bench/sds_step.py [--steps 5] [--warmup 2] [--methods sds,sjc,vsd] [--sd21] [--dtype fp16|fp32] [--threads N] [--dry-run]
 """
 
 from __future__ import annotations
@@ -42,17 +47,20 @@ def toy_setup(prompt: str):
     return prior, name, embeddings, CoarseParams()
 
 
-def sd21_setup():
-    """SD 2.1 sizes from config, random weights: for timings only."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 
-    from t3d.nerf import FieldParams
-    from t3d.priors import DiffusionPrior
 
-    if not torch.cuda.is_available():
-        raise SystemExit("--sd21 needs CUDA (an SD-sized UNet step on 2 CPU cores takes minutes)")
-    device, dtype = torch.device("cuda"), torch.float16
-    unet = UNet2DConditionModel(
+def sd21_models(device: torch.device | str):
+    """SD 2.1's UNet and VAE (the 512 px base model's config), random weights, built on `device`."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    with torch.device(device):  # built in place: no 3.5 GB of CPU init and copy
+        unet, vae = _sd21_unet(UNet2DConditionModel), _sd21_vae(AutoencoderKL)
+    return unet, vae
+
+
+def _sd21_unet(UNet2DConditionModel):
+    return UNet2DConditionModel(
         sample_size=64,
         in_channels=4,
         out_channels=4,
@@ -64,7 +72,10 @@ def sd21_setup():
         attention_head_dim=[5, 10, 20, 20],
         use_linear_projection=True,
     )
-    vae = AutoencoderKL(
+
+
+def _sd21_vae(AutoencoderKL):
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -75,6 +86,23 @@ def sd21_setup():
         sample_size=512,
         scaling_factor=0.18215,
     )
+
+
+def n_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def sd21_setup(dtype_name: str = "fp16"):
+    """SD 2.1 sizes from config, random weights: for timings only."""
+    from diffusers import DDPMScheduler
+
+    from t3d.nerf import FieldParams
+    from t3d.priors import DiffusionPrior
+
+    if not torch.cuda.is_available():
+        raise SystemExit("--sd21 needs CUDA (an SD-sized UNet step on 2 CPU cores takes minutes)")
+    device, dtype = torch.device("cuda"), DTYPES[dtype_name]
+    unet, vae = sd21_models(device)
     for m in (unet, vae):
         m.to(device, dtype).eval().requires_grad_(False)
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
@@ -87,7 +115,7 @@ def sd21_setup():
     embeddings = PromptEmbeddings(rand(), rand(), {v: rand() for v in VIEW_SUFFIXES}, {})
     gpu_grid = {"otype": "HashGrid", "n_levels": 16, "n_features_per_level": 2, "log2_hashmap_size": 19, "base_resolution": 16, "per_level_scale": 1.447269237440378}
     params = CoarseParams(resolution=64, batch_size=1, n_samples=64, field=FieldParams(grid=gpu_grid, bound=1.0))
-    return prior, "sd21-sized (random weights, fp16)", embeddings, params
+    return prior, f"sd21-sized (random weights, {dtype_name})", embeddings, params
 
 
 def vsd_timing(prior, embeddings, params, device, warmup: int, steps: int) -> dict:
@@ -109,7 +137,20 @@ def vsd_timing(prior, embeddings, params, device, warmup: int, steps: int) -> di
     return {k: round(statistics.median(r[k] for r in recs), 4) for k in ("field_step_s", "lora_step_s", "step_s")}
 
 
-def main(argv=None) -> dict:
+def reset_peak(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_mib(device) -> float | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
@@ -117,25 +158,49 @@ def main(argv=None) -> dict:
     ap.add_argument("--sd21", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--prompt", default="a red sphere")
-    args = ap.parse_args(argv)
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="precision of the SD-sized prior (--sd21)")
+    ap.add_argument("--dry-run", action="store_true", help="check the arguments (and the SD-2.1 sizes on the meta device), then exit")
+    return ap
+
+
+def dry_run(args) -> dict:
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - {"sds", "sjc", "vsd"})
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}: use sds, sjc, vsd")
+    out = {"dry_run": True, "methods": methods, "sd21": args.sd21, "dtype": args.dtype, "steps": args.steps, "warmup": args.warmup}
+    if args.sd21:
+        unet, vae = sd21_models("meta")
+        out.update(unet_params=n_parameters(unet), vae_params=n_parameters(vae), unet_sample_size=unet.config.sample_size)
+    print(json.dumps(out))
+    return out
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    if args.dry_run:
+        return dry_run(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    prior, prior_name, embeddings, params = sd21_setup() if args.sd21 else toy_setup(args.prompt)
+    prior, prior_name, embeddings, params = sd21_setup(args.dtype) if args.sd21 else toy_setup(args.prompt)
     device = prior.device
     result: dict = {}
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        reset_peak(device)
         if method == "vsd":
             result["vsd"] = vsd_timing(prior, embeddings, params, device, args.warmup, args.steps)
-            print("vsd: " + "  ".join(f"{k}={v:.3f}" for k, v in result["vsd"].items()), flush=True)
-            continue
-        p = params.model_copy(update={"method": method, "albedo_warmup": 0.0, "steps": 10_000})
-        trainer = CoarseTrainer(p, prior, embeddings, CameraParams(), device, seed=0)
-        for _ in range(args.warmup):
-            trainer.step()
-        recs = [trainer.step() for _ in range(args.steps)]
-        result[method] = {k: round(statistics.median(r[k] for r in recs), 4) for k in SPLIT}
-        result[method]["hashgrid_backend"] = trainer.field.backend.backend
-        print(f"{method}: " + "  ".join(f"{k}={result[method][k]:.3f}" for k in SPLIT), flush=True)
+        else:
+            p = params.model_copy(update={"method": method, "albedo_warmup": 0.0, "steps": 10_000})
+            trainer = CoarseTrainer(p, prior, embeddings, CameraParams(), device, seed=0)
+            for _ in range(args.warmup):
+                trainer.step()
+            recs = [trainer.step() for _ in range(args.steps)]
+            result[method] = {k: round(statistics.median(r[k] for r in recs), 4) for k in SPLIT}
+            result[method]["hashgrid_backend"] = trainer.field.backend.backend
+            del trainer
+        result[method]["it_per_s"] = round(1.0 / result[method]["step_s"], 2) if result[method]["step_s"] > 0 else None
+        result[method]["peak_mem_mib"] = peak_mib(device)
+        print(f"{method}: " + "  ".join(f"{k}={v}" for k, v in result[method].items()), flush=True)
     if "vsd" in result and "sds" in result:
         result["vsd_over_sds"] = round(result["vsd"]["step_s"] / result["sds"]["step_s"], 3)
     result["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
@@ -147,6 +212,7 @@ def main(argv=None) -> dict:
         "shading": params.shading,
         "normal_mode": params.normal_mode,
         "grid": params.field.grid,
+        "dtype": str(prior.dtype).replace("torch.", ""),
         "steps_timed": args.steps,
         "statistic": "median",
         "torch": torch.__version__,
