@@ -10,7 +10,10 @@ default can be far slower (OpenMP threads competing with other processes).
 With CUDA and a working nvdiffrast it also times nvdiffrast and reports the fraction of pixels
 whose triangle id differs between the backends (expected only along edges, from fill rules).
 
-    python bench/raster.py [--size 256] [--batch 4] [--repeats 5]
+    python bench/raster.py [--size 256] [--batch 4] [--repeats 5] [--skip-cpu] [--dry-run]
+
+--skip-cpu leaves out the CPU timings (on a GPU machine whose cores are busy building, say).
+--dry-run parses the arguments, builds the scene on the CPU and exits.
 
 The LAST line printed is one JSON object.
 """
@@ -92,15 +95,24 @@ def time_pipeline(ctx, v, f, uv, cams, tex, size, repeats, device):
     return {k: round(statistics.median(x) * 1000, 2) for k, x in times.items()}, rast_keep
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description="rasterizer timings: the torch twin (CPU, CUDA) and nvdiffrast")
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
-    args = ap.parse_args()
+    ap.add_argument("--skip-cpu", action="store_true", help="no CPU timings")
+    ap.add_argument("--dry-run", action="store_true", help="check the arguments and the scene, then exit")
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
 
     cpu = torch.device("cpu")
     v, f, uv, cams, tex = scene(cpu, args.batch)
+    if args.dry_run:
+        print(json.dumps({"dry_run": True, "faces": int(f.shape[0]), "size": args.size, "batch": args.batch, "repeats": args.repeats, "skip_cpu": args.skip_cpu}))
+        return
     result = {
         "bench": "raster",
         "scene": {"faces": int(f.shape[0]), "vertices": int(v.shape[0]), "size": args.size, "batch": args.batch, "texture": 512},
@@ -108,15 +120,16 @@ def main():
         "units": "ms (median)",
     }
     default_threads = torch.get_num_threads()
-    torch_cpu = {}
-    for threads in sorted({1, default_threads}):
-        torch.set_num_threads(threads)
-        t, rast = time_pipeline(TorchRasterContext(cpu), v, f, uv, cams, tex, args.size, args.repeats, cpu)
-        torch_cpu[f"threads_{threads}"] = t
-        print(f"torch cpu, {threads} thread(s): {t}")
-    torch.set_num_threads(default_threads)
-    result["torch_cpu"] = torch_cpu
-    result["coverage"] = round(float((rast[..., 3] > 0).float().mean()), 4)
+    if not args.skip_cpu:
+        torch_cpu = {}
+        for threads in sorted({1, default_threads}):
+            torch.set_num_threads(threads)
+            t, rast = time_pipeline(TorchRasterContext(cpu), v, f, uv, cams, tex, args.size, args.repeats, cpu)
+            torch_cpu[f"threads_{threads}"] = t
+            print(f"torch cpu, {threads} thread(s): {t}")
+        torch.set_num_threads(default_threads)
+        result["torch_cpu"] = torch_cpu
+        result["coverage"] = round(float((rast[..., 3] > 0).float().mean()), 4)
 
     if torch.cuda.is_available():
         dev = torch.device("cuda", torch.cuda.current_device())
@@ -124,6 +137,7 @@ def main():
         vg, fg, uvg, camsg, texg = scene(dev, args.batch)
         t_twin, rast_twin = time_pipeline(TorchRasterContext(dev), vg, fg, uvg, camsg, texg, args.size, args.repeats, dev)
         result["torch_cuda"] = t_twin
+        result.setdefault("coverage", round(float((rast_twin[..., 3] > 0).float().mean()), 4))
         print(f"torch twin on cuda: {t_twin}")
         ctx, choice = make_raster_context("auto", dev)
         result["nvdiffrast_choice"] = choice.as_dict()
