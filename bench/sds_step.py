@@ -54,7 +54,11 @@ def sd21_models(device: torch.device | str):
     """SD 2.1's UNet and VAE (the 512 px base model's config), random weights, built on `device`."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    with torch.device(device):  # built in place: no 3.5 GB of CPU init and copy
+    try:
+        with torch.device(device):  # built in place: no 3.5 GB of CPU init and copy
+            unet, vae = _sd21_unet(UNet2DConditionModel), _sd21_vae(AutoencoderKL)
+    except Exception as exc:  # a diffusers version that pins a device inside __init__
+        print(f"building on {device} failed ({type(exc).__name__}: {exc}); building on the CPU", flush=True)
         unet, vae = _sd21_unet(UNet2DConditionModel), _sd21_vae(AutoencoderKL)
     return unet, vae
 
