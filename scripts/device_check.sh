@@ -13,8 +13,8 @@
 #   sds_bench      bench/sds_step.py --sd21 --dtype fp16: SDS, SJC, VSD step times, it/s, peak memory
 #   toy_flow       examples/vsd_green_cone.yaml (all six stages, embedded toy prior) on CUDA,
 #                  through t3d.runner in-process (no Prefect), per-stage seconds and peak memory
+#   sds_bench_fp32 the same SDS step in fp32, if time is left (while the tinycudann build runs)
 #   tcnn_parity    tests/test_cuda_parity.py's tinycudann part, against the build above
-#   sds_bench_fp32 the same SDS step in fp32, if time is left
 # and always writes one JSON summary, $OUT/device-check.json (plus $OUT/log), OUT defaulting to
 # ./device-check/.
 #
@@ -502,6 +502,13 @@ step raster_bench 60 "${RASTER[@]}"
 step sds_bench 150 "${SDS16[@]}"
 step toy_flow 200 "${TOY[@]}"
 
+# the fp32 bench fills the GPU while the tinycudann build is still going (else it runs last)
+FP32_DONE=0
+if [[ -n "$TCNN_PID" ]] && kill -0 "$TCNN_PID" 2>/dev/null && (( $(left) > 170 )); then
+  step sds_bench_fp32 90 "${SDS32[@]}"
+  FP32_DONE=1
+fi
+
 # tinycudann parity, once the build is done (or its deadline passed)
 if [[ -n "$TCNN_PID" ]]; then
   echo "=== [tcnn_build] waiting at $(elapsed)s"
@@ -523,7 +530,7 @@ if [[ -n "$TCNN_PID" ]]; then
   cp "$WORK/tcnn_build.out" "$OUT/tcnn_build.log" 2>/dev/null
 fi
 
-step sds_bench_fp32 90 "${SDS32[@]}"
+(( FP32_DONE )) || step sds_bench_fp32 90 "${SDS32[@]}"
 write_summary
 echo "device check done in $(elapsed)s"
 sleep 1 # let the log's tee catch up
