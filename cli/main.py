@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(help="t3d: text to textured 3D asset by score distillation, in cached, resumable stages.", no_args_is_help=True, rich_markup_mode="rich", pretty_exceptions_enable=False)
@@ -20,17 +23,61 @@ console = Console(stderr=True)
 out = Console()
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+_DEBUG = {"on": os.environ.get("T3D_DEBUG", "").lower() in ("1", "true", "yes")}  # or --debug anywhere
+
+
+class InputError(Exception):
+    """Bad input or environment: one line naming what and the fix, exit 2 (raised anywhere below)."""
+
+
+def _quiet_third_parties(verbose: bool) -> None:
+    """Before Prefect/transformers are imported: their console chatter (HTTP request logs, telemetry
+    errors, weight-loading bars) stays out of the output unless --verbose. Prefect's run logs still
+    reach its API and UI."""
+    if verbose:
+        return
+    for key, value in {
+        "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",
+        "PREFECT_LOGGING_HANDLERS_CONSOLE_FLOW_RUNS_LEVEL": "CRITICAL",
+        "PREFECT_LOGGING_HANDLERS_CONSOLE_TASK_RUNS_LEVEL": "CRITICAL",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "DIFFUSERS_VERBOSITY": "error",
+    }.items():
+        os.environ.setdefault(key, value)
+    warnings.filterwarnings("ignore")
+
+
+class _LineFormatter(logging.Formatter):
+    """t3d's lines as plain text, one line each (no wrapping), warnings and errors marked."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
 
 
 def _setup_logging(verbose: bool) -> None:
+    """t3d's own lines on stderr; everything else only with --verbose."""
     from rich.logging import RichHandler
 
-    handler = RichHandler(console=console, show_path=False, show_time=False, markup=False)
-    logging.basicConfig(level=logging.INFO if not verbose else logging.DEBUG, handlers=[handler], format="%(message)s", force=True)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LineFormatter("%(message)s"))
+    t3d_log = logging.getLogger("t3d")
+    t3d_log.handlers[:] = [handler]
+    t3d_log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    t3d_log.propagate = False
+    root = logging.getLogger()
+    everything_else = RichHandler(console=console, show_path=False, show_time=False, markup=False)
+    everything_else.setLevel(logging.INFO if verbose else logging.CRITICAL)  # handler level: Prefect's run loggers propagate here
+    root.handlers[:] = [everything_else]
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 def _fail_input(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(EXIT_BAD_INPUT)
 
 
@@ -41,46 +88,55 @@ def run(
     from_stage: Optional[str] = typer.Option(None, "--from", help="force this stage and every later one to re-run"),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="run this prompt instead of the file's prompt(s)"),
     no_prefect: bool = typer.Option(False, "--no-prefect", help="run the stages in-process without Prefect"),
-    verbose: bool = typer.Option(False, "-v", "--verbose"),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="also show Prefect's, HTTP and library logs"),
 ) -> None:
     """Run a flow: finished stages are reused (cached), the first missing one continues."""
-    from t3d.flows.config import ConfigError, load_config
-    from t3d.flows.flow import run_prompt
+    _quiet_third_parties(verbose)
+    from t3d.flows.config import ConfigError, check_environment, load_config
     from t3d.stages import registry_from_env
 
-    _setup_logging(verbose)
     registry = registry_from_env()
     try:
         cfg = load_config(flow_file, set_, registry, prompt=prompt)
+        check_environment(cfg, str(flow_file))
     except ConfigError as exc:
         _fail_input(str(exc))
+    from t3d.flows.flow import run_prompt
+    from t3d.flows.server import PrefectConnection
+
+    _setup_logging(verbose)
     failed = False
-    for prompt in cfg.prompt_list():
-        try:
-            result = run_prompt(cfg, prompt, registry, flow_file=str(flow_file), force_from=from_stage, use_prefect=not no_prefect)
-        except ValueError as exc:  # planning errors: bad --from, disabled dependencies
-            _fail_input(f"{flow_file}: {exc}")
-        _print_run(result)
-        failed = failed or result.state == "failed"
+    with PrefectConnection(on_wait=lambda msg: console.status(msg, spinner="dots")) as prefect:
+        for text in cfg.prompt_list():
+            try:
+                result = run_prompt(cfg, text, registry, flow_file=str(flow_file), force_from=from_stage, use_prefect=not no_prefect, prefect=prefect)
+            except ValueError as exc:  # planning errors: bad --from, disabled dependencies
+                _fail_input(f"{flow_file}: {exc}")
+            _print_run(result)
+            failed = failed or result.state == "failed"
     raise typer.Exit(EXIT_FAILED if failed else EXIT_OK)
 
 
 def _print_run(result) -> None:
-    table = Table(title=f"{result.prompt!r}  [{result.state}]", title_justify="left")
-    for col in ("stage", "state", "seconds", "key", "quality"):
-        table.add_column(col, overflow="fold")
+    """The summary: one row per stage, at most 80 columns; then the file a person wants."""
+    table = Table(title=escape(f"{result.prompt[:60]!r}  [{result.state}]"), title_justify="left")
+    table.add_column("stage", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    table.add_column("s", justify="right", no_wrap=True)
+    table.add_column("id", no_wrap=True)
+    table.add_column("quality", overflow="fold")
     for r in result.results:
         style = {"cached": "cyan", "computed": "green"}.get(r.state, "red")
         quality = " ".join(f"{k}={r.metrics[k]:.3f}" for k in ("iou", "color_err") if isinstance(r.metrics.get(k), (int, float)))
-        table.add_row(r.stage, f"[{style}]{r.state}[/]", f"{r.seconds:.1f}", r.key, quality)
+        table.add_row(r.stage, f"[{style}]{r.state}[/]", f"{r.seconds:.1f}", r.key.rsplit("-", 1)[-1][:8], quality)
     if result.error:
         table.add_row(result.failed_stage or "?", "[red]failed[/]", "", "", "")
     out.print(table)
-    if result.results:
+    if result.results and not result.error:
         last = result.results[-1]
-        out.print(f"{last.stage} output: {_headline_file(last.path)}", soft_wrap=True, highlight=False)
+        out.print(f"deliverable: {_headline_file(last.path)}", soft_wrap=True, highlight=False)
     if result.error:
-        console.print(f"[red]{result.error}[/]\nFix the cause and run the same command again: finished stages are reused.", highlight=False, soft_wrap=True)
+        console.print(f"[red]{escape(result.error)}[/]\nFix the cause and run the same command again: finished stages are reused.", highlight=False, soft_wrap=True)
 
 
 def _headline_file(path: str | None) -> str:
@@ -102,15 +158,13 @@ def batch(
     concurrency: int = typer.Option(1, "--concurrency", "-j", min=1, help="prompts run at once"),
     set_: list[str] = typer.Option([], "--set", help="override a key for every prompt"),
     summary: Optional[Path] = typer.Option(None, help="summary path without suffix (writes .csv and .json); default batch-<file>"),
-    data: Path = typer.Option(Path.home() / ".cache" / "t3d" / "prefect", help="Prefect data folder when t3d starts the server itself"),
+    data: Optional[Path] = typer.Option(None, help="Prefect data folder when t3d starts the server itself (default ~/.cache/t3d/prefect)"),
 ) -> None:
     """Generate every prompt of a list: one flow run each; a failing prompt does not stop the others."""
-    import os
-
+    _quiet_third_parties(False)
     from t3d.flows.batch import read_prompts, run_batch, write_summary
     from t3d.flows.config import ConfigError, load_config
-    from t3d.flows.publish import publish_table
-    from t3d.flows.server import server_env, start_server
+    from t3d.flows.server import default_data_dir, server_env, start_server
 
     try:
         prompts = read_prompts(prompts_file)
@@ -119,14 +173,18 @@ def batch(
         _fail_input(str(exc))
     server = None
     api = os.environ.get("PREFECT_API_URL")
+    data = data or default_data_dir()
     if not api:
-        console.print(f"starting a Prefect server for this batch (data in {data}) ...")
-        server = start_server(data)
-        api = server.api_url
-        console.print(f"Prefect UI: {server.ui_url}")
-    env = server_env(data, api) if server else {**os.environ}
+        with console.status(f"starting Prefect's local server for this batch (data in {data}) ...", spinner="dots"):
+            try:
+                server = start_server(data, shared=True)
+            except (RuntimeError, TimeoutError, OSError) as exc:
+                console.print(f"[yellow]warning:[/] Prefect unavailable ({exc}): the prompts run without it", highlight=False, soft_wrap=True)
+        if server:
+            api = server.api_url
+            console.print(f"Prefect API: {api}", highlight=False)
+    env = server_env(Path(data), api) if server else {**os.environ}
     env.setdefault("TQDM_DISABLE", "1")
-    os.environ["PREFECT_API_URL"] = api
     done = []
 
     def report(row) -> None:
@@ -138,10 +196,16 @@ def batch(
         rows = run_batch(flow, prompts, concurrency, set_, env=env, on_done=report)
         base = summary or Path(f"batch-{prompts_file.stem}")
         json_path, csv_path = write_summary(rows, base)
-        publish_table([{"prompt": r.prompt, "state": r.state, "seconds": r.seconds, "glb": r.glb, "error": r.error} for r in rows], f"batch-{prompts_file.stem}", f"batch {prompts_file.name}")
+        if api:
+            from prefect.settings import PREFECT_API_URL, temporary_settings
+
+            from t3d.flows.publish import publish_table
+
+            with temporary_settings(updates={PREFECT_API_URL: api}):
+                publish_table([{"prompt": r.prompt, "state": r.state, "seconds": r.seconds, "glb": r.glb, "error": r.error} for r in rows], f"batch-{prompts_file.stem}", f"batch {prompts_file.name}")
     finally:
         if server:
-            server.stop()
+            server.release()
     table = Table(title=f"batch {prompts_file} ({concurrency} at a time)", title_justify="left")
     for col in ("prompt", "state", "seconds", "glb", "quality", "error"):
         table.add_column(col, overflow="fold")
@@ -157,19 +221,28 @@ def batch(
 def server(
     host: str = typer.Option("127.0.0.1", help="address to bind (keep 127.0.0.1 unless you mean to expose it)"),
     port: int = typer.Option(4200),
-    data: Path = typer.Option(Path.home() / ".cache" / "t3d" / "prefect", help="Prefect database and settings folder"),
+    data: Optional[Path] = typer.Option(None, help="Prefect database and settings folder (default ~/.cache/t3d/prefect, where `t3d run` reports)"),
 ) -> None:
     """Start Prefect's server and UI; runs report to it once PREFECT_API_URL points at it."""
+    import signal
     import time
 
-    from t3d.flows.server import start_server
+    from t3d.flows.server import default_data_dir, start_server
 
-    srv = start_server(data, host=host, port=port)
+    def on_term(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)  # SIGTERM stops the server too, like Ctrl-C
+    signal.signal(signal.SIGHUP, on_term)
+    with console.status("starting Prefect's server and UI (the first start migrates its database) ...", spinner="dots"):
+        srv = start_server(data or default_data_dir(), host=host, port=port)
     out.print(f"Prefect UI:  {srv.ui_url}\nAPI:         {srv.api_url}\ndata:        {srv.data_dir}\nlog:         {srv.log_path}")
     out.print(f"In another shell:  export PREFECT_API_URL={srv.api_url}   then t3d run / t3d batch report here. Ctrl-C stops.")
     try:
-        while srv.process.poll() is None:
+        while srv.alive():
             time.sleep(1)
+        console.print(f"[red]the Prefect server stopped; see {srv.log_path}[/]", highlight=False)
+        raise typer.Exit(EXIT_FAILED)
     except KeyboardInterrupt:
         pass
     finally:
@@ -206,12 +279,22 @@ def worker(
     start_worker(pool, limit, name)
 
 
+def _open_store(store: str):
+    """An existing store for ls/show/gc: a typo'd --store is an error, never a new empty folder."""
+    from t3d.flows.config import ConfigError, check_store_uri
+    from t3d.store import ArtifactStore
+
+    try:
+        check_store_uri(store, "--store", must_exist=True)
+        return ArtifactStore(store)
+    except ConfigError as exc:
+        _fail_input(str(exc))
+
+
 @app.command("ls")
 def list_runs(store: str = typer.Option("./artifacts", help="artifact store path or fsspec URI")) -> None:
     """List runs and the state of each of their stages."""
-    from t3d.store import ArtifactStore
-
-    st = ArtifactStore(store)
+    st = _open_store(store)
     runs = st.runs()
     table = Table(title=f"runs in {store}", title_justify="left")
     for col in ("run", "prompt", "state", "stages", "updated"):
@@ -220,7 +303,7 @@ def list_runs(store: str = typer.Option("./artifacts", help="artifact store path
         marks = []
         for name, key in run_rec.get("stages", {}).items():
             marks.append(f"{name}{'' if st.has_manifest(key) else ' (missing)'}")
-        table.add_row(run_rec["run_id"], run_rec.get("prompt", ""), run_rec.get("state", ""), ", ".join(marks), run_rec.get("updated", ""))
+        table.add_row(str(run_rec.get("run_id", "?")), str(run_rec.get("prompt", "")), str(run_rec.get("state", "")), ", ".join(marks), str(run_rec.get("updated", "")))
     out.print(table)
     keys = st.keys()
     referenced = {k for r in runs for k in r.get("stages", {}).values()}
@@ -228,12 +311,12 @@ def list_runs(store: str = typer.Option("./artifacts", help="artifact store path
 
 
 @app.command()
-def show(key: str = typer.Argument(..., help="artifact key (or a unique prefix)"), store: str = typer.Option("./artifacts"), verify: bool = typer.Option(True, help="check every file's sha256")) -> None:
+def show(key: str = typer.Argument(..., help="artifact key, a unique prefix, or the id a run prints"), store: str = typer.Option("./artifacts"), verify: bool = typer.Option(True, help="check every file's sha256")) -> None:
     """Print an artifact's manifest."""
-    from t3d.store import ArtifactCorrupt, ArtifactStore
+    from t3d.store import ArtifactCorrupt
 
-    st = ArtifactStore(store)
-    matches = [k for k in st.keys() if k.startswith(key)]
+    st = _open_store(store)
+    matches = [k for k in st.keys() if k.startswith(key) or k.rsplit("-", 1)[-1].startswith(key)]
     if len(matches) != 1:
         _fail_input(f"{key}: {'no artifact' if not matches else 'ambiguous: ' + ', '.join(matches[:5])} in {store} (see `t3d ls`)")
     try:
@@ -247,11 +330,9 @@ def show(key: str = typer.Argument(..., help="artifact key (or a unique prefix)"
 @app.command()
 def gc(store: str = typer.Option("./artifacts"), dry_run: bool = typer.Option(False, "--dry-run")) -> None:
     """Remove artifacts that no run references (and stale temp folders)."""
-    from t3d.store import ArtifactStore
-
-    removed = ArtifactStore(store).gc(dry_run=dry_run)
+    removed = _open_store(store).gc(dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
-    out.print(f"{verb} {len(removed)} artifacts" + ("".join(f"\n  {k}" for k in removed)))
+    out.print(f"{verb} {len(removed)} item(s)" + ("".join(f"\n  {k}" for k in removed)))
 
 
 @app.command()
@@ -280,8 +361,32 @@ def _mount_optional() -> None:
 _mount_optional()
 
 
-def main() -> None:  # pragma: no cover
-    app()
+def main() -> int:
+    """The console entry point: environment and input problems end in one line, not a traceback."""
+    from t3d.flows.config import ConfigError
+    from t3d.priors import PriorNotFoundError
+
+    if "--debug" in sys.argv[1:]:  # anywhere on the line: `t3d run flow.yaml --debug`
+        sys.argv.remove("--debug")
+        _DEBUG["on"] = True
+    try:
+        app()
+    except SystemExit:
+        raise
+    except (ConfigError, InputError, PriorNotFoundError) as exc:
+        if _DEBUG["on"]:
+            raise
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        console.print("interrupted: run the same command again to resume", highlight=False)
+        return 130
+    except Exception as exc:  # noqa: BLE001
+        if _DEBUG["on"]:
+            raise
+        console.print(f"[bold red]error:[/] {type(exc).__name__}: {escape(str(exc))} (add --debug for the traceback)", highlight=False, soft_wrap=True)
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -19,9 +19,11 @@ from dataclasses import dataclass, field
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from t3d import runner
 from t3d.flows.publish import ProgressPublisher, publish_stage
+from t3d.flows.server import PrefectConnection
 from t3d.slug import slugify
 from t3d.store import ArtifactStore
 
@@ -42,36 +44,70 @@ class PromptRun:
     failed_stage: str | None = None
 
 
-def run_prompt(cfg, prompt: str, registry, *, flow_file: str | None = None, force_from: str | None = None, use_prefect: bool = True, show_progress: bool = True) -> PromptRun:
-    """Run (or resume) every enabled stage for one prompt; records the run in the store."""
+def run_prompt(cfg, prompt: str, registry, *, flow_file: str | None = None, force_from: str | None = None, use_prefect: bool = True, show_progress: bool = True, prefect: PrefectConnection | None = None) -> PromptRun:
+    """Run (or resume) every enabled stage for one prompt; records the run in the store.
+
+    Prefect is a view, not a dependency: when it cannot be reached (or fails mid-run) the
+    remaining stages run here, with the same store and keys, after a one-line warning. A run
+    that is interrupted or crashes is recorded as such, never left "running".
+    """
     store = ArtifactStore(cfg.store)
     planned = runner.plan(cfg, prompt, registry, store, force_from)
     run_id = runner.run_id_for(cfg, prompt, flow_file)
     runner.record(store, run_id, cfg, prompt, flow_file, planned, "running")
     results: list[runner.StageResult] = []
     error = failed = None
-    if not any(p.needs_run for p in planned) or not use_prefect:
-        for step in planned:
+    own = prefect is None and use_prefect
+    conn = PrefectConnection() if own else prefect
+    try:
+        api = conn.api_url() if conn is not None and use_prefect and any(p.needs_run for p in planned) else None
+        if conn is not None and use_prefect and api is None and conn.problem:
+            log.warning("Prefect unavailable (%s): running the stages here, not in Prefect", conn.problem)
+        local = api is None
+        if not local:
             try:
-                results.append(runner.execute(cfg, prompt, step, registry, store, show_progress=show_progress))
+                with temporary_settings(updates={PREFECT_API_URL: api}):
+                    if cfg.executor is not None:
+                        results, error, failed = _run_on_pool(cfg, prompt, force_from, flow_file)
+                    else:
+                        _run_local_flow(cfg, prompt, registry, results, flow_file, force_from, show_progress)
             except runner.StageFailed as exc:
                 error, failed = str(exc), exc.stage
-                break
-    elif cfg.executor is not None:
-        results, error, failed = _run_on_pool(cfg, prompt, force_from, flow_file)
-    else:
-        try:
-            flow_fn = t3d_prompt_flow.with_options(flow_run_name=slugify(prompt))
-            token = _LOCAL.set((registry, results, show_progress))
-            try:
-                flow_fn(cfg.model_dump(mode="json"), prompt, flow_file, force_from)
-            finally:
-                _LOCAL.reset(token)
-        except runner.StageFailed as exc:
-            error, failed = str(exc), exc.stage
+            except Exception as exc:  # noqa: BLE001 - Prefect itself failed, not a stage
+                if cfg.executor is not None:
+                    error = f"the work pool {cfg.executor.pool!r} could not be reached through Prefect ({type(exc).__name__}: {exc})"
+                else:
+                    log.warning("Prefect failed mid-run (%s: %s): finishing the stages here", type(exc).__name__, str(exc)[:200])
+                    local = True
+        if local:
+            done = {r.stage for r in results}
+            for step in runner.plan(cfg, prompt, registry, store, force_from):
+                if step.name in done:
+                    continue
+                try:
+                    results.append(runner.execute(cfg, prompt, step, registry, store, show_progress=show_progress))
+                except runner.StageFailed as exc:
+                    error, failed = str(exc), exc.stage
+                    break
+    except BaseException as exc:
+        state = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        runner.record(store, run_id, cfg, prompt, flow_file, planned, state, results, f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        if own and conn is not None:
+            conn.close()
     state = "failed" if error else ("cached" if results and all(r.state == "cached" for r in results) else "completed")
     runner.record(store, run_id, cfg, prompt, flow_file, planned, state, results, error)
     return PromptRun(prompt, run_id, state, results, error, failed)
+
+
+def _run_local_flow(cfg, prompt, registry, results, flow_file, force_from, show_progress) -> None:
+    flow_fn = t3d_prompt_flow.with_options(flow_run_name=slugify(prompt))
+    token = _LOCAL.set((registry, results, show_progress))
+    try:
+        flow_fn(cfg.model_dump(mode="json"), prompt, flow_file, force_from)
+    finally:
+        _LOCAL.reset(token)
 
 
 def _stage_task(cfg, prompt: str, step: runner.PlannedStage, registry, store: ArtifactStore, show_progress: bool) -> runner.StageResult:

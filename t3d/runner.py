@@ -122,8 +122,11 @@ def plan(cfg, prompt: str, registry, store: ArtifactStore, force_from: str | Non
 
 
 def execute(cfg, prompt: str, step: PlannedStage, registry, store: ArtifactStore, stage_log: logging.Logger | None = None, progress_hooks=None, show_progress: bool = True) -> StageResult:
-    """Run one planned stage (or reuse it): inputs verified, output committed atomically."""
-    stage_log = stage_log or log
+    """Run one planned stage (or reuse it): inputs verified, output committed atomically.
+
+    Its lines go to the console (the `t3d` logger) and, when given, to `stage_log` too (the
+    Prefect run log the UI shows)."""
+    stage_log = _Mirror(stage_log) if stage_log is not None and stage_log is not log else log
     started = time.perf_counter()
 
     def result(state: str) -> StageResult:
@@ -131,16 +134,33 @@ def execute(cfg, prompt: str, step: PlannedStage, registry, store: ArtifactStore
         return StageResult(step.name, step.key, state, time.perf_counter() - started, str(art.path), art.manifest.get("metrics", {}))
 
     if not step.needs_run:
-        stage_log.info("%s: cached (%s)", step.name, step.key)
+        stage_log.info("%s: cached (%s)", step.name, _short(step.key))
         return result("cached")
     with store.claim(step.key) as must_compute:
         if not must_compute and not step.forced:
-            stage_log.info("%s: computed meanwhile by another run; reusing (%s)", step.name, step.key)
+            stage_log.info("%s: computed meanwhile by another run; reusing (%s)", step.name, _short(step.key))
             return result("cached")
         _compute(cfg, prompt, step, registry, store, stage_log, progress_hooks, show_progress)
     shutil.rmtree(store.checkpoint_dir(step.key), ignore_errors=True)
-    stage_log.info("%s: done in %.1fs (%s)", step.name, time.perf_counter() - started, step.key)
+    stage_log.info("%s: done in %.1f s", step.name, time.perf_counter() - started)
     return result("computed")
+
+
+def _short(key: str) -> str:
+    """The id people type: the key's hash part, 8 hex (`t3d show` takes it)."""
+    return key.rsplit("-", 1)[-1][:8]
+
+
+class _Mirror(logging.LoggerAdapter):
+    """Console lines (the `t3d` logger) mirrored into another logger, e.g. Prefect's run log."""
+
+    def __init__(self, other: logging.Logger | logging.LoggerAdapter):
+        super().__init__(log, {})
+        self.other = other
+
+    def log(self, level, msg, *args, **kwargs) -> None:
+        super().log(level, msg, *args, **kwargs)
+        self.other.log(level, msg, *args, **kwargs)
 
 def _compute(cfg, prompt, step, registry, store, stage_log, progress_hooks, show_progress) -> None:
     if step.status.startswith("corrupt"):
@@ -190,7 +210,7 @@ def _compute(cfg, prompt, step, registry, store, stage_log, progress_hooks, show
                 progress_hooks=list(progress_hooks or []),
                 show_progress=show_progress,
             )
-            stage_log.info("%s: running (%s)", step.name, step.key)
+            stage_log.info("%s: started (%s)", step.name, _short(step.key))
             t0 = time.perf_counter()
             with cpu_threads(device):
                 stage.run(ctx)

@@ -2,13 +2,15 @@
 
 `T3D_TEST_FAIL_ONCE=<path>`: stage `b` fails while that file exists and deletes it, so the
 first run fails and the re-run succeeds (a crash the user then fixed). If the file holds text,
-only prompts containing that text fail.
+only prompts containing that text fail. `T3D_TEST_SLEEP=<s>`: stage `a` takes that long (a
+window to kill a run in).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 from t3d.stage import Stage, StageParams
@@ -36,6 +38,7 @@ def _count(name: str, prompt: str = "") -> None:
 
 def run_a(ctx):
     _count("a", ctx.prompt)
+    time.sleep(float(os.environ.get("T3D_TEST_SLEEP", "0")))
     (ctx.out / "value.json").write_text(json.dumps({"value": ctx.params.value + ctx.seed}))
 
 
