@@ -37,6 +37,29 @@ class FlowBase(BaseModel):
     def _strip(cls, v: str | None) -> str | None:
         return v.strip() if isinstance(v, str) else v
 
+    @field_validator("name")
+    @classmethod
+    def _slug_safe_name(cls, v: str | None) -> str | None:
+        """Run names become file names (runs/<name>-<hash>.json): the same rule as export.name."""
+        if v is None:
+            return v
+        from t3d.export import check_name
+        from t3d.slug import slugify
+
+        try:
+            return check_name(v)
+        except ValueError:
+            raise ValueError(f"not slug-safe: use letters, digits, '.', '_', '-', e.g. {slugify(v)!r}") from None
+
+    @field_validator("store", "prior")
+    @classmethod
+    def _plain_text(cls, v: str) -> str:
+        if "\x00" in v:
+            raise ValueError("holds a NUL byte; write a plain path or name")
+        if not v.strip():
+            raise ValueError("is empty: give a value, e.g. ./artifacts for store or embedded for prior")
+        return v.strip()
+
     @model_validator(mode="after")
     def _one_prompt_source(self):
         if self.prompt is None and not self.prompts:
@@ -109,8 +132,17 @@ def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
         field = getattr(current, "model_fields", {}).get(part)
         if field is None:
             return []
-        current = field.annotation
-    return list(getattr(current, "model_fields", {}))
+        current = _unwrap_optional(field.annotation)
+    return list(getattr(_unwrap_optional(current), "model_fields", {}))
+
+
+def _unwrap_optional(annotation: Any) -> Any:
+    """`ExecutorParams | None` -> ExecutorParams, so nested keys can be listed."""
+    import typing
+
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    models = [a for a in args if hasattr(a, "model_fields")]
+    return models[0] if models else annotation
 
 
 def _format_error(err: dict, model: type[BaseModel], source: str) -> str:
@@ -159,6 +191,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None, registry: 
         raise ConfigError(f"{path}: is a folder; pass a flow YAML file inside it")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc.strerror or exc}); check the path and its permissions") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a flow file (a flow is a few levels of keys)") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
@@ -173,9 +209,76 @@ def load_config(path: str | Path, overrides: list[str] | None = None, registry: 
         data.pop("prompts", None)
         data["prompt"] = prompt
     cfg = validate(data, registry, source=str(path))
-    # A relative store path in the file is relative to the file, so flows are portable.
-    if isinstance(data, dict) and "store" in data and "://" not in cfg.store and not Path(cfg.store).is_absolute():
-        from_override = any(o.strip().startswith("store=") for o in overrides or [])
-        if not from_override:
-            cfg.store = str((path.parent / cfg.store).resolve())
+    # Paths written in the file are relative to the file, so flows are portable; paths given with
+    # --set are relative to the current directory, like any command-line path. No `store:` at all
+    # means ./artifacts in the current directory, where `t3d ls` and `t3d gc` look by default.
+    overridden = {o.split("=", 1)[0].strip() for o in overrides or []}
+    base = path.parent
+    if isinstance(data, dict) and "store" in data and "://" not in cfg.store:
+        store = Path(cfg.store).expanduser()
+        cfg.store = str(store if store.is_absolute() else ((Path.cwd() if "store" in overridden else base) / store).resolve())
+    cfg.prior = _resolve_prior(cfg.prior, Path.cwd() if "prior" in overridden else base)
+    check_store_uri(cfg.store, f"{path}: 'store'")
     return cfg
+
+
+def _resolve_prior(prior: str, base: Path) -> str:
+    """A prior written as a path (./x, ../x, ~/x, /x) or naming a folder beside the flow file is
+    a folder relative to the flow file; anything else stays a name (embedded, tiny-*, hub id)."""
+    if prior.startswith(("./", "../", "~", "/", ".\\")) or prior in (".", ".."):
+        candidate = Path(prior).expanduser()
+        return str(candidate if candidate.is_absolute() else (base / candidate).resolve())
+    beside = base / prior
+    if "/" in prior and beside.exists():
+        return str(beside.resolve())
+    return prior
+
+
+def check_store_uri(uri: str, where: str, must_exist: bool = False) -> None:
+    """A store the commands can use: a known fsspec protocol; a local store that is a writable
+    folder (or can become one). must_exist: `ls`/`show`/`gc` never create a store by accident."""
+    import os
+
+    if "\x00" in uri:
+        raise ConfigError(f"{where}: {uri!r} holds a NUL byte; give a folder or an fsspec URI")
+    if "://" in uri or "::" in uri:
+        import fsspec
+
+        protocol = uri.split("::", 1)[0].split("://", 1)[0]
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except (ValueError, ImportError) as exc:
+            known = "file, memory, s3 (pip install s3fs), gs (gcsfs), az (adlfs), ssh (paramiko)"
+            raise ConfigError(f"{where}: {uri!r}: fsspec cannot open protocol {protocol!r} ({str(exc).splitlines()[0][:120]}). Use a folder or one of: {known}") from None
+        if must_exist:
+            fs, root = fsspec.core.url_to_fs(uri)
+            if not fs.exists(root):
+                raise ConfigError(f"{where}: no store at {uri} (pass --store with the store your flow's `store:` names)")
+        return
+    path = Path(uri).expanduser()
+    if must_exist and not path.exists():
+        raise ConfigError(f"{where}: no store at {uri} (pass --store with the folder your flow's `store:` names; default ./artifacts)")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise ConfigError(f"{where}: {existing} is a file, not a folder; point the store at a folder (e.g. ./artifacts)")
+    if not os.access(existing, os.W_OK | os.X_OK) and not must_exist:
+        raise ConfigError(f"{where}: {existing} is not writable; choose a store folder you can write to")
+
+
+def check_environment(cfg: FlowBase, source: str) -> None:
+    """What the config cannot say by itself: the device exists, the prior is there."""
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{source}: 'device: cuda' but torch sees no CUDA device here; set device: auto (or cpu)")
+    from t3d.priors import PriorNotFoundError, prior_identity
+
+    try:
+        prior_identity(cfg.prior)
+    except PriorNotFoundError as exc:
+        raise ConfigError(f"{source}: 'prior': {exc}") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{source}: 'prior': {cfg.prior!r} cannot be read ({exc})") from None

@@ -17,6 +17,15 @@ log = logging.getLogger("t3d")
 PREVIEW_LIMIT_BYTES = 600_000  # inline images bigger than this are linked by path instead
 
 
+def md_escape(text: str) -> str:
+    """User text (prompts, errors) as literal markdown: no links, images, HTML or code spans."""
+    import html
+    import re
+
+    text = html.escape(str(text).replace("\x00", ""), quote=True)
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|~>])", r"\\\1", text).replace("\n", " ")
+
+
 def _key(*parts: str) -> str:
     return "-".join(slugify(p, 40) for p in parts)[:120]
 
@@ -48,7 +57,7 @@ class ProgressPublisher:
 
 
 def stage_markdown(prompt: str, result, folder: Path | None) -> str:
-    lines = [f"### {result.stage}: {result.state} in {result.seconds:.1f}s", "", f"prompt: `{prompt}`  ", f"key: `{result.key}`", ""]
+    lines = [f"### {result.stage}: {result.state} in {result.seconds:.1f}s", "", f"prompt: {md_escape(prompt)}  ", f"key: `{result.key}`", ""]
     if result.metrics:
         lines += ["| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in result.metrics.items() if not isinstance(v, (list, dict))]
@@ -71,7 +80,7 @@ def publish_stage(prompt: str, result) -> None:
         from prefect.artifacts import create_markdown_artifact
 
         folder = Path(result.path) if result.path else None
-        create_markdown_artifact(stage_markdown(prompt, result, folder), key=_key(prompt, result.stage), description=f"{result.stage} for {prompt!r}")
+        create_markdown_artifact(stage_markdown(prompt, result, folder), key=_key(prompt, result.stage), description=md_escape(f"{result.stage} for {prompt!r}"))
     except Exception as exc:  # noqa: BLE001
         log.debug("stage artifact not published: %s", exc)
 
@@ -80,6 +89,7 @@ def publish_table(rows: list[dict], key: str, description: str) -> None:
     try:
         from prefect.artifacts import create_table_artifact
 
-        create_table_artifact(rows, key=_key(key), description=description)
+        safe = [{k: md_escape(v) if isinstance(v, str) else v for k, v in row.items()} for row in rows]
+        create_table_artifact(safe, key=_key(key), description=md_escape(description))
     except Exception as exc:  # noqa: BLE001
         log.debug("table artifact not published: %s", exc)

@@ -19,7 +19,7 @@ from pydantic import Field
 
 from t3d.cameras import CameraBatch, sample_cameras, view_names
 from t3d.export import TexturedMesh, bake_texture, export_glb, turntable
-from t3d.guidance import anneal_t_range, guidance_loss
+from t3d.guidance import anneal_t_range, guidance_loss, TRange
 from t3d.raster import make_raster_context, render_mesh
 from t3d.stage import Stage, StageContext, StageParams, flatten_optimizer, restore_optimizer
 from t3d.stages.coarse_nerf import load_field, write_loss_curve
@@ -37,8 +37,8 @@ class TextureParams(StageParams):
     lr_grid: float = Field(5e-3, gt=0)
     lr_mlp: float = Field(1e-3, gt=0)
     guidance_scale: float | None = Field(None, description="None: the prior's default (vsd: 7.5)")
-    t_range: tuple[float, float] = (0.02, 0.5)
-    t_range_end: tuple[float, float] | None = (0.02, 0.3)
+    t_range: TRange = (0.02, 0.5)
+    t_range_end: TRange | None = (0.02, 0.3)
     shading: str = Field("lambertian", pattern="^(albedo|lambertian)$")
     albedo_prob: float = Field(0.3, ge=0, le=1, description="fraction of steps rendered with albedo only")
     ambient: float = Field(0.35, ge=0, le=1)

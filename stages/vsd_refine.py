@@ -18,7 +18,7 @@ import torch
 from pydantic import Field
 
 from t3d.cameras import CameraParams, orbit_cameras, sample_cameras, view_names
-from t3d.guidance import anneal_t_range, opacity_entropy
+from t3d.guidance import anneal_t_range, opacity_entropy, TRange
 from t3d.stage import Stage, StageContext, StageParams, decay_learning_rates, flatten_optimizer, restore_optimizer
 from t3d.stages.coarse_nerf import load_field, render_turntable, save_field, write_loss_curve, write_previews
 from t3d.toyeval import evaluate_field
@@ -44,8 +44,8 @@ class RefineParams(StageParams):
     lr_grid: float = Field(5e-3, gt=0)
     lr_mlp: float = Field(1e-3, gt=0)
     lr_end_factor: float = Field(1.0, gt=0, le=1, description="field learning rates decay exponentially to this factor by the last step (the LoRA's stays); 0.1 raised the toy bench's colour error, so none by default")
-    t_range: tuple[float, float] = (0.02, 0.7)
-    t_range_end: tuple[float, float] | None = (0.02, 0.5)
+    t_range: TRange = (0.02, 0.7)
+    t_range_end: TRange | None = (0.02, 0.5)
     weighting: str = "sds"
     grad_clip: float | None = None
     lambda_entropy: float = 1e-3

@@ -17,12 +17,23 @@ The regularizers take plain tensors (volume.render's outputs).
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from typing import Annotated, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
+from pydantic import AfterValidator
 
 Weighting = Literal["sds", "uniform", "fantasia"]
+
+
+def _check_t_range(value: tuple[float, float]) -> tuple[float, float]:
+    lo, hi = value
+    if not 0.0 <= lo < hi <= 1.0:
+        raise ValueError(f"a timestep range is [low, high] with 0 <= low < high <= 1, e.g. [0.02, 0.98]; got [{lo}, {hi}]")
+    return value
+
+
+TRange = Annotated[tuple[float, float], AfterValidator(_check_t_range)]  # flow.yaml's t_range keys
 
 
 def sample_timesteps(
