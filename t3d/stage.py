@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 
 from t3d.cameras import CameraParams
+from t3d.store import apply_umask
 
 
 class ExecutorParams(BaseModel):
@@ -148,6 +149,7 @@ def save_checkpoint(folder: Path, step: int, tensors: dict[str, torch.Tensor], m
     payload["__step__"] = torch.tensor(int(step))
     save_file(payload, str(tmp_t))
     tmp_m.write_text(json.dumps({"step": int(step), "meta": meta or {}}, default=str))
+    apply_umask(tmp_t)  # safetensors creates its files 0600; a shared store needs the umask's modes
     # Tensors first, then the JSON that names the step: a kill in between leaves the old JSON,
     # which load_checkpoint rejects by comparing the step stored in both.
     tmp_t.replace(folder / "state.safetensors")

@@ -8,6 +8,16 @@ Layout under the store root (a local folder or any fsspec URI):
 A folder without a manifest, or whose files do not match the manifest's sha256, is never used:
 it is reported and recomputed. Stages always work on local folders; for remote stores finished
 artifacts are uploaded (manifest last) and downloaded into a local cache on reuse.
+
+A manifest is trusted only if it is well formed (see `check_manifest`): every entry of `files` is
+a relative POSIX path without `..`, `.`, empty segments, backslashes, colons or control
+characters, that resolves inside the artifact folder; `files` is not empty (the writer refuses to
+commit an artifact without files, so every stage writes at least one); and `file_count` /
+`files_digest` (sha256 of the canonical JSON of `files`, written by the writer) agree with `files`
+when present (manifests written before they existed have neither).
+
+Files and folders the store writes follow the process umask (files 0o666 & ~umask, folders
+0o777 & ~umask), also files that libraries create private (safetensors writes 0600).
 """
 
 from __future__ import annotations
@@ -18,7 +28,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import stat
 import socket
 import threading
 import time
@@ -33,10 +45,129 @@ from fsspec.implementations.local import LocalFileSystem
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 class ArtifactCorrupt(Exception):
     """An artifact folder exists but cannot be trusted (missing manifest, missing file, bad hash)."""
+
+
+# ---- manifest checks ---------------------------------------------------------------------------
+def check_manifest_path(key: str, rel: Any) -> str:
+    """`rel` if it is a safe relative path for a file of artifact `key`, else ArtifactCorrupt.
+
+    Purely syntactic (the same rule for every store type): a non-empty str, POSIX separators, no
+    absolute path, drive letter, backslash, colon, control character, or empty / '.' / '..'
+    segment, and not the manifest itself. `resolve_inside` adds the check against a real folder.
+    """
+
+    def bad(why: str) -> ArtifactCorrupt:
+        return ArtifactCorrupt(f"{key}: manifest entry {rel!r} {why}")
+
+    if not isinstance(rel, str) or not rel:
+        raise bad("is not a non-empty string")
+    if any(ord(c) < 32 or ord(c) == 127 for c in rel):
+        raise bad("contains a control character")
+    if "\\" in rel:
+        raise bad("contains a backslash")
+    if rel.startswith("/"):
+        raise bad("is an absolute path")
+    if ":" in rel:
+        raise bad("contains ':' (drive letter or URL)")
+    if any(part in ("", ".", "..") for part in rel.split("/")):
+        raise bad("has an empty, '.' or '..' segment")
+    if rel == MANIFEST:
+        raise bad("names the manifest itself")
+    return rel
+
+
+def resolve_inside(key: str, base: Path, rel: str) -> Path:
+    """base/rel, resolved (symlinks followed); ArtifactCorrupt if that is not inside base."""
+    check_manifest_path(key, rel)
+    root = Path(os.path.realpath(base))
+    target = Path(os.path.realpath(root / rel))
+    if target == root or root not in target.parents:
+        raise ArtifactCorrupt(f"{key}: manifest entry {rel!r} resolves outside the artifact folder")
+    return target
+
+
+def files_digest(files: dict[str, str]) -> str:
+    """sha256 of the file list itself (names and digests), recorded by the writer."""
+    return hashlib.sha256(canonical_json(files).encode()).hexdigest()
+
+
+def check_manifest(key: str, manifest: Any) -> dict[str, str]:
+    """The manifest's `files`, once the manifest is well formed (see the module doc); else ArtifactCorrupt."""
+    if not isinstance(manifest, dict):
+        raise ArtifactCorrupt(f"{key}: manifest.json is not a JSON object")
+    if manifest.get("key") != key:
+        raise ArtifactCorrupt(f"{key}: manifest names key {manifest.get('key')!r}")
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise ArtifactCorrupt(f"{key}: manifest has no 'files' mapping")
+    if not files:
+        raise ArtifactCorrupt(f"{key}: manifest lists no files (every artifact has at least one)")
+    for rel, digest in files.items():
+        check_manifest_path(key, rel)
+        if not isinstance(digest, str) or not _SHA256_RE.match(digest):
+            raise ArtifactCorrupt(f"{key}: manifest entry {rel!r} has no valid sha256 ({str(digest)[:20]!r})")
+    if "file_count" in manifest and manifest["file_count"] != len(files):
+        raise ArtifactCorrupt(f"{key}: manifest lists {len(files)} files but file_count says {manifest['file_count']!r}")
+    if "files_digest" in manifest and manifest["files_digest"] != files_digest(files):
+        raise ArtifactCorrupt(f"{key}: manifest's file list does not match its files_digest (edited manifest?)")
+    return files
+
+
+# ---- permissions ---------------------------------------------------------------------------------
+_umask_lock = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where possible (/proc/self/status on Linux).
+
+    Elsewhere it falls back to os.umask(x); os.umask(old) under a lock: safe against other callers
+    of this function, but a thread creating files through another path in that instant would use
+    the temporary value (0o022, the usual default, to keep that harmless).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _umask_lock:
+        old = os.umask(0o022)
+        os.umask(old)
+    return old
+
+
+def apply_umask(path: Path | str) -> None:
+    """chmod a file, or a folder and everything under it, to what a plain create would give:
+    files 0o666 & ~umask (0o777 if they were executable), folders 0o777 & ~umask. Links are skipped."""
+    umask = current_umask()
+    file_mode, exec_mode, dir_mode = 0o666 & ~umask, 0o777 & ~umask, 0o777 & ~umask
+    path = Path(path)
+
+    def fix(p: Path) -> None:
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:
+            return
+        if stat.S_ISLNK(st.st_mode):
+            return
+        if stat.S_ISDIR(st.st_mode):
+            wanted = dir_mode
+        else:
+            wanted = exec_mode if st.st_mode & 0o111 else file_mode
+        if stat.S_IMODE(st.st_mode) != wanted:
+            os.chmod(p, wanted)
+
+    fix(path)
+    if path.is_dir() and not path.is_symlink():
+        for dirpath, dirnames, filenames in os.walk(path):
+            for name in dirnames + filenames:
+                fix(Path(dirpath) / name)
 
 
 def sha256_file(path: Path | str, fs: fsspec.AbstractFileSystem | None = None) -> str:
@@ -114,20 +245,22 @@ class ArtifactStore:
 
     def read_manifest(self, key: str) -> dict:
         try:
-            with self.fs.open(self._obj(key, MANIFEST), "r") as f:
-                return json.load(f)
+            with self.fs.open(self._obj(key, MANIFEST), "rb") as f:
+                return json.loads(f.read().decode("utf-8"))
         except FileNotFoundError:
             raise ArtifactCorrupt(f"{key}: no manifest.json (incomplete write)") from None
-        except json.JSONDecodeError as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ArtifactCorrupt(f"{key}: manifest.json is not valid JSON ({exc})") from None
 
     def verify(self, key: str) -> dict:
-        """Check every file against the manifest's sha256; raises ArtifactCorrupt. Returns the manifest."""
+        """Check the manifest (check_manifest) and every file's sha256; raises ArtifactCorrupt. Returns the manifest."""
         manifest = self.read_manifest(key)
-        if manifest.get("key") != key:
-            raise ArtifactCorrupt(f"{key}: manifest names key {manifest.get('key')!r}")
-        for rel, digest in manifest.get("files", {}).items():
-            path = self._obj(key, rel)
+        files = check_manifest(key, manifest)
+        for rel, digest in files.items():
+            if self.is_local:
+                path = str(resolve_inside(key, Path(self._obj(key)), rel))
+            else:
+                path = self._obj(key, rel)
             if not self.fs.exists(path):
                 raise ArtifactCorrupt(f"{key}: file {rel} is missing")
             actual = sha256_file(path, self.fs)
@@ -145,24 +278,39 @@ class ArtifactStore:
         except ArtifactCorrupt as exc:
             return f"corrupt: {exc}"
 
+    def _cached_copy_ok(self, key: str, local: Path, files: dict[str, str]) -> bool:
+        if not (local / MANIFEST).is_file():
+            return False
+        for rel, digest in files.items():
+            path = resolve_inside(key, local, rel)
+            if not path.is_file() or sha256_file(path) != digest:
+                return False
+        return True
+
     def get(self, key: str) -> Artifact:
         """A verified artifact as a local folder (downloaded into the cache for remote stores)."""
         manifest = self.verify(key)
         if self.is_local:
             return Artifact(key, self.local_path(key), manifest)
+        files = check_manifest(key, manifest)
         local = self.local_path(key)
-        cached_ok = (local / MANIFEST).exists() and all(
-            (local / rel).exists() and sha256_file(local / rel) == digest for rel, digest in manifest["files"].items()
-        )
-        if not cached_ok:
+        if not self._cached_copy_ok(key, local, files):
             tmp = self.local_root / ".tmp" / f"dl-{key}-{uuid.uuid4().hex[:8]}"
             tmp.mkdir(parents=True)
-            for rel in list(manifest["files"]) + [MANIFEST]:
-                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                self.fs.get(self._obj(key, rel), str(tmp / rel))
-            shutil.rmtree(local, ignore_errors=True)
-            local.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, local)
+            try:
+                for rel, digest in files.items():
+                    dest = resolve_inside(key, tmp, rel)  # never outside the download folder
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    self.fs.get_file(self._obj(key, rel), str(dest))
+                    if sha256_file(dest) != digest:  # changed between verify and download
+                        raise ArtifactCorrupt(f"{key}: file {rel} changed while it was downloaded")
+                (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+                apply_umask(tmp)
+                shutil.rmtree(local, ignore_errors=True)
+                local.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp, local)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         return Artifact(key, local, manifest)
 
     def keys(self) -> list[str]:
@@ -178,7 +326,9 @@ class ArtifactStore:
 
         On an exception nothing is committed and the temp folder is removed: a failed or killed
         stage never leaves a reusable artifact (a kill leaves only an orphan in .tmp/, which
-        has no manifest in objects/ and is swept by `gc`).
+        has no manifest in objects/ and is swept by `gc`). A folder with no file is an error:
+        every artifact holds at least one file, so a manifest listing none is never trusted.
+        File modes follow the umask.
         """
         tmp_root = self.local_root / ".tmp"
         tmp_root.mkdir(parents=True, exist_ok=True)
@@ -191,9 +341,13 @@ class ArtifactStore:
                 rel = path.relative_to(tmp).as_posix()
                 if rel == MANIFEST:
                     raise ValueError("stages must not write manifest.json themselves")
+                check_manifest_path(key, rel)
                 files[rel] = sha256_file(path)
-            full = {**manifest, "key": key, "files": files, "committed": _now()}
+            if not files:
+                raise ValueError(f"{key}: the stage wrote no files; an artifact needs at least one")
+            full = {**manifest, "key": key, "files": files, "file_count": len(files), "files_digest": files_digest(files), "committed": _now()}
             (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True, default=str))
+            apply_umask(tmp)
             self._commit(key, tmp)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -236,7 +390,7 @@ class ArtifactStore:
         if self.is_local:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
             except FileExistsError:
                 return False
             with os.fdopen(fd, "wb") as f:

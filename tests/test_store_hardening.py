@@ -1,0 +1,205 @@
+"""Issue #12: manifests that escape, trusted empty manifests, prior classes named by a file, file
+modes, gc that deletes what it did not create, claims on slow object stores, checkpoints that stay
+on one machine, artifacts that pin a backend, undeclared imports."""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import re
+import socket
+import stat
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import fsspec
+import pytest
+import torch
+from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
+from safetensors.torch import save_file
+
+from t3d.stage import Stage, StageContext, StageParams, load_checkpoint, save_checkpoint
+from t3d.store import ArtifactCorrupt, ArtifactStore, check_manifest_path, current_umask, files_digest
+
+ROOT = Path(__file__).resolve().parents[1]
+K1, K2, K3, K4 = (f"x-{c * 20}" for c in "1234")
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write(store: ArtifactStore, key: str, payload: bytes = b"hello") -> None:
+    with store.writer(key, {"stage": "x"}) as out:
+        (out / "data.bin").write_bytes(payload)
+
+
+def _edit_manifest(store: ArtifactStore, key: str, **changes) -> dict:
+    path = f"{store.root}/objects/{key}/manifest.json"
+    manifest = json.loads(store.fs.cat_file(path))
+    manifest.update(changes)
+    store.fs.pipe_file(path, json.dumps(manifest).encode())
+    return manifest
+
+
+def _memory_uri() -> str:
+    return f"memory://t3d-{uuid.uuid4().hex}"
+
+
+# ---- manifests ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "rel",
+    ["/etc/passwd", "../x", "a/../../x", "a/..", "..", "a\\..\\..\\x", "..\\x", "", "a//b", "./a", "a/./b", "a/",
+     "C:/x", "c:x", "memory://x", "x\x00y", "x\ny", "manifest.json", 3, None],
+)
+def test_manifest_path_validator_rejects(rel):
+    with pytest.raises(ArtifactCorrupt) as e:
+        check_manifest_path(K1, rel)
+    msg = str(e.value)
+    assert msg.startswith(f"{K1}: manifest entry {rel!r}") and "\n" not in msg
+
+
+@pytest.mark.parametrize("rel", ["field.safetensors", "sub/more.txt", "..hidden", "a..b/c", "particle_0/field.json", "x y.png"])
+def test_manifest_path_validator_accepts(rel):
+    assert check_manifest_path(K1, rel) == rel
+
+
+def _escape_store(kind: str, tmp_path: Path) -> tuple[ArtifactStore, Path]:
+    """A remote store whose manifest names ../../../../escaped.txt, with the bytes it lists really at
+    that store path, so only the path check stops get(). Returns (store, where the escape would land)."""
+    cache = tmp_path / "deep" / "cache"
+    if kind == "memory":
+        store = ArtifactStore(_memory_uri(), cache_dir=cache)
+    else:
+        store = ArtifactStore(f"simplecache::file://{tmp_path}/r1/r2/store", cache_dir=cache)
+    assert not store.is_local
+    _write(store, K1)
+    evil = "../../../../escaped.txt"
+    payload = b"written by a manifest from a shared bucket"
+    store.fs.makedirs(f"{store.root}/objects/{K1}", exist_ok=True)
+    store.fs.pipe_file(f"{store.root}/objects/{K1}/{evil}", payload)
+    files = {"data.bin": _sha(b"hello"), evil: _sha(payload)}
+    _edit_manifest(store, K1, files=files, file_count=2, files_digest=files_digest(files))
+    # get() downloads into <cache>/store-<slug>/.tmp/dl-<key>-<hex>/; four levels up is <cache>/..
+    return store, cache.parent / "escaped.txt"
+
+
+@pytest.mark.parametrize("kind", ["memory", "simplecache"])
+def test_remote_manifest_cannot_write_outside_the_store(tmp_path, kind):
+    store, landing = _escape_store(kind, tmp_path)
+    assert store.fs.exists(f"{store.root}/objects/{K1}/../../../../escaped.txt")
+    with pytest.raises(ArtifactCorrupt, match=r"escaped\.txt.*'\.\.' segment"):
+        store.get(K1)
+    assert store.status(K1).startswith("corrupt:")
+    assert not landing.exists()
+    assert [p for p in tmp_path.rglob("escaped.txt") if "r1" not in p.parts] == []  # simplecache: r1/ holds the planted file
+
+
+def test_local_store_rejects_escaping_entries_and_symlinks(tmp_path):
+    store = ArtifactStore(tmp_path / "store")
+    outside = tmp_path / "secret.txt"
+    outside.write_bytes(b"secret")
+    _write(store, K1)
+    files = {"../../secret.txt": _sha(b"secret")}
+    _edit_manifest(store, K1, files=files, file_count=1, files_digest=files_digest(files))
+    with pytest.raises(ArtifactCorrupt, match=r"'\.\./\.\./secret\.txt' has an empty, '\.' or '\.\.' segment"):
+        store.verify(K1)
+    # A symlink inside the artifact folder that points out of it (hash matches) is refused too.
+    _write(store, K2)
+    art = tmp_path / "store" / "objects" / K2
+    (art / "link.bin").symlink_to(outside)
+    files = {"data.bin": _sha(b"hello"), "link.bin": _sha(b"secret")}
+    _edit_manifest(store, K2, files=files, file_count=2, files_digest=files_digest(files))
+    with pytest.raises(ArtifactCorrupt, match="'link.bin' resolves outside the artifact folder"):
+        store.get(K2)
+
+
+@pytest.mark.parametrize("kind", ["local", "memory"])
+def test_empty_or_edited_file_list_is_not_trusted(tmp_path, kind):
+    store = ArtifactStore(tmp_path / "s" if kind == "local" else _memory_uri(), cache_dir=tmp_path / "c")
+    _write(store, K1)
+    manifest = store.verify(K1)
+    assert manifest["file_count"] == 1 and manifest["files_digest"] == files_digest({"data.bin": _sha(b"hello")})
+
+    _edit_manifest(store, K1, files={})
+    assert store.status(K1) == f"corrupt: {K1}: manifest lists no files (every artifact has at least one)"
+    # Older manifests (no file_count / files_digest) are still checked for an empty list.
+    path = f"{store.root}/objects/{K1}/manifest.json"
+    bare = {k: v for k, v in json.loads(store.fs.cat_file(path)).items() if k not in ("file_count", "files_digest")}
+    store.fs.pipe_file(path, json.dumps(bare).encode())
+    assert "lists no files" in store.status(K1)
+
+    with store.writer(K2, {}) as out:
+        (out / "a.bin").write_bytes(b"a")
+        (out / "b.bin").write_bytes(b"b")
+    _edit_manifest(store, K2, files={"a.bin": _sha(b"a")})  # b.bin dropped from the list
+    assert "file_count says 2" in store.status(K2)
+    _edit_manifest(store, K2, files={"a.bin": _sha(b"a")}, file_count=1)
+    assert "does not match its files_digest" in store.status(K2)
+    _edit_manifest(store, K2, files={"a.bin": "abc"}, file_count=1, files_digest=files_digest({"a.bin": "abc"}))
+    assert "has no valid sha256" in store.status(K2)
+    store.fs.pipe_file(f"{store.root}/objects/{K2}/manifest.json", b"[1, 2]")
+    assert store.status(K2) == f"corrupt: {K2}: manifest.json is not a JSON object"
+    store.fs.pipe_file(f"{store.root}/objects/{K2}/manifest.json", b"\xff\xfe{")
+    assert "manifest.json is not valid JSON" in store.status(K2)
+
+
+def test_writer_refuses_an_artifact_without_files(tmp_path):
+    store = ArtifactStore(tmp_path)
+    with pytest.raises(ValueError, match="wrote no files"):
+        with store.writer(K1, {}) as out:
+            (out / "empty_dir").mkdir()
+    assert store.status(K1) == "missing" and store.keys() == []
+
+
+# ---- file modes -----------------------------------------------------------------------------------
+@pytest.fixture
+def umask():
+    old = os.umask(0o022)
+    os.umask(old)
+
+    def set_(value: int) -> None:
+        os.umask(value)
+
+    yield set_
+    os.umask(old)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002])
+def test_store_files_follow_the_umask(tmp_path, umask, mask):
+    umask(mask)
+    assert current_umask() == mask
+    store = ArtifactStore(tmp_path / "store")
+    with store.writer(K1, {}) as out:
+        save_file({"w": torch.zeros(3)}, str(out / "field.safetensors"))  # safetensors makes 0600 files
+        assert _mode(out / "field.safetensors") == 0o600
+        (out / "sub").mkdir(mode=0o700)
+        (out / "sub" / "x.json").write_text("{}")
+    art = store.get(K1).path
+    for rel in ("field.safetensors", "sub/x.json", "manifest.json"):
+        assert _mode(art / rel) == 0o666 & ~mask, rel
+    assert _mode(art) == _mode(art / "sub") == 0o777 & ~mask
+    with store.claim(K2):
+        assert _mode(tmp_path / "store" / "locks" / f"{K2}.lock") == 0o666 & ~mask
+    ckpt = store.checkpoint_dir(K3)
+    save_checkpoint(ckpt, 1, {"w": torch.ones(2)})
+    assert _mode(ckpt / "state.safetensors") == _mode(ckpt / "state.json") == 0o666 & ~mask
+    # A remote store's downloaded copy follows the umask as well.
+    remote = ArtifactStore(_memory_uri(), cache_dir=tmp_path / "cache")
+    with remote.writer(K1, {}) as out:
+        save_file({"w": torch.zeros(3)}, str(out / "field.safetensors"))
+    assert not remote.local_path(K1).exists()
+    assert _mode(remote.get(K1).path / "field.safetensors") == 0o666 & ~mask
