@@ -3,6 +3,7 @@
 Layout under the store root (a local folder or any fsspec URI):
     objects/<key>/...files...       finished artifacts; manifest.json is written last
     runs/<run_id>.json              which keys a run (flow file x prompt) uses: for `ls` and `gc`
+    locks/<key>.lock                a live claim: one writer per key across processes and machines
     .tmp/                           local in-progress outputs, renamed into objects/ when complete
 
 A folder without a manifest, or whose files do not match the manifest's sha256, is never used:
@@ -202,6 +203,23 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _info_mtime(info: dict) -> float | None:
+    """Modification time from an fsspec info dict, across backends (local, memory, s3, gcs, ...)."""
+    for name in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        value = info.get(name)
+        if value is None:
+            continue
+        if hasattr(value, "timestamp"):
+            return float(value.timestamp())
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return _dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+            continue
+        with contextlib.suppress(TypeError, ValueError):
+            return float(value)
+    return None
+
+
 @dataclass
 class Artifact:
     key: str
@@ -210,6 +228,10 @@ class Artifact:
 
 
 class ArtifactStore:
+    # Object stores without exclusive create ("xb"): a claim is written, read back after this many
+    # seconds, and won by whoever's write is visible then. It must exceed the store's write latency.
+    CLAIM_SETTLE_S = 2.0
+
     def __init__(self, uri: str | os.PathLike = "./artifacts", cache_dir: str | os.PathLike | None = None):
         self.uri = str(uri)
         self.fs, root = fsspec.core.url_to_fs(self.uri)
@@ -225,6 +247,7 @@ class ArtifactStore:
             self.local_root = base / f"store-{slug}"
             self.local_root.mkdir(parents=True, exist_ok=True)
         self._verified: dict[str, float] = {}
+        self._exclusive: bool | None = None  # does this fs honour open(path, "xb")? probed once
 
     # ---- paths ----------------------------------------------------------------------------
     def _obj(self, key: str, *parts: str) -> str:
@@ -384,6 +407,34 @@ class ArtifactStore:
     def _lock(self, key: str) -> str:
         return f"{self.root}/locks/{key}.lock"
 
+    def _supports_exclusive_create(self) -> bool:
+        """Whether open(path, "xb") on this filesystem really refuses an existing file (probed once:
+        fsspec's generic buffered file accepts "xb" and may overwrite anyway)."""
+        if self._exclusive is None:
+            probe = f"{self.root}/locks/.xb-probe-{uuid.uuid4().hex}"
+            try:
+                self.fs.makedirs(f"{self.root}/locks", exist_ok=True)
+                with self.fs.open(probe, "xb") as f:
+                    f.write(b"1")
+                try:
+                    with self.fs.open(probe, "xb") as f:
+                        f.write(b"2")
+                    self._exclusive = False
+                except FileExistsError:
+                    self._exclusive = True
+            except Exception as exc:  # NotImplementedError, ValueError: mode not supported
+                log.debug("exclusive create probe on %s failed: %r", self.uri, exc)
+                self._exclusive = False
+            finally:
+                with contextlib.suppress(Exception):
+                    self.fs.rm(probe)
+            if not self._exclusive:
+                log.warning(
+                    "%s has no exclusive create: claims fall back to write, wait %.1fs, read back (safe only while writes land within that time)",
+                    self.uri, self.CLAIM_SETTLE_S,
+                )
+        return self._exclusive
+
     def _try_lock(self, key: str, owner: dict) -> bool:
         path = self._lock(key)
         body = json.dumps(owner).encode()
@@ -396,15 +447,36 @@ class ArtifactStore:
             with os.fdopen(fd, "wb") as f:
                 f.write(body)
             return True
-        # Object stores have no O_EXCL: write, then read back; the last writer wins and the loser backs off.
+        self.fs.makedirs(f"{self.root}/locks", exist_ok=True)
+        if self._supports_exclusive_create():
+            try:
+                with self.fs.open(path, "xb") as f:  # e.g. S3 If-None-Match, GCS ifGenerationMatch=0
+                    f.write(body)
+            except FileExistsError:
+                return False
+            return True
+        # No exclusive create: write, let every concurrent write land, read back; the last writer wins.
         if self.fs.exists(path):
             return False
-        self.fs.makedirs(f"{self.root}/locks", exist_ok=True)
         with self.fs.open(path, "wb") as f:
             f.write(body)
-        time.sleep(0.05)
+        time.sleep(self.CLAIM_SETTLE_S)
+        try:
+            with self.fs.open(path, "rb") as f:
+                return json.loads(f.read() or b"{}").get("token") == owner["token"]
+        except (FileNotFoundError, json.JSONDecodeError):
+            return False
+
+    def _refresh_lock(self, key: str, owner: dict) -> None:
+        """Heartbeat: bump the lock's mtime (object stores: rewrite it, if it is still ours)."""
+        path = self._lock(key)
+        if self.is_local:
+            os.utime(path)
+            return
         with self.fs.open(path, "rb") as f:
-            return json.loads(f.read() or b"{}").get("token") == owner["token"]
+            if json.loads(f.read() or b"{}").get("token") != owner["token"]:
+                return  # broken and re-claimed by someone else: leave theirs alone
+        self.fs.pipe_file(path, json.dumps(owner).encode())
 
     def _lock_is_stale(self, key: str, stale_s: float) -> bool:
         path = self._lock(key)
@@ -412,19 +484,25 @@ class ArtifactStore:
             with self.fs.open(path, "rb") as f:
                 owner = json.loads(f.read() or b"{}")
             info = self.fs.info(path)
-        except (FileNotFoundError, json.JSONDecodeError):
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            return True
+        if not isinstance(owner, dict):
             return True
         if owner.get("host") == socket.gethostname() and owner.get("pid"):
             try:
                 os.kill(int(owner["pid"]), 0)
             except ProcessLookupError:
                 return True  # the holder died on this machine
-            except PermissionError:
+            except (PermissionError, ValueError, OverflowError):
                 pass
-        mtime = info.get("mtime") or info.get("created") or time.time()
-        if hasattr(mtime, "timestamp"):
-            mtime = mtime.timestamp()
-        return time.time() - float(mtime) > stale_s
+        mtime = _info_mtime(info)
+        if mtime is None:
+            return False
+        return time.time() - mtime > stale_s
+
+    def claim_is_live(self, key: str, stale_s: float = 120.0) -> bool:
+        """True while some process holds key's claim (its lock exists and is not stale)."""
+        return self.fs.exists(self._lock(key)) and not self._lock_is_stale(key, stale_s)
 
     @contextlib.contextmanager
     def claim(self, key: str, poll_s: float = 0.5, stale_s: float = 120.0, timeout_s: float | None = None) -> Iterator[bool]:
@@ -432,7 +510,8 @@ class ArtifactStore:
 
         A second run needing the same missing artifact waits for the first instead of writing it
         twice. The holder refreshes its lock every stale_s/4; a lock whose holder died (or went
-        silent for stale_s) is broken.
+        silent for stale_s) is broken. Object stores take the lock with an exclusive create where
+        the filesystem has one (see _try_lock).
         """
         owner = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex, "since": _now()}
         started = time.monotonic()
@@ -441,9 +520,10 @@ class ArtifactStore:
                 yield False
                 return
             if self._lock_is_stale(key, stale_s):
-                log.warning("breaking stale lock on %s", key)
-                with contextlib.suppress(FileNotFoundError):
-                    self.fs.rm(self._lock(key))
+                if self.fs.exists(self._lock(key)):  # gone meanwhile: just try again, never remove a new holder's lock
+                    log.warning("breaking stale lock on %s", key)
+                    with contextlib.suppress(FileNotFoundError):
+                        self.fs.rm(self._lock(key))
                 continue
             if timeout_s is not None and time.monotonic() - started > timeout_s:
                 raise TimeoutError(f"{key} is being computed by another run (lock {self._lock(key)}); waited {timeout_s:.0f}s")
@@ -453,7 +533,7 @@ class ArtifactStore:
         def heartbeat() -> None:
             while not stop.wait(stale_s / 4):
                 with contextlib.suppress(Exception):
-                    self.fs.touch(self._lock(key), truncate=False) if not self.is_local else os.utime(self._lock(key))
+                    self._refresh_lock(key, owner)
 
         beat = threading.Thread(target=heartbeat, daemon=True)
         beat.start()

@@ -203,3 +203,137 @@ def test_store_files_follow_the_umask(tmp_path, umask, mask):
         save_file({"w": torch.zeros(3)}, str(out / "field.safetensors"))
     assert not remote.local_path(K1).exists()
     assert _mode(remote.get(K1).path / "field.safetensors") == 0o666 & ~mask
+
+
+# ---- claims on object stores ------------------------------------------------------------------------
+class SlowObjectStore(MemoryFileSystem):
+    """An in-memory object store whose PUTs take a per-thread time to land (`delay.s`), applied
+    atomically when they land; "xb" is a conditional PUT (If-None-Match: *) checked at that moment."""
+
+    protocol = "t3dslow"
+    store: dict = {}
+    pseudo_dirs = [""]
+    delay = threading.local()
+    _apply = threading.Lock()
+
+    def _open(self, path, mode="rb", block_size=None, autocommit=True, cache_options=None, **kwargs):
+        if mode not in ("wb", "xb"):
+            return super()._open(path, mode, block_size, autocommit, cache_options, **kwargs)
+        fs, path = self, self._strip_protocol(path)
+        exclusive = self._exclusive(mode)
+
+        class Put(MemoryFile):
+            landed = False
+
+            def close(self):  # once: __exit__ closes it, garbage collection calls close() again
+                if self.landed:
+                    return
+                self.landed = True
+                data = self.getvalue()
+                time.sleep(getattr(fs.delay, "s", 0.0))
+                with fs._apply:
+                    if exclusive and path in fs.store:
+                        raise FileExistsError(path)
+                    fs.store[path] = MemoryFile(fs, path, data)
+
+            def commit(self):
+                pass
+
+        return Put(None, path)
+
+    def _exclusive(self, mode: str) -> bool:
+        return mode == "xb"
+
+
+class SlowObjectStoreWithoutExclusive(SlowObjectStore):
+    """Like fsspec's generic buffered file: accepts "xb" and overwrites anyway."""
+
+    protocol = "t3dslownox"
+    store: dict = {}
+    pseudo_dirs = [""]
+
+    def _exclusive(self, mode: str) -> bool:
+        return False
+
+
+fsspec.register_implementation("t3dslow", SlowObjectStore, clobber=True)
+fsspec.register_implementation("t3dslownox", SlowObjectStoreWithoutExclusive, clobber=True)
+
+
+def _race(store: ArtifactStore, key: str, delays: tuple[float, float], start_gap: float = 0.05) -> list[bool]:
+    """Two claimers on separate threads (the second starts start_gap later); whether each won."""
+    wins: list = [None, None]
+
+    def claimer(i: int) -> None:
+        store.fs.delay.s = delays[i]
+        wins[i] = store._try_lock(key, {"host": f"h{i}", "pid": 1, "token": f"tok{i}"})
+
+    threads = [threading.Thread(target=claimer, args=(i,)) for i in range(2)]
+    threads[0].start()
+    time.sleep(start_gap)
+    threads[1].start()
+    for t in threads:
+        t.join(30)
+    return wins
+
+
+def test_memory_filesystem_honours_exclusive_create():
+    store = ArtifactStore(_memory_uri())
+    assert store._supports_exclusive_create() is True
+
+
+@pytest.mark.parametrize("delays", [(0.3, 0.0), (0.2, 0.2), (0.0, 0.3)])
+def test_exclusive_create_claim_has_one_winner_under_latency(delays):
+    store = ArtifactStore(f"t3dslow://bucket-{uuid.uuid4().hex}")
+    assert store._supports_exclusive_create() is True
+    wins = _race(store, K1, delays)
+    assert sorted(wins) == [False, True], wins
+    owner = json.loads(store.fs.cat_file(store._lock(K1)))
+    assert owner["token"] == f"tok{wins.index(True)}"
+
+
+def test_write_read_back_fallback_needs_a_settle_time_above_the_latency():
+    store = ArtifactStore(f"t3dslownox://bucket-{uuid.uuid4().hex}")
+    assert store._supports_exclusive_create() is False  # "xb" accepted but not exclusive: detected
+    # The first claimer's PUT takes 0.6 s to land; the second's lands at once. With the old 50 ms
+    # settle time both read back their own token: two writers.
+    store.CLAIM_SETTLE_S = 0.05
+    assert _race(store, K1, (0.6, 0.0)) == [True, True]
+    store.CLAIM_SETTLE_S = 1.0
+    wins = _race(store, K2, (0.6, 0.0))
+    assert sorted(wins) == [False, True], wins
+    assert ArtifactStore.CLAIM_SETTLE_S >= 1.0
+
+
+def test_claim_context_on_a_slow_object_store_is_exclusive():
+    store = ArtifactStore(f"t3dslow://bucket-{uuid.uuid4().hex}")
+    inside, overlap = [], []
+
+    def worker(i: int) -> None:
+        store.fs.delay.s = 0.15
+        with store.claim(K1, poll_s=0.02, timeout_s=20):
+            inside.append(i)
+            if len(inside) > 1:
+                overlap.append(tuple(inside))
+            time.sleep(0.2)
+            inside.remove(i)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert overlap == [] and inside == []
+
+
+def test_heartbeat_keeps_an_object_store_claim_live():
+    """fsspec's touch(truncate=False) is not implemented on object stores: the old heartbeat never
+    refreshed the lock, so a healthy holder looked stale after stale_s and another run broke in."""
+    store = ArtifactStore(_memory_uri())
+    with store.claim(K1, stale_s=0.4):
+        time.sleep(1.0)
+        assert store.claim_is_live(K1, stale_s=0.4)
+        with pytest.raises(TimeoutError):
+            with ArtifactStore(store.uri).claim(K1, poll_s=0.05, stale_s=0.4, timeout_s=0.6):
+                pass
+    assert not store.fs.exists(store._lock(K1))
