@@ -46,6 +46,13 @@ from fsspec.implementations.local import LocalFileSystem
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+
+
+# What gc may delete: artifact keys as artifact_key() makes them, and the store's own temp folders
+# (writer: <key>-<8 hex>, download: dl-<key>-<8 hex>, replaced artifact: trash-<key>-<8 hex>).
+# Anything else under the store is left alone.
+KEY_RE = re.compile(r"^[a-z_]+-[0-9a-f]{20}$")
+TMP_RE = re.compile(r"^(?:(?:dl|trash)-)?(?P<key>[a-z_]+-[0-9a-f]{20})-[0-9a-f]{8}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -201,6 +208,25 @@ def artifact_key(stage: str, version: str, params: dict, seed: int, inputs: dict
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _newest_mtime(path: Path) -> float:
+    """The newest mtime of a path and everything under it (a running writer touches the deep files)."""
+    newest = os.lstat(path).st_mtime
+    if path.is_dir() and not path.is_symlink():
+        for dirpath, dirnames, filenames in os.walk(path):
+            for name in dirnames + filenames:
+                with contextlib.suppress(FileNotFoundError):
+                    newest = max(newest, os.lstat(os.path.join(dirpath, name)).st_mtime)
+    return newest
+
+
+def _remove_local(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def _info_mtime(info: dict) -> float | None:
@@ -562,19 +588,46 @@ class ArtifactStore:
                     out.append(json.load(f))
         return out
 
-    def gc(self, dry_run: bool = False, min_age_s: float = 3600.0) -> list[str]:
-        """Remove artifacts no run record references, and stale temp folders; returns what went."""
+    def gc(self, dry_run: bool = False, min_age_s: float = 3600.0, stale_s: float = 120.0) -> list[str]:
+        """Delete what the store created and nothing needs; returns what went (dry_run: what would go).
+
+        Only names the store itself makes are candidates (KEY_RE, TMP_RE): anything else under
+        objects/, checkpoints/ or .tmp/ is never touched. A key whose claim is live (claim_is_live
+        with stale_s) is skipped everywhere. The entries, relative to the store root (a remote
+        store's local cache entries start with "cache:"):
+          objects/<key>       artifacts no run record references (and their cached copy)
+          checkpoints/<key>   checkpoints of keys no run references, or whose artifact is committed
+          .tmp/<name>         the store's temp folders, untouched for min_age_s
+        dry_run deletes nothing and returns exactly the list a real run would act on.
+        """
         referenced = {key for run in self.runs() for key in run.get("stages", {}).values()}
-        removed = [k for k in self.keys() if k not in referenced]
+        live: dict[str, bool] = {}
+
+        def is_live(key: str) -> bool:
+            if key not in live:
+                live[key] = self.claim_is_live(key, stale_s)
+            return live[key]
+
+        def checkpoint_is_garbage(key: str) -> bool:
+            return bool(KEY_RE.match(key)) and (key not in referenced or self.has_manifest(key)) and not is_live(key)
+
+        actions: list[tuple[str, Any]] = []
+        for key in self.keys():
+            if KEY_RE.match(key) and key not in referenced and not is_live(key):
+                actions.append((f"objects/{key}", lambda k=key: self.remove(k)))
+        cache = "" if self.is_local else "cache:"
+        local_ckpt = self.local_root / "checkpoints"
+        for path in sorted(local_ckpt.iterdir()) if local_ckpt.is_dir() else []:
+            if path.is_dir() and not path.is_symlink() and checkpoint_is_garbage(path.name):
+                actions.append((f"{cache}checkpoints/{path.name}", lambda p=path: _remove_local(p)))
+        local_tmp = self.local_root / ".tmp"
+        now = time.time()
+        for path in sorted(local_tmp.iterdir()) if local_tmp.is_dir() else []:
+            match = TMP_RE.match(path.name)
+            if not match or now - _newest_mtime(path) < min_age_s or is_live(match.group("key")):
+                continue
+            actions.append((f"{cache}.tmp/{path.name}", lambda p=path: _remove_local(p)))
         if not dry_run:
-            for key in removed:
-                self.remove(key)
-            for sub in (".tmp", "checkpoints"):
-                base = self.local_root / sub
-                for path in base.glob("*") if base.exists() else []:
-                    stale = time.time() - path.stat().st_mtime > min_age_s
-                    if sub == "checkpoints" and path.name not in referenced:
-                        stale = True
-                    if stale:
-                        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
-        return removed
+            for _, act in actions:
+                act()
+        return [name for name, _ in actions]

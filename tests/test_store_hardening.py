@@ -205,6 +205,97 @@ def test_store_files_follow_the_umask(tmp_path, umask, mask):
     assert _mode(remote.get(K1).path / "field.safetensors") == 0o666 & ~mask
 
 
+# ---- gc ---------------------------------------------------------------------------------------------
+def _age(path: Path, seconds: float) -> None:
+    old = time.time() - seconds
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        os.utime(p, (old, old))
+
+
+def test_gc_deletes_only_what_the_store_created(tmp_path):
+    store = ArtifactStore(tmp_path)
+    _write(store, K1)
+    foreign = {
+        "objects/notes.txt": "mine",
+        "objects/Backup-11111111111111111111/keep.txt": "mine",
+        "objects/x-123/keep.txt": "mine",
+        "checkpoints/my-experiment/w.bin": "mine",
+        "checkpoints/x-1111111111111111111g/w.bin": "mine",
+        ".tmp/scratch/w.bin": "mine",
+        f".tmp/{K2}-nothex!!/w.bin": "mine",
+        f".tmp/other-{K2}-0123abcd/w.bin": "mine",
+    }
+    for rel, text in foreign.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    orphan = tmp_path / ".tmp" / f"{K2}-0123abcd"
+    (orphan / "half.bin").parent.mkdir(parents=True)
+    (orphan / "half.bin").write_bytes(b"half")
+    _age(tmp_path / ".tmp", 7200)
+    removed = store.gc()
+    assert removed == [f"objects/{K1}", f".tmp/{K2}-0123abcd"]
+    for rel in foreign:
+        assert (tmp_path / rel).read_text() == "mine", rel
+    assert not orphan.exists() and store.keys() == sorted(["notes.txt", "Backup-11111111111111111111", "x-123"])
+
+
+def test_gc_dry_run_lists_exactly_what_a_real_run_deletes(tmp_path):
+    store = ArtifactStore(tmp_path)
+    _write(store, K1)  # referenced, complete
+    _write(store, K2)  # unreferenced
+    store.record_run("r", {"stages": {"a": K1, "b": K3}})  # K3: referenced, not finished yet
+    for key in (K1, K3, K4):
+        save_checkpoint(store.checkpoint_dir(key), 2, {"w": torch.ones(1)})
+    for name in (f"{K3}-0000aaaa", f"dl-{K1}-0000bbbb", f"trash-{K2}-0000cccc"):
+        (tmp_path / ".tmp" / name).mkdir(parents=True)
+        (tmp_path / ".tmp" / name / "f").write_text("x")
+    fresh = tmp_path / ".tmp" / f"{K4}-0000eeee"  # a young temp folder: kept
+    fresh.mkdir()
+    _age(tmp_path / ".tmp", 7200)
+    (fresh / "f").write_text("x")
+    expected = [
+        f"objects/{K2}",
+        f"checkpoints/{K1}",  # its artifact is committed
+        f"checkpoints/{K4}",  # no run references it
+        f".tmp/dl-{K1}-0000bbbb",
+        f".tmp/trash-{K2}-0000cccc",
+        f".tmp/{K3}-0000aaaa",
+    ]
+    snapshot = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert store.gc(dry_run=True) == expected
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == snapshot, "dry run deleted something"
+    assert store.gc() == expected
+    for rel in expected:
+        assert not (tmp_path / rel).exists(), rel
+    assert (tmp_path / "checkpoints" / K3 / "state.json").exists(), "the resume state of an unfinished referenced key is kept"
+    assert fresh.exists() and store.keys() == [K1]
+    assert store.gc(dry_run=True) == []
+
+
+def test_gc_skips_keys_with_a_live_claim(tmp_path):
+    store = ArtifactStore(tmp_path)
+    _write(store, K1)  # unreferenced: gc fodder, except while someone recomputes it
+    running = tmp_path / ".tmp" / f"{K1}-0000aaaa"  # a stage that has been running for two hours
+    (running / "out.bin").parent.mkdir(parents=True)
+    (running / "out.bin").write_bytes(b"partial")
+    _age(running, 7200)
+    save_checkpoint(store.checkpoint_dir(K1), 5, {"w": torch.ones(1)})
+    with store.claim(K1, stale_s=60.0):
+        assert store.claim_is_live(K1)
+        assert store.gc(dry_run=True) == [] and store.gc(min_age_s=0) == []
+        assert running.exists() and (tmp_path / "checkpoints" / K1).exists() and store.keys() == [K1]
+    # A claim whose holder died is not live.
+    (tmp_path / "locks" / f"{K1}.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": _dead_pid(), "token": "t"}))
+    assert not store.claim_is_live(K1)
+    assert store.gc() == [f"objects/{K1}", f"checkpoints/{K1}", f".tmp/{K1}-0000aaaa"]
+
+
+def _dead_pid() -> int:
+    import subprocess
+
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+
+
 # ---- claims on object stores ------------------------------------------------------------------------
 class SlowObjectStore(MemoryFileSystem):
     """An in-memory object store whose PUTs take a per-thread time to land (`delay.s`), applied
