@@ -4,6 +4,7 @@ Layout under the store root (a local folder or any fsspec URI):
     objects/<key>/...files...       finished artifacts; manifest.json is written last
     runs/<run_id>.json              which keys a run (flow file x prompt) uses: for `ls` and `gc`
     locks/<key>.lock                a live claim: one writer per key across processes and machines
+    checkpoints/<key>/              mid-stage checkpoints (remote stores: blobs/<sha256> + index.json)
     .tmp/                           local in-progress outputs, renamed into objects/ when complete
 
 A folder without a manifest, or whose files do not match the manifest's sha256, is never used:
@@ -49,11 +50,12 @@ MANIFEST = "manifest.json"
 
 
 # What gc may delete: artifact keys as artifact_key() makes them, and the store's own temp folders
-# (writer: <key>-<8 hex>, download: dl-<key>-<8 hex>, replaced artifact: trash-<key>-<8 hex>).
-# Anything else under the store is left alone.
+# (writer: <key>-<8 hex>, download: dl-<key>-<8 hex>, replaced artifact: trash-<key>-<8 hex>,
+# checkpoint download: ckpt-<key>-<8 hex>). Anything else under the store is left alone.
 KEY_RE = re.compile(r"^[a-z_]+-[0-9a-f]{20}$")
-TMP_RE = re.compile(r"^(?:(?:dl|trash)-)?(?P<key>[a-z_]+-[0-9a-f]{20})-[0-9a-f]{8}$")
+TMP_RE = re.compile(r"^(?:(?:dl|trash|ckpt)-)?(?P<key>[a-z_]+-[0-9a-f]{20})-[0-9a-f]{8}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+CHECKPOINT_INDEX = "index.json"
 
 
 class ArtifactCorrupt(Exception):
@@ -210,6 +212,15 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _checkpoint_step(folder: Path) -> int | None:
+    """The step a local checkpoint folder holds (t3d.stage's state.json), or None if unreadable."""
+    try:
+        step = json.loads((folder / "state.json").read_text()).get("step")
+        return int(step) if step is not None else None
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
 def _newest_mtime(path: Path) -> float:
     """The newest mtime of a path and everything under it (a running writer touches the deep files)."""
     newest = os.lstat(path).st_mtime
@@ -279,14 +290,103 @@ class ArtifactStore:
     def _obj(self, key: str, *parts: str) -> str:
         return "/".join([self.root, "objects", key, *parts])
 
+    def _ckpt(self, key: str, *parts: str) -> str:
+        return "/".join([self.root, "checkpoints", key, *parts])
+
     def local_path(self, key: str) -> Path:
         return self.local_root / "objects" / key
 
+    # ---- mid-stage checkpoints --------------------------------------------------------------
     def checkpoint_dir(self, key: str) -> Path:
-        """Where a running stage keeps mid-stage checkpoints (kept on failure, dropped on success)."""
+        """Where a running stage keeps mid-stage checkpoints (kept on failure, dropped on success).
+
+        Always a local folder. For a remote store, a checkpoint that a stage synced into the store
+        (sync_checkpoint) is downloaded first when it is newer than the local one, so a stage retried
+        on another machine resumes where the last one stopped.
+        """
         path = self.local_root / "checkpoints" / key
         path.mkdir(parents=True, exist_ok=True)
+        if not self.is_local:
+            try:
+                self._pull_checkpoint(key, path)
+            except (OSError, ValueError, ArtifactCorrupt) as exc:
+                log.warning("%s: the checkpoint in the store is unusable, keeping the local one: %s", key, exc)
         return path
+
+    def sync_checkpoint(self, key: str) -> None:
+        """Make the local checkpoint of `key` durable in the store (call after each checkpoint write).
+
+        Local store: the folder is already in the store; only file modes are normalised. Remote
+        store: every file goes up as checkpoints/<key>/blobs/<sha256>, then index.json naming them
+        (the commit point), then blobs the new index does not name are removed, so a reader sees
+        the previous checkpoint or this one, never a mix.
+        """
+        local = self.local_root / "checkpoints" / key
+        if not local.is_dir():
+            return
+        apply_umask(local)
+        if self.is_local:
+            return
+        files = {
+            p.relative_to(local).as_posix(): sha256_file(p)
+            for p in sorted(local.rglob("*"))
+            if p.is_file() and not p.is_symlink() and not p.name.endswith(".tmp")
+        }
+        if not files:
+            return
+        self.fs.makedirs(self._ckpt(key, "blobs"), exist_ok=True)
+        for rel, digest in files.items():
+            self.fs.put_file(str(local / rel), self._ckpt(key, "blobs", digest))
+        index = {"key": key, "files": files, "step": _checkpoint_step(local), "written": _now()}
+        self.fs.pipe_file(self._ckpt(key, CHECKPOINT_INDEX), json.dumps(index, sort_keys=True).encode())
+        keep = set(files.values())
+        for p in self.fs.ls(self._ckpt(key, "blobs"), detail=False):
+            if p.rstrip("/").rsplit("/", 1)[-1] not in keep:
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm(p)
+
+    def _pull_checkpoint(self, key: str, local: Path) -> bool:
+        """Replace the local checkpoint folder by the store's if that one is newer; True if it did."""
+        try:
+            raw = self.fs.cat_file(self._ckpt(key, CHECKPOINT_INDEX))
+        except FileNotFoundError:
+            return False
+        index = json.loads(raw)
+        if not isinstance(index, dict) or index.get("key") != key or not isinstance(index.get("files"), dict) or not index["files"]:
+            raise ArtifactCorrupt(f"{key}: checkpoint index.json is malformed")
+        files: dict = index["files"]
+        for rel, digest in files.items():
+            check_manifest_path(key, rel)
+            if not isinstance(digest, str) or not _SHA256_RE.match(digest):
+                raise ArtifactCorrupt(f"{key}: checkpoint entry {rel!r} has no valid sha256")
+        remote_step, local_step = index.get("step"), _checkpoint_step(local)
+        if local_step is not None and (remote_step is None or local_step >= int(remote_step)):
+            return False
+        tmp = self.local_root / ".tmp" / f"ckpt-{key}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        try:
+            for rel, digest in files.items():
+                dest = resolve_inside(key, tmp, rel)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                self.fs.get_file(self._ckpt(key, "blobs", digest), str(dest))
+                if sha256_file(dest) != digest:
+                    raise ArtifactCorrupt(f"{key}: checkpoint file {rel} does not match its sha256")
+            shutil.rmtree(local, ignore_errors=True)
+            os.replace(tmp, local)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("%s: resuming from the store's checkpoint at step %s", key, remote_step)
+        return True
+
+    def _drop_remote_checkpoint(self, key: str) -> None:
+        if not self.is_local and self.fs.exists(self._ckpt(key)):
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(self._ckpt(key), recursive=True)
+
+    def drop_checkpoint(self, key: str) -> None:
+        """Forget key's checkpoints, locally and in the store."""
+        shutil.rmtree(self.local_root / "checkpoints" / key, ignore_errors=True)
+        self._drop_remote_checkpoint(key)
 
     # ---- reading --------------------------------------------------------------------------
     def has_manifest(self, key: str) -> bool:
@@ -377,7 +477,7 @@ class ArtifactStore:
         stage never leaves a reusable artifact (a kill leaves only an orphan in .tmp/, which
         has no manifest in objects/ and is swept by `gc`). A folder with no file is an error:
         every artifact holds at least one file, so a manifest listing none is never trusted.
-        File modes follow the umask.
+        File modes follow the umask; the key's checkpoints in a remote store are dropped on commit.
         """
         tmp_root = self.local_root / ".tmp"
         tmp_root.mkdir(parents=True, exist_ok=True)
@@ -401,6 +501,7 @@ class ArtifactStore:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         self._verified.pop(key, None)
+        self._drop_remote_checkpoint(key)
 
     def _commit(self, key: str, tmp: Path) -> None:
         if self.is_local:
@@ -616,6 +717,11 @@ class ArtifactStore:
             if KEY_RE.match(key) and key not in referenced and not is_live(key):
                 actions.append((f"objects/{key}", lambda k=key: self.remove(k)))
         cache = "" if self.is_local else "cache:"
+        if not self.is_local and self.fs.exists(f"{self.root}/checkpoints"):
+            for p in sorted(self.fs.ls(f"{self.root}/checkpoints", detail=False)):
+                key = p.rstrip("/").rsplit("/", 1)[-1]
+                if checkpoint_is_garbage(key):
+                    actions.append((f"checkpoints/{key}", lambda k=key: self._drop_remote_checkpoint(k)))
         local_ckpt = self.local_root / "checkpoints"
         for path in sorted(local_ckpt.iterdir()) if local_ckpt.is_dir() else []:
             if path.is_dir() and not path.is_symlink() and checkpoint_is_garbage(path.name):

@@ -246,7 +246,7 @@ def test_gc_dry_run_lists_exactly_what_a_real_run_deletes(tmp_path):
     store.record_run("r", {"stages": {"a": K1, "b": K3}})  # K3: referenced, not finished yet
     for key in (K1, K3, K4):
         save_checkpoint(store.checkpoint_dir(key), 2, {"w": torch.ones(1)})
-    for name in (f"{K3}-0000aaaa", f"dl-{K1}-0000bbbb", f"trash-{K2}-0000cccc"):
+    for name in (f"{K3}-0000aaaa", f"dl-{K1}-0000bbbb", f"trash-{K2}-0000cccc", f"ckpt-{K3}-0000dddd"):
         (tmp_path / ".tmp" / name).mkdir(parents=True)
         (tmp_path / ".tmp" / name / "f").write_text("x")
     fresh = tmp_path / ".tmp" / f"{K4}-0000eeee"  # a young temp folder: kept
@@ -257,6 +257,7 @@ def test_gc_dry_run_lists_exactly_what_a_real_run_deletes(tmp_path):
         f"objects/{K2}",
         f"checkpoints/{K1}",  # its artifact is committed
         f"checkpoints/{K4}",  # no run references it
+        f".tmp/ckpt-{K3}-0000dddd",
         f".tmp/dl-{K1}-0000bbbb",
         f".tmp/trash-{K2}-0000cccc",
         f".tmp/{K3}-0000aaaa",
@@ -294,6 +295,19 @@ def _dead_pid() -> int:
     import subprocess
 
     return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+
+
+def test_gc_on_a_remote_store_names_store_and_cache_entries(tmp_path):
+    store = ArtifactStore(_memory_uri(), cache_dir=tmp_path)
+    _write(store, K1)
+    store.get(K1)  # cached copy
+    save_checkpoint(store.checkpoint_dir(K2), 3, {"w": torch.ones(1)})
+    store.sync_checkpoint(K2)
+    assert store.fs.exists(f"{store.root}/checkpoints/{K2}/index.json")
+    removed = store.gc()
+    assert removed == [f"objects/{K1}", f"checkpoints/{K2}", f"cache:checkpoints/{K2}"]
+    assert store.keys() == [] and not store.local_path(K1).exists()
+    assert not store.fs.exists(f"{store.root}/checkpoints/{K2}") and not (store.local_root / "checkpoints" / K2).exists()
 
 
 # ---- claims on object stores ------------------------------------------------------------------------
@@ -428,3 +442,124 @@ def test_heartbeat_keeps_an_object_store_claim_live():
             with ArtifactStore(store.uri).claim(K1, poll_s=0.05, stale_s=0.4, timeout_s=0.6):
                 pass
     assert not store.fs.exists(store._lock(K1))
+
+
+# ---- checkpoints in the store -------------------------------------------------------------------------
+def test_checkpoint_synced_to_a_remote_store_resumes_on_another_machine(tmp_path):
+    uri = _memory_uri()
+    a = ArtifactStore(uri, cache_dir=tmp_path / "machine-a")
+    folder = a.checkpoint_dir(K1)
+    ctx = StageContext(
+        stage="x", key=K1, params=None, seed=0, prompt="", negative_prompt="", prior_source="tiny-pixel",
+        device=torch.device("cpu"), inputs={}, out=tmp_path / "out", checkpoint_dir=folder,
+        checkpoint_sync=lambda: a.sync_checkpoint(K1),
+    )
+    ctx.save_checkpoint(4, {"w": torch.arange(3.0)}, {"note": "four"})
+    ctx.save_checkpoint(7, {"w": torch.arange(3.0) * 7}, {"note": "seven"})
+    blobs = a.fs.ls(f"{a.root}/checkpoints/{K1}/blobs", detail=False)
+    assert len(blobs) == 2, "the step-4 blobs are gone once the step-7 index is written"
+
+    b = ArtifactStore(uri, cache_dir=tmp_path / "machine-b")
+    step, tensors, meta = load_checkpoint(b.checkpoint_dir(K1))
+    assert step == 7 and meta == {"note": "seven"}
+    torch.testing.assert_close(tensors["w"], torch.arange(3.0) * 7)
+    # A local checkpoint that is as new as the store's is kept; an older one is replaced.
+    save_checkpoint(b.checkpoint_dir(K1), 9, {"w": torch.zeros(1)})
+    assert load_checkpoint(b.checkpoint_dir(K1))[0] == 9
+    c = ArtifactStore(uri, cache_dir=tmp_path / "machine-c")
+    save_checkpoint(c.local_root / "checkpoints" / K1, 2, {"w": torch.zeros(1)})
+    assert load_checkpoint(c.checkpoint_dir(K1))[0] == 7
+    # Committing the artifact drops the store's checkpoint.
+    with b.writer(K1, {}) as out:
+        (out / "done.txt").write_text("done")
+    assert not b.fs.exists(f"{b.root}/checkpoints/{K1}")
+
+
+def test_a_tampered_or_escaping_checkpoint_index_is_ignored(tmp_path, caplog):
+    uri = _memory_uri()
+    a = ArtifactStore(uri, cache_dir=tmp_path / "a")
+    save_checkpoint(a.checkpoint_dir(K1), 3, {"w": torch.ones(2)})
+    a.sync_checkpoint(K1)
+    index_path = f"{a.root}/checkpoints/{K1}/index.json"
+    index = json.loads(a.fs.cat_file(index_path))
+    blob = next(iter(index["files"].values()))
+    a.fs.pipe_file(f"{a.root}/checkpoints/{K1}/blobs/{blob}", b"garbage")
+    b = ArtifactStore(uri, cache_dir=tmp_path / "b")
+    with caplog.at_level(logging.WARNING, logger="t3d.store"):
+        assert load_checkpoint(b.checkpoint_dir(K1)) is None
+    assert "does not match its sha256" in caplog.text
+    index["files"] = {"../../../../evil.txt": blob}
+    a.fs.pipe_file(index_path, json.dumps(index).encode())
+    c = ArtifactStore(uri, cache_dir=tmp_path / "deep" / "c")
+    assert list(c.checkpoint_dir(K1).iterdir()) == []
+    assert not list(tmp_path.rglob("evil.txt"))
+
+
+@pytest.mark.parametrize("damage", ["truncate-tensors", "garbage-json", "json-without-step"])
+def test_corrupt_checkpoint_restarts_the_stage_instead_of_blocking_it(tmp_path, caplog, damage):
+    folder = tmp_path / "ckpt"
+    save_checkpoint(folder, 5, {"w": torch.arange(1000.0)}, {"a": 1})
+    t, m = folder / "state.safetensors", folder / "state.json"
+    if damage == "truncate-tensors":
+        t.write_bytes(t.read_bytes()[:100])
+        bad = t
+    elif damage == "garbage-json":
+        m.write_bytes(b"\xff\x00{")
+        bad = m
+    else:
+        m.write_text(json.dumps({"meta": {}}))
+        bad = m
+    with caplog.at_level(logging.WARNING, logger="t3d.stage"):
+        assert load_checkpoint(folder) is None
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(lines) == 1 and str(bad) in lines[0] and "\n" not in lines[0]
+    assert not t.exists() and not m.exists()
+    assert load_checkpoint(folder) is None  # and the next attempt starts clean, without a warning
+    save_checkpoint(folder, 1, {"w": torch.ones(1)})
+    assert load_checkpoint(folder)[0] == 1
+
+
+class CkParams(StageParams):
+    steps: int = 6
+
+
+CALLS: list[int] = []
+
+
+def _run_ck(ctx) -> None:
+    resumed = ctx.load_checkpoint()
+    start = resumed[0] if resumed else 0
+    CALLS.append(start)
+    for step in range(start, ctx.params.steps):
+        if step == 3 and os.environ.get("T3D_TEST_CK_FAIL"):
+            raise RuntimeError("worker lost")
+        ctx.save_checkpoint(step + 1, {"w": torch.tensor([float(step + 1)])})
+    (ctx.out / "done.json").write_text(json.dumps({"from": start}))
+
+
+def test_stage_retried_on_another_worker_resumes_from_the_store(tmp_path, monkeypatch):
+    from t3d import runner
+    from t3d.cameras import CameraParams
+
+    registry = {"ck": Stage(name="ck", version="1", params=CkParams, inputs=(), run=_run_ck)}
+    cfg = SimpleNamespace(
+        enabled_stages=lambda: ["ck"], stages=SimpleNamespace(ck=CkParams()), seed=0, negative_prompt="",
+        prior="tiny-pixel", camera=CameraParams(), device="cpu",
+    )
+    uri = _memory_uri()
+    CALLS.clear()
+    worker_a = ArtifactStore(uri, cache_dir=tmp_path / "a")
+    (step,) = runner.plan(cfg, "p", registry, worker_a)
+    monkeypatch.setenv("T3D_TEST_CK_FAIL", "1")
+    with pytest.raises(runner.StageFailed, match="worker lost"):
+        runner.execute(cfg, "p", step, registry, worker_a, show_progress=False)
+    monkeypatch.delenv("T3D_TEST_CK_FAIL")
+    assert worker_a.fs.exists(f"{worker_a.root}/checkpoints/{step.key}/index.json")
+
+    worker_b = ArtifactStore(uri, cache_dir=tmp_path / "b")
+    (step_b,) = runner.plan(cfg, "p", registry, worker_b)
+    result = runner.execute(cfg, "p", step_b, registry, worker_b, show_progress=False)
+    assert result.state == "computed" and CALLS == [0, 3]
+    assert json.loads((Path(result.path) / "done.json").read_text()) == {"from": 3}
+    assert not worker_b.fs.exists(f"{worker_b.root}/checkpoints/{step.key}")
+    assert not (worker_b.local_root / "checkpoints" / step.key).exists()
