@@ -563,3 +563,69 @@ def test_stage_retried_on_another_worker_resumes_from_the_store(tmp_path, monkey
     assert json.loads((Path(result.path) / "done.json").read_text()) == {"from": 3}
     assert not worker_b.fs.exists(f"{worker_b.root}/checkpoints/{step.key}")
     assert not (worker_b.local_root / "checkpoints" / step.key).exists()
+
+
+# ---- priors: classes from an allow-list only --------------------------------------------------------------
+def _prior_folder(tmp_path: Path, index) -> Path:
+    folder = tmp_path / "prior"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "vae").mkdir()
+    data = index if isinstance(index, bytes) else json.dumps(index).encode()
+    (folder / "model_index.json").write_bytes(data)
+    return folder
+
+
+def test_model_index_cannot_import_a_module_from_the_working_directory(tmp_path, monkeypatch):
+    from t3d.priors import load_prior, prior_identity
+    from t3d.priors.loading import InvalidPriorError, PriorNotFoundError
+
+    marker = tmp_path / "imported.txt"
+    (tmp_path / "t3d_evil_prior_mod.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\nclass CLIPTokenizer: pass\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))  # as under `python -m`: the current directory is importable
+    folder = _prior_folder(tmp_path, {"_class_name": "StableDiffusionPipeline", "tokenizer": ["t3d_evil_prior_mod", "CLIPTokenizer"]})
+    with pytest.raises(InvalidPriorError) as e:
+        load_prior(str(folder))
+    msg = str(e.value)
+    assert isinstance(e.value, PriorNotFoundError) and "\n" not in msg
+    assert msg.startswith(f"{folder / 'model_index.json'}: \"tokenizer\" names t3d_evil_prior_mod.CLIPTokenizer")
+    assert "transformers.CLIPTokenizer" in msg and "fix the entry" in msg
+    with pytest.raises(InvalidPriorError, match="tokenizer"):
+        prior_identity(str(folder))
+    assert not marker.exists() and "t3d_evil_prior_mod" not in sys.modules
+
+
+@pytest.mark.parametrize(
+    "name, entry",
+    [("text_encoder", ["os", "system"]), ("text_encoder", ["transformers", "AutoModel"]), ("unet", ["diffusers", "UNet2DModel"]),
+     ("scheduler", ["builtins", "eval"]), ("vae", "AutoencoderKL")],
+)
+def test_model_index_classes_outside_the_allow_list_are_refused(tmp_path, name, entry):
+    from t3d.priors import load_prior
+    from t3d.priors.loading import InvalidPriorError
+
+    folder = _prior_folder(tmp_path, {"_class_name": "StableDiffusionPipeline", name: entry})
+    with pytest.raises(InvalidPriorError, match=rf'model_index.json: "{name}" '):
+        load_prior(str(folder))
+
+
+def test_allow_listed_classes_resolve_without_importing_named_modules():
+    import transformers
+
+    from t3d.priors.loading import _class_from_index
+
+    assert _class_from_index({"tokenizer": ["transformers", "T5TokenizerFast"]}, "tokenizer", "transformers", "CLIPTokenizer") is transformers.T5TokenizerFast
+    assert _class_from_index({"tokenizer": [None, None]}, "tokenizer", "transformers", "CLIPTokenizer") is transformers.CLIPTokenizer
+    assert _class_from_index({}, "text_encoder", "transformers", "T5EncoderModel") is transformers.T5EncoderModel
+
+
+@pytest.mark.parametrize("data, why", [(b"\xff\xfe\x00garbage", "not UTF-8"), (b"{not json", "not valid JSON"), (b"[1, 2]", "expected a JSON object")])
+def test_garbage_model_index_names_the_file(tmp_path, data, why):
+    from t3d.priors import load_prior, prior_identity
+    from t3d.priors.loading import InvalidPriorError
+
+    folder = _prior_folder(tmp_path, data)
+    for call in (load_prior, prior_identity):
+        with pytest.raises(InvalidPriorError) as e:
+            call(str(folder))
+        assert str(e.value).startswith(f"{folder / 'model_index.json'}: {why}") and "\n" not in str(e.value)
