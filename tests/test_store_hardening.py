@@ -565,6 +565,31 @@ def test_stage_retried_on_another_worker_resumes_from_the_store(tmp_path, monkey
     assert not (worker_b.local_root / "checkpoints" / step.key).exists()
 
 
+# ---- artifacts never pin a backend ----------------------------------------------------------------------
+def test_field_saved_with_the_cuda_hash_grid_loads_on_the_torch_twin(tmp_path):
+    from t3d.nerf import FieldParams, NeRFField
+    from t3d.stages.coarse_nerf import FIELD_CONFIG, load_field, save_field
+
+    grid = {"otype": "HashGrid", "n_levels": 2, "n_features_per_level": 2, "log2_hashmap_size": 8, "base_resolution": 4, "per_level_scale": 2.0}
+    field = NeRFField(FieldParams(grid=grid, backend="torch", seed=3))
+    with torch.no_grad():
+        field.encoding.params.uniform_(-1, 1, generator=torch.Generator().manual_seed(0))
+    # New artifacts: field.json never records the request, whatever the field was built with.
+    field.params = field.params.model_copy(update={"backend": "cuda-library"})
+    save_field(field, tmp_path)
+    assert json.loads((tmp_path / FIELD_CONFIG).read_text())["backend"] == "auto"
+    # Artifacts written before the fix hold the request; a CPU worker must still load them.
+    cfg = json.loads((tmp_path / FIELD_CONFIG).read_text())
+    (tmp_path / FIELD_CONFIG).write_text(json.dumps({**cfg, "backend": "cuda-library"}))
+    loaded = load_field(tmp_path, device="cpu")
+    assert loaded.backend.backend == "torch" and loaded.params.backend == "auto"
+    pts = torch.rand(64, 3) * 1.6 - 0.8
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pts)[0], field(pts)[0])
+        torch.testing.assert_close(loaded(pts)[1], field(pts)[1])
+    assert load_field(tmp_path, backend="torch").backend.reason == "requested"
+
+
 # ---- priors: classes from an allow-list only --------------------------------------------------------------
 def _prior_folder(tmp_path: Path, index) -> Path:
     folder = tmp_path / "prior"
