@@ -654,3 +654,53 @@ def test_garbage_model_index_names_the_file(tmp_path, data, why):
         with pytest.raises(InvalidPriorError) as e:
             call(str(folder))
         assert str(e.value).startswith(f"{folder / 'model_index.json'}: {why}") and "\n" not in str(e.value)
+
+
+# ---- every import is declared ----------------------------------------------------------------------------
+OPTIONAL = {"tinycudann", "nvdiffrast"}  # the `cuda` extra; imported inside try / smoke ops
+
+
+def _imported_top_level_modules() -> set[str]:
+    names: set[str] = set()
+    for folder in ("t3d", "stages", "priors", "flows", "cli"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Import):
+                    names.update(alias.name.split(".")[0] for alias in node.names)
+                elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    names.add(node.module.split(".")[0])
+    return names
+
+
+def _declared_dependencies() -> set[str]:
+    text = (ROOT / "pyproject.toml").read_text()
+    block = re.search(r"^dependencies = \[(.*?)^\]", text, re.S | re.M).group(1)
+    names = re.findall(r'^\s*"([A-Za-z0-9_.\-]+)', block, re.M)
+    return {re.sub(r"[-_.]+", "-", n).lower() for n in names}
+
+
+def _distributions_of(module: str) -> list[str]:
+    """Installed distributions providing a top-level module (also single-file extension modules,
+    which packages_distributions() misses before Python 3.12, e.g. xatlas)."""
+    found = importlib.metadata.packages_distributions().get(module)
+    if found:
+        return found
+    spec = importlib.util.find_spec(module)
+    origin = Path(spec.origin).resolve() if spec and spec.origin else None
+    return [
+        dist.metadata["Name"]
+        for dist in importlib.metadata.distributions()
+        if origin and any(Path(dist.locate_file(f)).resolve() == origin for f in dist.files or [] if str(f).startswith(module))
+    ]
+
+
+def test_every_third_party_import_is_a_declared_dependency():
+    declared = _declared_dependencies()
+    assert {"torch", "scipy", "fsspec"} <= declared
+    undeclared = {}
+    for module in sorted(_imported_top_level_modules() - set(sys.stdlib_module_names) - OPTIONAL - {"t3d", "__future__"}):
+        provided_by = {re.sub(r"[-_.]+", "-", d).lower() for d in _distributions_of(module)}
+        assert provided_by, f"{module} is imported but no installed distribution provides it"
+        if not provided_by & declared:
+            undeclared[module] = sorted(provided_by)
+    assert undeclared == {}, f"imported but not in pyproject.toml dependencies: {undeclared}"
