@@ -43,6 +43,50 @@ class PriorNotFoundError(FileNotFoundError):
     """The requested prior is not available locally (and could not be downloaded)."""
 
 
+class InvalidPriorError(PriorNotFoundError):
+    """A prior folder exists but cannot be used as it is (unreadable model_index.json, a component
+    class outside the allow-list). A PriorNotFoundError, so existing handlers catch it too."""
+
+
+# The only (library, class) pairs a model_index.json may name, per component the loader reads.
+# Classes are looked up on the transformers / diffusers packages themselves; no module named by a
+# model folder is ever imported. unet / vae / scheduler are loaded with fixed classes (the
+# scheduler's config is read by DDPMScheduler); their entries are checked so an unsupported folder
+# fails here with a clear message instead of deep inside from_pretrained.
+_TRANSFORMERS, _DIFFUSERS = "transformers", "diffusers"
+ALLOWED_COMPONENT_CLASSES: dict[str, frozenset[tuple[str, str]]] = {
+    "tokenizer": frozenset(
+        (_TRANSFORMERS, c)
+        for c in ("CLIPTokenizer", "CLIPTokenizerFast", "T5Tokenizer", "T5TokenizerFast", "PreTrainedTokenizerFast", "AutoTokenizer")
+    ),
+    "text_encoder": frozenset((_TRANSFORMERS, c) for c in ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel")),
+    "unet": frozenset({(_DIFFUSERS, "UNet2DConditionModel")}),
+    "vae": frozenset({(_DIFFUSERS, "AutoencoderKL")}),
+    "scheduler": frozenset(
+        (_DIFFUSERS, c)
+        for c in (
+            "DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
+            "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
+            "UniPCMultistepScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
+            "DEISMultistepScheduler",
+        )
+    ),
+}
+
+
+def _read_json_file(path: Path) -> dict:
+    """A JSON object from a prior's file; InvalidPriorError naming the file if it is not one."""
+    try:
+        data = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise InvalidPriorError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); restore the file from the model's source") from None
+    except json.JSONDecodeError as e:
+        raise InvalidPriorError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); restore the file from the model's source") from None
+    if not isinstance(data, dict):
+        raise InvalidPriorError(f"{path}: expected a JSON object, got {type(data).__name__}; restore the file from the model's source")
+    return data
+
+
 # ---- source resolution -----------------------------------------------------------------------
 
 _TINY_RE = re.compile(r"^tiny-(pixel|latent)(?:-s(\d+))?$")
@@ -202,7 +246,8 @@ def detect_family(folder: Path, index: dict | None = None) -> str:
     """'toy', 'sd' or 'if' for a diffusers-layout folder."""
     folder = Path(folder)
     if index is None and (folder / "model_index.json").is_file():
-        index = json.loads((folder / "model_index.json").read_text())
+        index = _read_json_file(folder / "model_index.json")
+        check_model_index(index, str(folder / "model_index.json"))
     if index:
         fam = _family_from_index(index)
         if fam:
@@ -212,7 +257,7 @@ def detect_family(folder: Path, index: dict | None = None) -> str:
     if (folder / "vae").is_dir():
         return "sd"
     cfg = folder / "text_encoder" / "config.json"
-    if cfg.is_file() and json.loads(cfg.read_text()).get("model_type") == "t5":
+    if cfg.is_file() and _read_json_file(cfg).get("model_type") == "t5":
         return "if"
     if (folder / "unet").is_dir():
         return "if" if not (folder / "vae").is_dir() else "sd"
@@ -241,17 +286,47 @@ def _tf_dtype_kwargs(dtype) -> dict:
     return {"dtype": dtype} if major >= 5 else {"torch_dtype": dtype}
 
 
-def _class_from_index(index: dict, name: str, default_lib: str, default_cls: str):
-    import importlib
-
-    lib, cls = default_lib, default_cls
+def _index_entry(index: dict, name: str, where: str) -> tuple[str, str] | None:
+    """model_index.json's (library, class) for component `name`, checked against the allow-list;
+    None when absent or null. `where` names the file in errors."""
     entry = index.get(name)
-    if isinstance(entry, list) and len(entry) == 2 and entry[0] and entry[1]:
-        lib, cls = entry
+    if entry is None or (isinstance(entry, list) and len(entry) == 2 and entry[0] is None and entry[1] is None):
+        return None
+    if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(x, str) and x for x in entry)):
+        raise InvalidPriorError(f'{where}: "{name}" must be ["<library>", "<class>"], got {json.dumps(entry)[:80]}; fix the file or use a supported prior')
+    lib, cls = entry
+    allowed = ALLOWED_COMPONENT_CLASSES[name]
+    if (lib, cls) not in allowed:
+        choices = ", ".join(f"{a}.{b}" for a, b in sorted(allowed))
+        raise InvalidPriorError(
+            f'{where}: "{name}" names {lib}.{cls}, which t3d does not load (allowed: {choices}); '
+            f"fix the entry or use a supported prior (Stable Diffusion 1.x/2.x, DeepFloyd IF stage I, the embedded toy prior)"
+        )
+    return lib, cls
+
+
+def check_model_index(index: dict, where: str) -> None:
+    """Every component entry the loader reads is on the allow-list (InvalidPriorError otherwise)."""
+    for name in ALLOWED_COMPONENT_CLASSES:
+        _index_entry(index, name, where)
+
+
+def _class_from_index(index: dict, name: str, default_lib: str, default_cls: str, where: str = "model_index.json"):
+    """The allow-listed class model_index.json names for `name` (the default when it names none).
+
+    Only getattr on the transformers / diffusers package: never an import of a module the file names.
+    """
+    lib, cls = _index_entry(index, name, where) or (default_lib, default_cls)
+    if (lib, cls) not in ALLOWED_COMPONENT_CLASSES[name]:
+        raise InvalidPriorError(f"{where}: default class {lib}.{cls} for {name!r} is not on the allow-list")
+    if lib == _TRANSFORMERS:
+        import transformers as package
+    else:
+        import diffusers as package
     try:
-        return getattr(importlib.import_module(lib), cls)
-    except (ImportError, AttributeError):
-        return getattr(importlib.import_module(default_lib), default_cls)
+        return getattr(package, cls)
+    except AttributeError:
+        raise InvalidPriorError(f'{where}: "{name}" names {lib}.{cls}, which this {lib} version does not have; upgrade {lib} or change the entry') from None
 
 
 def _has_variant(root: str, subfolder: str, variant: str) -> bool:
@@ -259,7 +334,7 @@ def _has_variant(root: str, subfolder: str, variant: str) -> bool:
     return d.is_dir() and any(f".{variant}." in p.name for p in d.iterdir())
 
 
-def _load_components(root: str, family: str, index: dict, dtype: torch.dtype, local_files_only: bool, is_hub: bool) -> dict:
+def _load_components(root: str, family: str, index: dict, dtype: torch.dtype, local_files_only: bool, is_hub: bool, where: str = "model_index.json") -> dict:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
     hub_kw = {"local_files_only": local_files_only} if is_hub else {}
@@ -279,8 +354,9 @@ def _load_components(root: str, family: str, index: dict, dtype: torch.dtype, lo
 
     default_tok = {"toy": "PreTrainedTokenizerFast", "sd": "CLIPTokenizer", "if": "T5Tokenizer"}[family]
     default_te = {"toy": "CLIPTextModel", "sd": "CLIPTextModel", "if": "T5EncoderModel"}[family]
-    tok_cls = _class_from_index(index, "tokenizer", "transformers", default_tok)
-    te_cls = _class_from_index(index, "text_encoder", "transformers", default_te)
+    check_model_index(index, where)
+    tok_cls = _class_from_index(index, "tokenizer", "transformers", default_tok, where)
+    te_cls = _class_from_index(index, "text_encoder", "transformers", default_te, where)
     comps = {
         "tokenizer": tok_cls.from_pretrained(root, subfolder="tokenizer", **hub_kw),
         "text_encoder": te_cls.from_pretrained(root, subfolder="text_encoder", **_tf_dtype_kwargs(dtype), **hub_kw),
@@ -304,9 +380,10 @@ def _read_hub_index(repo_id: str) -> tuple[dict, bool]:
     for local_only in attempts:
         try:
             path = hf_hub_download(repo_id, "model_index.json", local_files_only=local_only)
-            return json.loads(Path(path).read_text()), local_only
         except Exception as e:  # network errors, missing repo, missing cache entry, bad id
             errors.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            continue
+        return _read_json_file(Path(path)), local_only
     where = "in the local Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else "on the hub or in the local cache"
     raise PriorNotFoundError(
         f"could not find prior {repo_id!r} {where}: {'; '.join(errors)}. {_HOW_TO_PROVIDE}"
@@ -344,21 +421,28 @@ def load_prior(source: str = "embedded", device="cpu", dtype: torch.dtype | None
         folder = Path(where)
         if kind == "embedded" and not (folder / "unet").is_dir():
             raise PriorNotFoundError(_embedded_missing_message())
-        index = json.loads((folder / "model_index.json").read_text()) if (folder / "model_index.json").is_file() else {}
+        index_path = folder / "model_index.json"
+        index = _read_json_file(index_path) if index_path.is_file() else {}
+        check_model_index(index, str(index_path))
         family = detect_family(folder, index)
         if (folder / "t3d_prior.json").is_file():
-            meta = json.loads((folder / "t3d_prior.json").read_text())
+            meta = _read_json_file(folder / "t3d_prior.json")
         try:
-            comps = _load_components(str(folder), family, index, dtype, local_files_only=True, is_hub=False)
+            comps = _load_components(str(folder), family, index, dtype, local_files_only=True, is_hub=False, where=str(index_path))
+        except InvalidPriorError:
+            raise
         except (OSError, ValueError) as e:
             raise PriorNotFoundError(f"could not load the {family} prior from {folder}: {e}. {_HOW_TO_PROVIDE}") from e
     else:
         index, local_only = _read_hub_index(where)
+        check_model_index(index, f"{where}/model_index.json")
         family = _family_from_index(index)
         if family is None:
             raise PriorNotFoundError(f"{where!r}: cannot tell the model family from its model_index.json ({index.get('_class_name')!r})")
         try:
-            comps = _load_components(where, family, index, dtype, local_files_only=local_only, is_hub=True)
+            comps = _load_components(where, family, index, dtype, local_files_only=local_only, is_hub=True, where=f"{where}/model_index.json")
+        except InvalidPriorError:
+            raise
         except (OSError, ValueError) as e:
             raise PriorNotFoundError(f"could not load all components of {where!r}: {e}. {_HOW_TO_PROVIDE}") from e
     for name in ("text_encoder", "unet", "vae"):

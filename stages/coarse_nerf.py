@@ -215,9 +215,7 @@ def save_field(field: NeRFField, folder: Path) -> None:
 def load_field(folder: Path, device: torch.device | str = "cpu", backend: str | None = None) -> NeRFField:
     """The coarse stage's field, ready to render or to seed the next stage."""
     cfg = json.loads((Path(folder) / FIELD_CONFIG).read_text())
-    if backend is not None:
-        cfg["backend"] = backend
-    field = NeRFField(FieldParams.model_validate(cfg), device=device)
+    field = NeRFField(FieldParams.from_saved(cfg, backend), device=device)  # the saved request is not re-applied
     field.load_state_dict(load_file(str(Path(folder) / FIELD_FILE), device=str(device)))
     return field
 

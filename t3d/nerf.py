@@ -41,6 +41,15 @@ class FieldParams(BaseModel):
     backend: Literal["auto", "cuda-library", "torch"] = "auto"
     seed: int = 0
 
+    @classmethod
+    def from_saved(cls, config: dict, backend: Literal["auto", "cuda-library", "torch"] | None = None) -> "FieldParams":
+        """FieldParams for loading a saved field.json on this machine.
+
+        A saved backend request is never re-applied: a field trained with tinycudann loads on a CPU
+        worker with the torch twin (their state_dicts are the same). `backend` overrides ("auto" if None).
+        """
+        return cls.model_validate({**config, "backend": backend or "auto"})
+
 
 class _TruncExp(torch.autograd.Function):
     """exp with its gradient clamped (Instant-NGP / torch-ngp): keeps early densities from exploding."""
@@ -165,4 +174,6 @@ class NeRFField(nn.Module):
         return dirs.new_full((dirs.shape[0], 3), value)
 
     def config_dict(self) -> dict:
-        return self.params.model_dump(mode="json")
+        """The architecture as saved next to the weights (field.json). Portable: backend is always
+        "auto", whatever this field was built with; the backend that ran is in the stage manifest."""
+        return {**self.params.model_dump(mode="json"), "backend": "auto"}

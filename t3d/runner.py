@@ -205,6 +205,7 @@ def _compute(cfg, prompt, step, registry, store, stage_log, progress_hooks, show
                 inputs=inputs,
                 out=out,
                 checkpoint_dir=checkpoints,
+                checkpoint_sync=lambda: store.sync_checkpoint(step.key),
                 camera=cfg.camera,
                 log=stage_log,
                 progress_hooks=list(progress_hooks or []),

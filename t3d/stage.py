@@ -18,9 +18,13 @@ from typing import Any, Callable, Iterator
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from t3d.cameras import CameraParams
+from t3d.store import apply_umask
+
+_log = logging.getLogger("t3d.stage")
 
 
 class ExecutorParams(BaseModel):
@@ -79,6 +83,7 @@ class StageContext:
     timings: dict = field(default_factory=dict)
     progress_hooks: list[ProgressHook] = field(default_factory=list)
     show_progress: bool = True
+    checkpoint_sync: Callable[[], None] | None = None  # called after each checkpoint write (the store makes it durable)
 
     # ---- shared resources -----------------------------------------------------------------
     def load_prior(self):
@@ -123,11 +128,17 @@ class StageContext:
 
     # ---- checkpoints ----------------------------------------------------------------------
     def save_checkpoint(self, step: int, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
-        """Atomically replace the checkpoint: tensors as safetensors, the rest as JSON."""
+        """Atomically replace the checkpoint: tensors as safetensors, the rest as JSON; then let
+        checkpoint_sync copy it into the artifact store (a failed upload is logged, not fatal)."""
         save_checkpoint(self.checkpoint_dir, step, tensors, meta)
+        if self.checkpoint_sync is not None:
+            try:
+                self.checkpoint_sync()
+            except Exception as exc:  # the local checkpoint still exists; the next one retries
+                self.log.warning("%s: could not copy the step-%d checkpoint into the store: %s: %s", self.stage, step, type(exc).__name__, exc)
 
     def load_checkpoint(self) -> tuple[int, dict[str, torch.Tensor], dict] | None:
-        return load_checkpoint(self.checkpoint_dir)
+        return load_checkpoint(self.checkpoint_dir, self.log)
 
 
 _prior_cache: dict[tuple[str, str], Any] = {}
@@ -148,21 +159,39 @@ def save_checkpoint(folder: Path, step: int, tensors: dict[str, torch.Tensor], m
     payload["__step__"] = torch.tensor(int(step))
     save_file(payload, str(tmp_t))
     tmp_m.write_text(json.dumps({"step": int(step), "meta": meta or {}}, default=str))
+    apply_umask(tmp_t)  # safetensors creates its files 0600; a shared store needs the umask's modes
     # Tensors first, then the JSON that names the step: a kill in between leaves the old JSON,
     # which load_checkpoint rejects by comparing the step stored in both.
     tmp_t.replace(folder / "state.safetensors")
     tmp_m.replace(folder / "state.json")
 
 
-def load_checkpoint(folder: Path) -> tuple[int, dict[str, torch.Tensor], dict] | None:
+def load_checkpoint(folder: Path, log: logging.Logger | None = None) -> tuple[int, dict[str, torch.Tensor], dict] | None:
+    """(step, tensors, meta), or None when there is no usable checkpoint.
+
+    A truncated or corrupt checkpoint (unreadable JSON or safetensors) is logged in one line,
+    deleted and treated as absent, so the stage restarts instead of failing on it forever.
+    """
     t, m = folder / "state.safetensors", folder / "state.json"
     if not (t.exists() and m.exists()):
         return None
-    info = json.loads(m.read_text())
-    tensors = load_file(str(t))
-    if "__step__" in tensors and int(tensors.pop("__step__").item()) != info["step"]:
+    current = m
+    try:
+        info = json.loads(m.read_text())
+        step = int(info["step"])
+        meta = info.get("meta", {})
+        if not isinstance(meta, dict):
+            raise ValueError("meta is not an object")
+        current = t
+        tensors = load_file(str(t))
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
+        (log or _log).warning("checkpoint %s is unreadable (%s: %s); deleting it and starting the stage over", current, type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+        for path in (t, m):
+            path.unlink(missing_ok=True)
         return None
-    return info["step"], tensors, info.get("meta", {})
+    if "__step__" in tensors and int(tensors.pop("__step__").item()) != step:
+        return None
+    return step, tensors, meta
 
 
 def decay_learning_rates(optimizer: torch.optim.Optimizer, end_factor: float, step: int, steps: int) -> None:

@@ -13,6 +13,9 @@ import pytest
 
 from t3d.store import ArtifactCorrupt, ArtifactStore, artifact_key
 
+# gc only collects names of the form artifact_key() makes: <stage>-<20 hex>
+KEY1, KEY2 = "x-" + "1" * 20, "x-" + "2" * 20
+
 
 def _write(store, key, payload=b"hello", name="data.bin"):
     with store.writer(key, {"stage": "x", "params": {"a": 1}}) as out:
@@ -85,12 +88,13 @@ def test_process_killed_midway_leaves_nothing_reusable(tmp_path):
             os._exit(9)  # killed: no cleanup, no commit
         """
     )
-    proc = subprocess.run([sys.executable, "-c", script])
+    proc = subprocess.run([sys.executable, "-c", script.replace("x-1", KEY1)])
     assert proc.returncode == 9
     store = ArtifactStore(tmp_path)
-    assert store.status("x-1") == "missing"
-    assert list((tmp_path / ".tmp").iterdir()), "the orphan temp folder is left for gc"
-    store.gc(min_age_s=0)
+    assert store.status(KEY1) == "missing"
+    orphans = [p.name for p in (tmp_path / ".tmp").iterdir()]
+    assert len(orphans) == 1 and orphans[0].startswith(KEY1 + "-"), "the orphan temp folder is left for gc"
+    assert store.gc(min_age_s=0) == [f".tmp/{orphans[0]}"]
     assert not list((tmp_path / ".tmp").iterdir())
 
 
@@ -114,12 +118,12 @@ def test_remote_cache_is_reverified(tmp_path):
 
 def test_gc_keeps_referenced_artifacts(tmp_path):
     store = ArtifactStore(tmp_path)
-    _write(store, "x-1")
-    _write(store, "x-2")
-    store.record_run("r1", {"stages": {"x": "x-1"}})
-    assert store.gc(dry_run=True) == ["x-2"] and store.keys() == ["x-1", "x-2"]
-    assert store.gc() == ["x-2"] and store.keys() == ["x-1"]
-    assert json.loads((tmp_path / "runs" / "r1.json").read_text())["stages"] == {"x": "x-1"}
+    _write(store, KEY1)
+    _write(store, KEY2)
+    store.record_run("r1", {"stages": {"x": KEY1}})
+    assert store.gc(dry_run=True) == [f"objects/{KEY2}"] and store.keys() == [KEY1, KEY2]
+    assert store.gc() == [f"objects/{KEY2}"] and store.keys() == [KEY1]
+    assert json.loads((tmp_path / "runs" / "r1.json").read_text())["stages"] == {"x": KEY1}
 
 
 def test_stage_may_not_write_its_own_manifest(tmp_path):
