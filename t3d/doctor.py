@@ -78,8 +78,11 @@ def _tcnn_smoke(device) -> None:
 
 
 def _nvdiffrast_smoke(device) -> None:
-    import nvdiffrast.torch as dr
     import torch
+
+    from t3d.raster import import_nvdiffrast
+
+    dr = import_nvdiffrast()
 
     ctx = dr.RasterizeCudaContext(device=device)
     pos = torch.tensor([[[-0.5, -0.5, 0, 1], [0.5, -0.5, 0, 1], [0, 0.5, 0, 1]]], device=device, dtype=torch.float32)

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from typing import Any
 
 import numpy as np
@@ -98,13 +99,41 @@ class TorchRasterContext:
         return f"TorchRasterContext(device={self.device})"
 
 
+def import_nvdiffrast():
+    """`nvdiffrast.torch` with its CUDA plugin built (torch JIT, first use) and importable.
+
+    nvdiffrast 0.3.3 builds its plugin with torch.utils.cpp_extension.load, drops the module that
+    returns and re-imports it by name; torch >= 2.11 (seen with 2.11.0+cu130) neither registers
+    that module nor puts its build folder on sys.path, so every first use failed with
+    ModuleNotFoundError: nvdiffrast_plugin_... Here the built module is registered under its name.
+    """
+    import nvdiffrast.torch as dr  # noqa: PLC0415 (only imported when chosen)
+
+    ops = sys.modules.get("nvdiffrast.torch.ops")
+    get_plugin = getattr(ops, "_get_plugin", None)
+    if get_plugin is None:
+        return dr
+    try:
+        get_plugin()
+    except ModuleNotFoundError as exc:
+        name = getattr(exc, "name", None) or ""
+        if not name.startswith("nvdiffrast_plugin"):
+            raise
+        from torch.utils import cpp_extension  # noqa: PLC0415
+
+        build_dir = cpp_extension._get_build_directory(name, False)
+        sys.modules[name] = cpp_extension._import_module_from_library(name, build_dir, True)
+        get_plugin()
+    return dr
+
+
 class NvdiffrastContext(TorchRasterContext):
     """nvdiffrast's RasterizeCudaContext behind the same methods."""
 
     backend = "nvdiffrast"
 
     def __init__(self, device: torch.device | str):
-        import nvdiffrast.torch as dr  # noqa: PLC0415 (only imported when chosen)
+        dr = import_nvdiffrast()
 
         super().__init__(device)
         self.dr = dr
@@ -116,7 +145,7 @@ class NvdiffrastContext(TorchRasterContext):
 
 def _nvdiffrast_smoke(device: torch.device) -> None:
     """Rasterize, interpolate and backprop one triangle with nvdiffrast, and check the result."""
-    import nvdiffrast.torch as dr  # noqa: PLC0415
+    dr = import_nvdiffrast()
 
     ctx = dr.RasterizeCudaContext(device=device)
     pos = torch.tensor([[[-0.8, -0.8, 0.0, 1.0], [0.8, -0.8, 0.0, 1.0], [0.0, 0.8, 0.0, 1.0]]], device=device, requires_grad=True)
