@@ -5,7 +5,8 @@ yet), the coarse stage's default resolution, batch and samples, for SDS and SJC.
 --sd21: on CUDA only, an SD-2.1-sized UNet (random weights, fp16, 64x64 latents from 512 px via an
 SD-sized VAE) behind the same DiffusionPrior interface, rendering 64 px like DreamFusion/threestudio.
 VSD (the refine stage: field step + LoRA step) is timed at the same settings; vsd_over_sds is the
-ratio of whole steps (goal <= 2.5).
+ratio of whole steps (goal <= 2.5). Method vsd1 is VSD with one LoRA update per step (the refine
+stage's default is 2; ProlificDreamer makes 1), reported as vsd1_over_sds.
 --dtype fp16 (default) or fp32 sets the SD-sized prior's precision (the toy prior is always fp32).
 On CUDA each method also reports its it/s (1 / median step) and peak_mem_mib, the peak of
 torch.cuda.max_memory_allocated over its warm-up and timed steps (reset before each method).
@@ -122,7 +123,7 @@ def sd21_setup(dtype_name: str = "fp16"):
     return prior, f"sd21-sized (random weights, {dtype_name})", embeddings, params
 
 
-def vsd_timing(prior, embeddings, params, device, warmup: int, steps: int) -> dict:
+def vsd_timing(prior, embeddings, params, device, warmup: int, steps: int, lora_steps: int | None = None) -> dict:
     """One VSD step (field update + LoRA update) at the coarse stage's render settings."""
     import tempfile
     from pathlib import Path
@@ -134,6 +135,8 @@ def vsd_timing(prior, embeddings, params, device, warmup: int, steps: int) -> di
     with tempfile.TemporaryDirectory() as tmp:
         save_field(NeRFField(params.field, device=device), Path(tmp))
         rp = RefineParams(steps=10_000, batch_size=params.batch_size, resolution=params.resolution, n_samples=params.n_samples)
+        if lora_steps is not None:
+            rp = rp.model_copy(update={"lora_steps_per_step": lora_steps})
         trainer = VSDTrainer(rp, prior, embeddings, Path(tmp), CameraParams(), device, seed=0)
         for _ in range(warmup):
             trainer.step()
@@ -169,9 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def dry_run(args) -> dict:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(methods) - {"sds", "sjc", "vsd"})
+    unknown = sorted(set(methods) - {"sds", "sjc", "vsd", "vsd1"})
     if unknown:
-        raise SystemExit(f"unknown method(s) {unknown}: use sds, sjc, vsd")
+        raise SystemExit(f"unknown method(s) {unknown}: use sds, sjc, vsd, vsd1")
     out = {"dry_run": True, "methods": methods, "sd21": args.sd21, "dtype": args.dtype, "steps": args.steps, "warmup": args.warmup}
     if args.sd21:
         unet, vae = sd21_models("meta")
@@ -191,8 +194,8 @@ def main(argv=None) -> dict:
     result: dict = {}
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         reset_peak(device)
-        if method == "vsd":
-            result["vsd"] = vsd_timing(prior, embeddings, params, device, args.warmup, args.steps)
+        if method in ("vsd", "vsd1"):
+            result[method] = vsd_timing(prior, embeddings, params, device, args.warmup, args.steps, 1 if method == "vsd1" else None)
         else:
             p = params.model_copy(update={"method": method, "albedo_warmup": 0.0, "steps": 10_000})
             trainer = CoarseTrainer(p, prior, embeddings, CameraParams(), device, seed=0)
@@ -205,8 +208,9 @@ def main(argv=None) -> dict:
         result[method]["it_per_s"] = round(1.0 / result[method]["step_s"], 2) if result[method]["step_s"] > 0 else None
         result[method]["peak_mem_mib"] = peak_mib(device)
         print(f"{method}: " + "  ".join(f"{k}={v}" for k, v in result[method].items()), flush=True)
-    if "vsd" in result and "sds" in result:
-        result["vsd_over_sds"] = round(result["vsd"]["step_s"] / result["sds"]["step_s"], 3)
+    for m in ("vsd", "vsd1"):
+        if m in result and "sds" in result:
+            result[f"{m}_over_sds"] = round(result[m]["step_s"] / result["sds"]["step_s"], 3)
     result["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     result["config"] = {
         "prior": prior_name,

@@ -10,7 +10,8 @@
 #   nvdiffrast     JIT-build nvdiffrast (torch cpp_extension: nvcc + ninja) and load it
 #   parity         tests/test_cuda_parity.py (nvdiffrast part) + test_raster's nvdiffrast test
 #   raster_bench   bench/raster.py on the GPU: torch twin vs nvdiffrast
-#   sds_bench      bench/sds_step.py --sd21 --dtype fp16: SDS, SJC, VSD step times, it/s, peak memory
+#   sds_bench      bench/sds_step.py --sd21 --dtype fp16: SDS, SJC, VSD (2 and 1 LoRA updates per
+#                  step) step times, it/s, peak memory
 #   toy_flow       examples/vsd_green_cone.yaml (all six stages, embedded toy prior) on CUDA,
 #                  through t3d.runner in-process (no Prefect), per-stage seconds and peak memory
 #   sds_bench_fp32 the same SDS step in fp32, if time is left (while the tinycudann build runs)
@@ -101,14 +102,15 @@ check() {
 # ---------------------------------------------------------------------------------------------
 # Commands (the same arrays are run for real and checked by --dry-run)
 FLOW=examples/vsd_green_cone.yaml
-NV_BUILD_CODE='import time, torch, nvdiffrast, nvdiffrast.torch as dr
-t = time.perf_counter(); ctx = dr.RasterizeCudaContext(device="cuda"); torch.cuda.synchronize()
+NV_BUILD_CODE='import time, torch, nvdiffrast
+from t3d.raster import import_nvdiffrast  # builds the plugin, and works around its import on torch 2.11
+t = time.perf_counter(); dr = import_nvdiffrast(); ctx = dr.RasterizeCudaContext(device="cuda"); torch.cuda.synchronize()
 print(f"nvdiffrast {nvdiffrast.__version__} built and loaded in {time.perf_counter() - t:.1f} s")'
 NV_BUILD=("$PY" -c "$NV_BUILD_CODE")
 PARITY_NV=("$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda_parity.py -k "not tcnn" tests/test_raster.py::test_nvdiffrast_agrees_with_torch_twin)
 PARITY_TCNN=("$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda_parity.py -k "tcnn")
 RASTER=("$PY" bench/raster.py --skip-cpu --repeats 10)
-SDS16=("$PY" bench/sds_step.py --sd21 --dtype fp16 --methods sds,sjc,vsd --steps 10 --warmup 3)
+SDS16=("$PY" bench/sds_step.py --sd21 --dtype fp16 --methods sds,sjc,vsd,vsd1 --steps 10 --warmup 3)
 SDS32=("$PY" bench/sds_step.py --sd21 --dtype fp32 --methods sds --steps 5 --warmup 2)
 TOY=("$PY" "$WORK/toy_flow.py" "$FLOW" --store "$WORK/store" --json "$WORK/toy_flow.json" --set device=cuda)
 TCNN_DIR=$ROOT/.tcnn/tiny-cuda-nn
@@ -317,11 +319,13 @@ def figures():
     if isinstance(sds, dict) and "sds" in sds:
         f["sd21_fp16_sds_step_ms"] = round(sds["sds"]["step_s"] * 1000, 1)
         f["sd21_fp16_sds_it_per_s"] = sds["sds"].get("it_per_s")
-        for m in ("sjc", "vsd"):
+        for m in ("sjc", "vsd", "vsd1"):
             if m in sds:
                 f[f"sd21_fp16_{m}_step_ms"] = round(sds[m]["step_s"] * 1000, 1)
                 f[f"sd21_fp16_{m}_it_per_s"] = sds[m].get("it_per_s")
-        f["sd21_fp16_peak_mem_mib"] = {m: sds[m].get("peak_mem_mib") for m in ("sds", "sjc", "vsd") if m in sds}
+        f["sd21_fp16_peak_mem_mib"] = {m: sds[m].get("peak_mem_mib") for m in ("sds", "sjc", "vsd", "vsd1") if m in sds}
+        if "vsd1_over_sds" in sds:
+            f["vsd1_over_sds"] = sds["vsd1_over_sds"]
         t["sds_step_le_120ms"] = f["sd21_fp16_sds_step_ms"] <= 120
         if "vsd_over_sds" in sds:
             f["vsd_over_sds"] = sds["vsd_over_sds"]
@@ -484,7 +488,11 @@ if [[ -f "$TCNN_BINDINGS/setup.py" ]]; then
     # its setup.py fixes C++17; torch >= 2.10 builds extensions as C++20 and its headers may need it
     std=$("$PY" -c "import inspect, torch.utils.cpp_extension as c; print(20 if 'c++20' in inspect.getsource(c) else 17)" 2>/dev/null || echo 17)
     sed -i "s/^\(\s*\)cpp_standard = 17$/\1cpp_standard = $std/" setup.py
-    echo "tinycudann: C++$std ($(grep -c "cpp_standard = $std" setup.py) lines set)"
+    # fmt 9's consteval format strings are rejected by nvcc 13 in C++20 mode: plain constexpr then
+    if [[ "$std" == 20 ]] && ! grep -q FMT_CONSTEVAL setup.py; then
+      sed -i 's/^\(\s*\)"-DTCNN_PARAMS_UNALIGNED",$/\1"-DTCNN_PARAMS_UNALIGNED",\n\1"-DFMT_CONSTEVAL=",/' setup.py
+    fi
+    echo "tinycudann: C++$std ($(grep -c "cpp_standard = $std" setup.py) lines set, FMT_CONSTEVAL: $(grep -c 'DFMT_CONSTEVAL=' setup.py))"
     t0=$(date +%s)
     TCNN_CUDA_ARCHITECTURES=90 MAX_JOBS=8 timeout -k 5 "$TCNN_DEADLINE" nice -n 19 "$PY" setup.py --no-networks build_ext --inplace >"$WORK/tcnn_build.out" 2>&1
     rc=$?
