@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from t3d.cameras import CameraParams, orbit_cameras, sample_cameras, view_names
 from t3d.guidance import anneal_t_range, guidance_loss, opacity_entropy, opacity_sparsity, orientation_loss, TRange
 from t3d.nerf import FieldParams, NeRFField
-from t3d.stage import Stage, StageContext, StageParams, decay_learning_rates, flatten_optimizer, restore_optimizer
+from t3d.stage import Stage, StageContext, StageParams, decay_learning_rates, flatten_optimizer, optimise, restore_optimizer
 from t3d.toyeval import evaluate_field
 from t3d.volume import OccupancyGrid, render
 
@@ -297,17 +297,13 @@ def run(ctx: StageContext) -> None:
         ctx.log.info("coarse: resumed at step %d of %d", step, p.steps)
         ctx.metrics["resumed_from"] = int(step)
     split = {"render_s": 0.0, "prior_forward_s": 0.0, "backward_s": 0.0, "optimizer_s": 0.0}
-    with ctx.progress(p.steps, f"coarse ({p.method})", initial=trainer.step_idx) as update:
-        while trainer.step_idx < p.steps:
-            rec = trainer.step()
-            for k in split:
-                split[k] += rec[k]
-            if not math.isfinite(rec["loss"]):
-                raise FloatingPointError(f"coarse: loss is {rec['loss']} at step {rec['step']}; lower lr_grid/guidance_scale")
-            update(1, loss=rec["loss"], opacity=rec["opacity"])
-            if trainer.step_idx % p.checkpoint_every == 0 and trainer.step_idx < p.steps:
-                tensors, meta = trainer.state()
-                ctx.save_checkpoint(trainer.step_idx, tensors, meta)
+
+    def postfix(rec: dict) -> dict:
+        for k in split:
+            split[k] += rec[k]
+        return {"loss": rec["loss"], "opacity": rec["opacity"]}
+
+    optimise(ctx, trainer, p.steps, p.checkpoint_every, f"coarse ({p.method})", postfix)
     ctx.timings.update({k: round(v, 3) for k, v in split.items()})
 
     save_field(trainer.field, ctx.out)

@@ -19,7 +19,7 @@ from pydantic import Field
 
 from t3d.cameras import CameraParams, orbit_cameras, sample_cameras, view_names
 from t3d.guidance import anneal_t_range, opacity_entropy, TRange
-from t3d.stage import Stage, StageContext, StageParams, decay_learning_rates, flatten_optimizer, restore_optimizer
+from t3d.stage import Stage, StageContext, StageParams, decay_learning_rates, flatten_optimizer, optimise, restore_optimizer
 from t3d.stages.coarse_nerf import load_field, render_turntable, save_field, write_loss_curve, write_previews
 from t3d.toyeval import evaluate_field
 from t3d.stages.encode_prompt import load_embeddings
@@ -188,14 +188,8 @@ def run(ctx: StageContext) -> None:
         with ctx.progress(p.lora_warmup_steps, "refine: LoRA warm-up") as update:
             warm = trainer.warm_up_lora(p.lora_warmup_steps, update)
         ctx.metrics["lora_warmup_loss"] = round(sum(warm[-10:]) / len(warm[-10:]), 5)
-    with ctx.progress(p.steps, f"refine (VSD, {p.particles} particle{'s' if p.particles > 1 else ''})", initial=trainer.step_idx) as update:
-        while trainer.step_idx < p.steps:
-            rec = trainer.step()
-            if not math.isfinite(rec["loss"]):
-                raise FloatingPointError(f"refine: loss is {rec['loss']} at step {rec['step']}; lower lr_grid or guidance_scale")
-            update(1, loss=rec["loss"], lora=rec["lora_loss"])
-            if trainer.step_idx % p.checkpoint_every == 0 and trainer.step_idx < p.steps:
-                ctx.save_checkpoint(trainer.step_idx, *trainer.state())
+    label = f"refine (VSD, {p.particles} particle{'s' if p.particles > 1 else ''})"
+    optimise(ctx, trainer, p.steps, p.checkpoint_every, label, lambda rec: {"loss": rec["loss"], "lora": rec["lora_loss"]})
 
     for i, field in enumerate(trainer.fields):
         folder = ctx.out if i == 0 else ctx.out / f"particle_{i}"

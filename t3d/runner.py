@@ -206,6 +206,7 @@ def _compute(cfg, prompt, step, registry, store, stage_log, progress_hooks, show
                 out=out,
                 checkpoint_dir=checkpoints,
                 checkpoint_sync=lambda: store.sync_checkpoint(step.key),
+                recovery=cfg.recovery,
                 camera=cfg.camera,
                 log=stage_log,
                 progress_hooks=list(progress_hooks or []),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import logging
 import time
 from dataclasses import dataclass, field
@@ -33,6 +34,18 @@ class ExecutorParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     pool: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class RecoveryParams(BaseModel):
+    """flow.yaml `recovery:`: how an optimisation that diverges heals itself. Not in artifact keys:
+    a run that never diverges is the same whatever these say."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    retries: int = Field(2, ge=0, description="roll-backs per stage before it fails")
+    lr_factor: float = Field(0.5, gt=0, le=1, description="learning rates are multiplied by this at each retry")
+    collapse_opacity: float = Field(0.005, ge=0, description="mean render opacity below this ...")
+    collapse_steps: int = Field(10, ge=1, description="... for this many steps in a row means the field collapsed")
 
 
 class StageParams(BaseModel):
@@ -84,6 +97,7 @@ class StageContext:
     progress_hooks: list[ProgressHook] = field(default_factory=list)
     show_progress: bool = True
     checkpoint_sync: Callable[[], None] | None = None  # called after each checkpoint write (the store makes it durable)
+    recovery: RecoveryParams = field(default_factory=RecoveryParams)
 
     # ---- shared resources -----------------------------------------------------------------
     def load_prior(self):
@@ -149,6 +163,70 @@ def _cached_prior(loader, source: str, device: str):
     if key not in _prior_cache:
         _prior_cache[key] = loader(source, device=device)
     return _prior_cache[key]
+
+
+# ---- the guarded optimisation loop --------------------------------------------------------
+def divergence(history: list[dict], p: RecoveryParams) -> str | None:
+    """Why the last steps cannot go on (non-finite loss, a field gone empty), or None."""
+    last = history[-1] if history else {}
+    if "loss" in last and not math.isfinite(last["loss"]):
+        return f"loss is {last['loss']}"
+    recent = history[-p.collapse_steps :]
+    if len(recent) == p.collapse_steps and all(r.get("opacity", 1.0) < p.collapse_opacity for r in recent):
+        return f"the field collapsed (mean opacity < {p.collapse_opacity} for {p.collapse_steps} steps)"
+    return None
+
+
+def optimise(ctx: "StageContext", trainer: Any, steps: int, checkpoint_every: int, label: str, postfix: Callable[[dict], dict]) -> None:
+    """Step `trainer` to `steps`, checkpointing, and heal divergence: roll back to the last good
+    checkpoint (or the start), draw a new noise stream, scale the learning rates by
+    recovery.lr_factor, retry up to recovery.retries times. Each retry lands in the manifest's
+    metrics as `recoveries`.
+
+    The trainer provides step() -> record, state(), load_state(step, tensors, meta), step_idx,
+    history and a torch.Generator `gen`; its optimizers are found among its attributes.
+    """
+    p = ctx.recovery
+    start = _snapshot(trainer)
+    recoveries: list[dict] = []
+    with ctx.progress(steps, label, initial=trainer.step_idx) as update:
+        while trainer.step_idx < steps:
+            rec = trainer.step()
+            problem = divergence(trainer.history, p)
+            if problem is None:
+                update(1, **postfix(rec))
+                if trainer.step_idx % checkpoint_every == 0 and trainer.step_idx < steps:
+                    ctx.save_checkpoint(trainer.step_idx, *trainer.state())
+                continue
+            if len(recoveries) >= p.retries:
+                ctx.metrics["recoveries"] = recoveries
+                raise FloatingPointError(f"{ctx.stage}: {problem} at step {rec['step']}, also after {len(recoveries)} retries; lower the learning rates or guidance_scale")
+            before = trainer.step_idx
+            good = ctx.load_checkpoint() or start
+            trainer.load_state(*good)
+            attempt = len(recoveries) + 1
+            trainer.gen.manual_seed(int(ctx.seed) * 1_000_003 + 7_919 * attempt)  # a new noise stream
+            if hasattr(trainer, "rand"):
+                trainer.rand.seed(int(ctx.seed) * 31 + attempt)
+            _scale_learning_rates(trainer, p.lr_factor)
+            recoveries.append({"step": int(rec["step"]), "reason": problem, "rolled_back_to": int(good[0]), "lr_scale": round(p.lr_factor**attempt, 6)})
+            ctx.log.warning("%s: %s at step %d; rolled back to step %d, retry %d of %d with learning rates x%g", ctx.stage, problem, rec["step"], good[0], attempt, p.retries, p.lr_factor**attempt)
+            update(trainer.step_idx - before)
+    if recoveries:
+        ctx.metrics["recoveries"] = recoveries
+
+
+def _snapshot(trainer: Any) -> tuple[int, dict[str, torch.Tensor], dict]:
+    tensors, meta = trainer.state()
+    return trainer.step_idx, {k: v.detach().clone() for k, v in tensors.items()}, json.loads(json.dumps(meta, default=str))
+
+
+def _scale_learning_rates(trainer: Any, factor: float) -> None:
+    for opt in (v for v in vars(trainer).values() if isinstance(v, torch.optim.Optimizer)):
+        for group in opt.param_groups:
+            group["lr"] *= factor
+            if "base_lr" in group:
+                group["base_lr"] *= factor
 
 
 # ---- checkpoint files ---------------------------------------------------------------------
