@@ -330,7 +330,12 @@ def show(key: str = typer.Argument(..., help="artifact key, a unique prefix, or 
 @app.command()
 def gc(store: str = typer.Option("./artifacts"), dry_run: bool = typer.Option(False, "--dry-run")) -> None:
     """Remove artifacts that no run references (and stale temp folders)."""
-    removed = _open_store(store).gc(dry_run=dry_run)
+    from t3d.store import StoreError
+
+    try:
+        removed = _open_store(store).gc(dry_run=dry_run)
+    except StoreError as exc:
+        _fail_input(f"gc stopped, nothing deleted: {exc}")
     verb = "would remove" if dry_run else "removed"
     out.print(f"{verb} {len(removed)} item(s)" + ("".join(f"\n  {k}" for k in removed)))
 

@@ -58,6 +58,10 @@ _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 CHECKPOINT_INDEX = "index.json"
 
 
+class StoreError(ValueError):
+    """The store cannot do what was asked as it stands (e.g. a damaged run record blocks gc)."""
+
+
 class ArtifactCorrupt(Exception):
     """An artifact folder exists but cannot be trusted (missing manifest, missing file, bad hash)."""
 
@@ -678,15 +682,27 @@ class ArtifactStore:
         with self.fs.open(f"{self.root}/runs/{run_id}.json", "w") as f:
             f.write(json.dumps({**record, "run_id": run_id, "updated": _now()}, indent=2, sort_keys=True, default=str))
 
-    def runs(self) -> list[dict]:
+    def runs(self, strict: bool = False) -> list[dict]:
+        """Every run record. An unreadable one is skipped with a warning, or, strict (gc, which
+        must not delete what a damaged record references), raises StoreError naming it."""
         base = f"{self.root}/runs"
         if not self.fs.exists(base):
             return []
         out = []
         for p in sorted(self.fs.ls(base, detail=False)):
             if p.endswith(".json"):
-                with self.fs.open(p, "r") as f:
-                    out.append(json.load(f))
+                try:
+                    with self.fs.open(p, "r") as f:
+                        record = json.load(f)
+                    if not isinstance(record, dict) or not isinstance(record.get("stages", {}), dict):
+                        raise ValueError("not a run record")
+                except (OSError, ValueError, UnicodeDecodeError) as exc:
+                    message = f"run record {p} is unreadable ({type(exc).__name__}: {str(exc)[:80]}); delete it or re-run its flow"
+                    if strict:
+                        raise StoreError(message) from None
+                    log.warning("%s", message)
+                    continue
+                out.append(record)
         return out
 
     def gc(self, dry_run: bool = False, min_age_s: float = 3600.0, stale_s: float = 120.0) -> list[str]:
@@ -701,7 +717,7 @@ class ArtifactStore:
           .tmp/<name>         the store's temp folders, untouched for min_age_s
         dry_run deletes nothing and returns exactly the list a real run would act on.
         """
-        referenced = {key for run in self.runs() for key in run.get("stages", {}).values()}
+        referenced = {key for run in self.runs(strict=True) for key in run.get("stages", {}).values()}
         live: dict[str, bool] = {}
 
         def is_live(key: str) -> bool:

@@ -37,7 +37,7 @@ def test_run_show_ls_gc(tmp_path, monkeypatch):
     listed = runner.invoke(app, ["ls", "--store", store])
     assert "a red cube" in listed.stdout and "1 unreferenced" in listed.stdout
     gone = runner.invoke(app, ["gc", "--store", store])
-    assert gone.exit_code == 0 and "removed 1 artifacts" in gone.stdout and "c-" in gone.stdout
+    assert gone.exit_code == 0 and "removed 1 item(s)" in gone.stdout and "objects/c-" in gone.stdout
 
     missing = runner.invoke(app, ["show", "zzz", "--store", store])
     assert missing.exit_code == 2
