@@ -42,6 +42,8 @@ OUT=$(cd "$OUT" && pwd)
 WORK=${T3D_CHECK_WORK:-${TMPDIR:-/tmp}/t3d-device-check}
 rm -rf "$WORK" && mkdir -p "$WORK"
 BUDGET=${T3D_CHECK_BUDGET_S:-460}
+ONLY=${T3D_CHECK_ONLY:-} # e.g. "tcnn": only the named parts (nv sds toy tcnn), for a short rerun of one
+want() { [[ -z "$ONLY" || " $ONLY " == *" $1 "* ]]; }
 RESERVE=12 # seconds kept for the summary
 START=$(date +%s)
 if (( DRY )) && [[ -z "${PYTHON:-}" && -x .venv/bin/python ]]; then PY=$ROOT/.venv/bin/python; else PY=${PYTHON:-python3}; fi
@@ -476,7 +478,9 @@ export TORCH_EXTENSIONS_DIR=$WORK/torch_extensions
 TCNN_DEADLINE=$(( BUDGET - 75 - $(elapsed) )) # leave time for its parity tests after the flow
 tcnn_status() { printf '{"skipped": "%s"}\n' "$1" >"$WORK/tcnn.json"; echo "tinycudann parity skipped: $1"; }
 TCNN_PID=""
-if [[ -f "$TCNN_BINDINGS/setup.py" ]]; then
+if ! want tcnn; then
+  tcnn_status "not asked for (T3D_CHECK_ONLY=$ONLY)"
+elif [[ -f "$TCNN_BINDINGS/setup.py" ]]; then
   echo "=== [tcnn_build] background, deadline ${TCNN_DEADLINE}s from $(elapsed)s"
   (
     cd "$TCNN_BINDINGS" || exit 1
@@ -496,8 +500,9 @@ if [[ -f "$TCNN_BINDINGS/setup.py" ]]; then
       sed -i 's/^\(\s*\)base_cflags = \[f"-std=c++{cpp_standard}"\]$/\1base_cflags = ["-std=c++20"]/' setup.py
     fi
     echo "tinycudann: g++ C++$std ($(grep -c 'base_cflags = \["-std=c++20"\]' setup.py) line set), nvcc C++17"
+    mkdir -p tinycudann_bindings # build_ext --inplace copies _90_C*.so there and does not create it
     t0=$(date +%s)
-    TCNN_CUDA_ARCHITECTURES=90 MAX_JOBS=8 timeout -k 5 "$TCNN_DEADLINE" nice -n 19 "$PY" setup.py --no-networks build_ext --inplace >"$WORK/tcnn_build.out" 2>&1
+    TCNN_CUDA_ARCHITECTURES=90 MAX_JOBS=$([[ "$ONLY" == tcnn ]] && echo 16 || echo 8) timeout -k 5 "$TCNN_DEADLINE" nice -n 19 "$PY" setup.py --no-networks build_ext --inplace >"$WORK/tcnn_build.out" 2>&1
     rc=$?
     echo "$rc $(( $(date +%s) - t0 ))" >"$WORK/tcnn_build.rc"
   ) &
@@ -507,15 +512,17 @@ else
 fi
 
 # nvdiffrast: JIT build (all cores), then everything that uses it
-TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 step nvdiffrast 240 "${NV_BUILD[@]}"
-step parity 120 "${PARITY_NV[@]}"
-step raster_bench 60 "${RASTER[@]}"
-step sds_bench 150 "${SDS16[@]}"
-step toy_flow 200 "${TOY[@]}"
+if want nv; then
+  TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 step nvdiffrast 240 "${NV_BUILD[@]}"
+  step parity 120 "${PARITY_NV[@]}"
+  step raster_bench 60 "${RASTER[@]}"
+fi
+want sds && step sds_bench 150 "${SDS16[@]}"
+want toy && step toy_flow 200 "${TOY[@]}"
 
 # the fp32 bench fills the GPU while the tinycudann build is still going (else it runs last)
 FP32_DONE=0
-if [[ -n "$TCNN_PID" ]] && kill -0 "$TCNN_PID" 2>/dev/null && (( $(left) > 170 )); then
+if want sds && [[ -n "$TCNN_PID" ]] && kill -0 "$TCNN_PID" 2>/dev/null && (( $(left) > 170 )); then
   step sds_bench_fp32 90 "${SDS32[@]}"
   FP32_DONE=1
 fi
@@ -541,7 +548,7 @@ if [[ -n "$TCNN_PID" ]]; then
   cp "$WORK/tcnn_build.out" "$OUT/tcnn_build.log" 2>/dev/null
 fi
 
-(( FP32_DONE )) || step sds_bench_fp32 90 "${SDS32[@]}"
+(( FP32_DONE )) || ! want sds || step sds_bench_fp32 90 "${SDS32[@]}"
 write_summary
 echo "device check done in $(elapsed)s"
 sleep 1 # let the log's tee catch up
