@@ -11,7 +11,6 @@ for the others, lora.safetensors, previews and both learning curves.
 from __future__ import annotations
 
 import json
-import math
 import time
 
 import torch
