@@ -652,7 +652,7 @@ class ArtifactStore:
                 return
             if self._lock_is_stale(key, stale_s):
                 if self.fs.exists(self._lock(key)):  # gone meanwhile: just try again, never remove a new holder's lock
-                    log.warning("breaking stale lock on %s", key)
+                    log.warning("%s: the run that was computing it stopped (stale claim); taking over", key)
                     with contextlib.suppress(FileNotFoundError):
                         self.fs.rm(self._lock(key))
                 continue
