@@ -2,6 +2,9 @@
 # Set up everything t3d needs on a fresh machine, from this repo's own files. Idempotent.
 #   .venv/               Python environment (CPU torch 2.13.0 unless T3D_TORCH says otherwise)
 #   .tools/node_modules  Khronos glTF validator, used by the export tests
+# T3D_CUDA=1 sets up a CUDA machine instead: a CUDA torch (T3D_TORCH, default the index's `torch`),
+# nvdiffrast (`diffrp-nvdiffrast`: its sources, built by torch on first use with nvcc + ninja) and
+# tinycudann from its git source when the machine reaches GitHub (else the one command to run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,10 +19,30 @@ pip_install() {  # quiet pip; on failure print everything and stop
   fi
   grep -v "is ignored" "$log" || true; rm -f "$log"
 }
-# Pin torch first: an unpinned `torch` would pull a multi-GB CUDA build.
-pip_install "${T3D_TORCH:-torch==2.13.0}"
+# Pin torch first: an unpinned `torch` would pull a multi-GB CUDA build (wanted only with T3D_CUDA=1).
+CUDA=${T3D_CUDA:-0}
+if [ "$CUDA" = 1 ]; then
+  pip_install "${T3D_TORCH:-torch}"
+else
+  pip_install "${T3D_TORCH:-torch==2.13.0}"
+fi
 pip_install -e ".[dev]"
 .venv/bin/python -c "import t3d.cli.main" >/dev/null
+
+if [ "$CUDA" = 1 ]; then
+  pip_install ".[cuda]" ninja
+  command -v nvcc >/dev/null 2>&1 || echo "warning: nvcc not found: nvdiffrast and tinycudann need the CUDA toolkit (nvcc) to build; install it, or the torch twins are used" >&2
+  TCNN_GIT="git+https://github.com/NVlabs/tiny-cuda-nn/#subdirectory=bindings/torch"
+  if .venv/bin/python -c "import tinycudann" >/dev/null 2>&1; then
+    echo "tinycudann: already installed"
+  elif command -v nvcc >/dev/null 2>&1 && command -v git >/dev/null 2>&1 && timeout 15 git ls-remote https://github.com/NVlabs/tiny-cuda-nn HEAD >/dev/null 2>&1; then
+    echo "tinycudann: building from its git source (several minutes per GPU architecture) ..."
+    pip_install --no-build-isolation "$TCNN_GIT"
+  else
+    echo "tinycudann: not installed (this machine cannot reach GitHub, or has no nvcc); where it can: .venv/bin/pip install --no-build-isolation \"$TCNN_GIT\"" >&2
+  fi
+  .venv/bin/t3d doctor || true
+fi
 
 if command -v npm >/dev/null 2>&1; then
   if [ ! -d .tools/node_modules/gltf-validator ]; then

@@ -25,7 +25,7 @@ from pydantic import Field
 from safetensors.torch import load_file, save_file
 
 from t3d.cameras import CameraParams, orbit_cameras, sample_cameras, view_names
-from t3d.guidance import anneal_t_range, guidance_loss, opacity_entropy, opacity_sparsity, orientation_loss, TRange
+from t3d.guidance import anneal_t_range, guidance_loss, opacity_entropy, opacity_sparsity, orientation_loss, TRange, CFG_CONVENTION
 from t3d.nerf import FieldParams, NeRFField
 from t3d.stage import Stage, StageContext, StageParams, decay_learning_rates, flatten_optimizer, optimise, restore_optimizer
 from t3d.toyeval import evaluate_field
@@ -49,7 +49,7 @@ class CoarseParams(StageParams):
     lr_mlp: float = Field(3e-3, gt=0)
     lr_bg: float = Field(1e-3, gt=0)
     lr_end_factor: float = Field(0.1, gt=0, le=1, description="learning rates decay exponentially to this factor by the last step")
-    guidance_scale: float | None = Field(7.5, description="CFG scale for the score; None: the prior's sampling default (7.5 for the toy prior). SD wants ~100")
+    guidance_scale: float | None = Field(7.5, description="CFG scale for the score; None: the prior's sampling default (7.5 for the toy prior). SD wants ~100. " + CFG_CONVENTION)
     t_range: TRange = (0.02, 0.98)
     t_range_end: TRange | None = Field((0.02, 0.6), description="annealed to this by the last step; None: fixed")
     t_anneal: Literal["linear", "sqrt", "none"] = "linear"

@@ -25,7 +25,7 @@ from t3d.export import TexturedMesh, bake_texture, export_glb, load_textured, tu
 from t3d.dmtet import GeometrySettings, refine_geometry
 from t3d.mesh import auto_threshold, clean_mesh, extract_mesh, sample_grid
 from t3d.raster import make_raster_context
-from t3d.guidance import TRange
+from t3d.guidance import TRange, CFG_CONVENTION
 from t3d.stage import Stage, StageContext, StageParams
 from t3d.toyeval import evaluate_mesh
 from t3d.stages.coarse_nerf import load_field, write_loss_curve
@@ -51,7 +51,7 @@ class ExtractMeshParams(StageParams):
     geometry_lr: float = Field(2e-3, gt=0, description="Adam step on the SDF values (world units)")
     geometry_render_size: int = Field(64, ge=16)
     geometry_batch_size: int = Field(2, ge=1)
-    geometry_guidance_scale: float = Field(7.5, gt=0)
+    geometry_guidance_scale: float = Field(7.5, gt=0, description=CFG_CONVENTION)
     geometry_t_range: TRange = (0.02, 0.5)
     geometry_laplacian: float = Field(0.5, ge=0, description="weight of mesh smoothness (Laplacian, in voxels^2)")
     geometry_anchor: float = Field(10.0, ge=0, description="weight of the pull towards the coarse SDF (in voxels^2)")

@@ -19,7 +19,7 @@ from pydantic import Field
 
 from t3d.cameras import CameraBatch, sample_cameras, view_names
 from t3d.export import TexturedMesh, bake_texture, export_glb, turntable
-from t3d.guidance import anneal_t_range, guidance_loss, TRange
+from t3d.guidance import anneal_t_range, guidance_loss, TRange, CFG_CONVENTION
 from t3d.raster import make_raster_context, render_mesh
 from t3d.stage import Stage, StageContext, StageParams, flatten_optimizer, restore_optimizer
 from t3d.stages.coarse_nerf import load_field, write_loss_curve
@@ -36,7 +36,7 @@ class TextureParams(StageParams):
     resolution: int = Field(64, ge=16, description="raster size (the coarse stage renders 32)")
     lr_grid: float = Field(5e-3, gt=0)
     lr_mlp: float = Field(1e-3, gt=0)
-    guidance_scale: float | None = Field(None, description="None: the prior's default (vsd: 7.5)")
+    guidance_scale: float | None = Field(None, description="None: the prior's default (vsd: 7.5). " + CFG_CONVENTION)
     t_range: TRange = (0.02, 0.5)
     t_range_end: TRange | None = (0.02, 0.3)
     shading: str = Field("lambertian", pattern="^(albedo|lambertian)$")

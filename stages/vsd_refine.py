@@ -17,7 +17,7 @@ import torch
 from pydantic import Field
 
 from t3d.cameras import CameraParams, orbit_cameras, sample_cameras, view_names
-from t3d.guidance import anneal_t_range, opacity_entropy, TRange
+from t3d.guidance import anneal_t_range, opacity_entropy, TRange, CFG_CONVENTION
 from t3d.stage import Stage, StageContext, StageParams, decay_learning_rates, flatten_optimizer, optimise, restore_optimizer
 from t3d.stages.coarse_nerf import load_field, render_turntable, save_field, write_loss_curve, write_previews
 from t3d.toyeval import evaluate_field
@@ -33,7 +33,7 @@ class RefineParams(StageParams):
     batch_size: int = Field(2, ge=1, description="views per particle per step")
     resolution: int = Field(32, ge=8)
     n_samples: int = Field(48, ge=4)
-    guidance_scale: float = Field(7.5, gt=0, description="CFG of the pretrained branch (ProlificDreamer: 7.5)")
+    guidance_scale: float = Field(7.5, gt=0, description="CFG of the pretrained branch (ProlificDreamer: 7.5). " + CFG_CONVENTION)
     lora_guidance_scale: float = Field(1.0, gt=0)
     lora_rank: int = Field(4, ge=1)
     lora_lr: float = Field(1e-3, gt=0)

@@ -25,6 +25,12 @@ from pydantic import AfterValidator
 
 Weighting = Literal["sds", "uniform", "fantasia"]
 
+# The classifier-free guidance convention of every `guidance_scale` key, said once for all of them.
+CFG_CONVENTION = (
+    "diffusers' form eps_u + s (eps_c - eps_u); threestudio and the DreamFusion paper write "
+    "eps_c + w (eps_c - eps_u), so s = w + 1: a threestudio guidance_scale of 100 is 101 here, 7.5 is 8.5"
+)
+
 
 def _check_t_range(value: tuple[float, float]) -> tuple[float, float]:
     lo, hi = value

@@ -189,3 +189,29 @@ def test_coarse_trainer_checkpoint_resume_is_exact(tiny):
         torch.testing.assert_close(a, b, msg=k)
     assert [r["loss"] for r in straight.history] == [r["loss"] for r in resumed.history]
     assert {"orient", "sparsity", "entropy"} <= set(straight.history[-1])
+
+
+def test_guidance_scale_convention_is_diffusers_form_and_documented():
+    """t3d's s is threestudio's/DreamFusion's w + 1: eps_u + s (eps_c - eps_u) == eps_c + (s - 1) (eps_c - eps_u)."""
+    from t3d.guidance import CFG_CONVENTION
+    from t3d.priors import build_tiny_prior
+    from t3d.stages.coarse_nerf import CoarseParams
+    from t3d.stages.extract_mesh import ExtractMeshParams
+    from t3d.stages.texture_finetune import TextureParams
+    from t3d.stages.vsd_refine import RefineParams
+
+    prior = build_tiny_prior("pixel", seed=0, image_size=16)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 16, 16, generator=g)
+    t = torch.tensor([300, 700])
+    emb = prior.encode_text(["a red cube", "a red cube", "", ""])
+    cond, uncond = emb[:2], emb[2:]
+    eps_c = prior.predict_noise(x, t, cond)
+    eps_u = prior.predict_noise(x, t, uncond)
+    s = 7.5
+    ours = prior.predict_noise(x, t, cond, uncond, guidance_scale=s)
+    threestudio_w = s - 1
+    assert torch.allclose(ours, eps_c + threestudio_w * (eps_c - eps_u), atol=1e-5)
+    assert not torch.allclose(ours, eps_c + s * (eps_c - eps_u), atol=1e-3)
+    for model, key in ((CoarseParams, "guidance_scale"), (RefineParams, "guidance_scale"), (TextureParams, "guidance_scale"), (ExtractMeshParams, "geometry_guidance_scale")):
+        assert CFG_CONVENTION in (model.model_fields[key].description or ""), model.__name__
