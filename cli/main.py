@@ -286,7 +286,7 @@ def _open_store(store: str):
 
     try:
         check_store_uri(store, "--store", must_exist=True)
-        return ArtifactStore(store)
+        return ArtifactStore(store if "://" in store or "::" in store else os.path.expanduser(store))
     except ConfigError as exc:
         _fail_input(str(exc))
 
