@@ -309,3 +309,33 @@ def test_stage_context_loads_with_the_flow_options_and_records_them(monkeypatch,
     prior = ctx.load_prior()
     assert prior.dtype == torch.bfloat16 and prior.vae.use_slicing
     assert ctx.backend["compute"]["vae"] == "sliced" and ctx.backend["compute"]["dtype"] == "bfloat16"
+
+
+# ---- t3d doctor ----------------------------------------------------------------------------
+def test_doctor_recommends_a_profile_from_free_gpu_memory():
+    from t3d.doctor import recommend_profile
+
+    gib = 2**30
+    assert recommend_profile(None).startswith("no GPU: compute: options other than precision do nothing useful here")
+    assert "defaults" in recommend_profile(40 * gib) and "low-memory" not in recommend_profile(40 * gib)
+    assert "profile: low-memory" in recommend_profile(12 * gib) and "may not fit" not in recommend_profile(12 * gib)
+    assert "profile: low-memory" in recommend_profile(6 * gib) and "SD 2.1 at 512 px may not fit" in recommend_profile(6 * gib)
+
+
+def test_doctor_names_the_install_command_of_each_missing_piece(monkeypatch):
+    from t3d import doctor
+
+    rows = {name: (ok, detail) for name, ok, detail in doctor.checks()}
+    assert "compute profile" in rows
+    if torch.cuda.is_available():
+        assert "GiB free of" in rows["GPU memory"][1]
+    else:
+        assert rows["compute profile"][1].startswith("no GPU")
+        if torch.version.cuda is None:
+            assert "T3D_TORCH=torch bash scripts/install.sh" in rows["CUDA"][1]
+    for lib, command in (("nvdiffrast", "pip install diffrp-nvdiffrast"), ("tinycudann", "tiny-cuda-nn/#subdirectory=bindings/torch")):
+        ok, detail = rows[lib]
+        assert ok or command in detail, detail
+    monkeypatch.setattr(doctor, "_try", lambda fn: (False, "ModuleNotFoundError: no module"))
+    rows = {name: detail for name, ok, detail in doctor.checks() if name == "xatlas"}
+    assert "`bash scripts/install.sh` installs it" in rows["xatlas"]
