@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from t3d.cameras import CameraParams
+from t3d.priors.compute import ComputeParams
 from t3d.stage import ExecutorParams, RecoveryParams
 from t3d.stages import PIPELINE, StageRegistry, registry_from_env
 
@@ -32,6 +33,7 @@ class FlowBase(BaseModel):
     name: str | None = Field(None, description="run name; defaults to the prompt's slug")
     executor: ExecutorParams | None = Field(None, description="run the whole flow on this Prefect work pool")
     recovery: RecoveryParams = Field(default_factory=RecoveryParams, description="how a diverging stage rolls back and retries")
+    compute: ComputeParams = Field(default_factory=ComputeParams, description="precision, attention, VAE, offload, channels_last, compile of the prior")
 
     @field_validator("prompt", "negative_prompt")
     @classmethod

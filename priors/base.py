@@ -8,11 +8,15 @@ and ask for (CFG-combined) noise predictions. The embedded toy prior, Stable Dif
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+
+_log = logging.getLogger("t3d")
 
 
 @dataclass
@@ -31,6 +35,12 @@ class DiffusionPrior:
     dtype: torch.dtype = torch.float32
     default_guidance_scale: float = 7.5
     extra: dict = field(default_factory=dict)
+    # flow.yaml `compute:` as applied (priors/compute.py apply_compute), for manifests
+    compute: dict = field(default_factory=dict)
+    # offload: where the text encoder and the VAE's decoder wait between calls (None: no offload)
+    offload_device: torch.device | None = None
+    # compute.compile: torch.compile(unet), sharing its weights; dropped (eager) if it ever fails
+    compiled_unet: Any = None
 
     # ---- schedule -------------------------------------------------------------------------
     @property
@@ -55,7 +65,8 @@ class DiffusionPrior:
         kwargs = {}
         if self.extra.get("text_attention_mask"):  # DeepFloyd IF's T5 masks its padding
             kwargs["attention_mask"] = tokens.attention_mask.to(self.device)
-        out = self.text_encoder(tokens.input_ids.to(self.device), **kwargs)
+        with self.visiting(self.text_encoder):
+            out = self.text_encoder(tokens.input_ids.to(self.device), **kwargs)
         hidden = out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
         return hidden.to(self.dtype)
 
@@ -75,8 +86,24 @@ class DiffusionPrior:
     def model_to_images(self, x: torch.Tensor) -> torch.Tensor:
         """Model-space samples -> RGB [B,3,H,W] in [0,1]."""
         if self.space == "latent":
-            x = self.vae.decode(x / self.vae.config.scaling_factor).sample
+            with self.visiting(self.vae.decoder, self.vae.post_quant_conv):
+                x = self.vae.decode(x / self.vae.config.scaling_factor).sample
         return ((x.float() + 1.0) / 2.0).clamp(0, 1)
+
+    @contextlib.contextmanager
+    def visiting(self, *modules):
+        """With `offload: encoders`, move offloaded modules to the device for one call and back."""
+        modules = [m for m in modules if isinstance(m, torch.nn.Module)]
+        if self.offload_device is None or not modules:
+            yield
+            return
+        for m in modules:
+            m.to(self.device)
+        try:
+            yield
+        finally:
+            for m in modules:
+                m.to(self.offload_device)
 
     # ---- noise prediction -----------------------------------------------------------------
     def predict_noise(
@@ -99,9 +126,10 @@ class DiffusionPrior:
             t = t.expand(x_t.shape[0])
         x_t = x_t.to(self.dtype)
         if uncond is None or guidance_scale == 1.0:
-            out = net(x_t, t, encoder_hidden_states=cond.to(self.dtype), **unet_kwargs).sample
+            out = self._unet_call(net, x_t, t, encoder_hidden_states=cond.to(self.dtype), **unet_kwargs).sample
             return self._eps(out, x_t, t)
-        out = net(
+        out = self._unet_call(
+            net,
             torch.cat([x_t, x_t]),
             torch.cat([t, t]),
             encoder_hidden_states=torch.cat([cond, uncond]).to(self.dtype),
@@ -110,6 +138,20 @@ class DiffusionPrior:
         out = self._eps(out, torch.cat([x_t, x_t]), torch.cat([t, t]))
         eps_cond, eps_uncond = out.chunk(2)
         return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+    def _unet_call(self, net, *args, **kwargs):
+        """net(*args, **kwargs), through the compiled UNet when compute.compile gave one. A compiled
+        call that raises (inductor, a missing compiler) is retried eagerly, with one warning, and
+        the compiled UNet is dropped for good; an error the eager UNet repeats is raised as is."""
+        if net is self.unet and self.compiled_unet is not None:
+            try:
+                return self.compiled_unet(*args, **kwargs)
+            except Exception as exc:
+                self.compiled_unet = None
+                first = str(exc).splitlines()[0][:200] if str(exc) else ""
+                self.compute["compile"] = f"failed, eager: {type(exc).__name__}: {first}"
+                _log.warning("compute.compile: the compiled UNet failed (%s: %s); running it uncompiled from now on", type(exc).__name__, first)
+        return net(*args, **kwargs)
 
     def _eps(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         # DeepFloyd IF predicts (eps, variance) stacked on channels: keep eps.
@@ -133,4 +175,5 @@ class DiffusionPrior:
             "image_size": self.image_size,
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
+            **({"compute": self.compute} if self.compute else {}),
         }

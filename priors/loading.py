@@ -399,9 +399,19 @@ def _image_size(family: str, comps: dict, meta: dict) -> int:
     return int(meta.get("image_size", unet_size))
 
 
-def load_prior(source: str = "embedded", device="cpu", dtype: torch.dtype | None = None) -> DiffusionPrior:
-    """Load a prior (see module doc for sources). fp16 on CUDA by default, fp32 on CPU."""
+def load_prior(source: str = "embedded", device="cpu", dtype: torch.dtype | None = None, compute=None) -> DiffusionPrior:
+    """Load a prior (see module doc for sources). fp16 on CUDA by default, fp32 on CPU (the tiny
+    test priors: fp32 everywhere). `compute` (priors/compute.py ComputeParams, flow.yaml
+    `compute:`) sets the precision unless `dtype` is given, and the memory and speed options."""
+    from .compute import apply_compute
+
     device = torch.device(device)
+    if dtype is None and compute is not None:
+        dtype = compute.torch_dtype()
+    return apply_compute(_load(source, device, dtype), compute)
+
+
+def _load(source: str, device: torch.device, dtype: torch.dtype | None) -> DiffusionPrior:
     kind, where = resolve_source(source)
     if kind == "tiny":
         from .tiny import build_tiny_prior

@@ -91,5 +91,6 @@ STAGE = Stage(
     inputs=(SOURCE,),
     optional_inputs=("texture",),
     run=run,
+    uses_prior=False,
     description="GLB (PBR, non-metallic) and OBJ+MTL+PNG named after the asset, with a turntable of the files",
 )

@@ -114,6 +114,8 @@ def plan(cfg, prompt: str, registry, store: ArtifactStore, force_from: str | Non
         context = {"camera": cfg.camera.model_dump(mode="json")}
         if stage.uses_prompt:
             context.update(prompt=prompt, negative_prompt=cfg.negative_prompt)
+        if stage.uses_prior and cfg.compute.key_context():  # only compute: options that change results (priors/compute.py)
+            context["compute"] = cfg.compute.key_context()
         key = artifact_key(name, stage.version, params.key_params(), cfg.seed, inputs, prior, context)
         keys[name] = key
         forcing = forcing or name == force_from
@@ -207,6 +209,7 @@ def _compute(cfg, prompt, step, registry, store, stage_log, progress_hooks, show
                 checkpoint_dir=checkpoints,
                 checkpoint_sync=lambda: store.sync_checkpoint(step.key),
                 recovery=cfg.recovery,
+                compute=cfg.compute,
                 camera=cfg.camera,
                 log=stage_log,
                 progress_hooks=list(progress_hooks or []),

@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from t3d.cameras import CameraParams
+from t3d.priors.compute import ComputeParams
 from t3d.store import apply_umask
 
 _log = logging.getLogger("t3d.stage")
@@ -70,6 +71,7 @@ class Stage:
     run: Callable[["StageContext"], None]
     optional_inputs: tuple[str, ...] = ()  # read when enabled in the flow (e.g. refine's field over coarse's)
     uses_prompt: bool = False  # True: the prompt text itself is part of the key (encode_prompt)
+    uses_prior: bool = True  # False: never runs the prior, so compute: options that change results stay out of its key (export)
     description: str = ""
 
 
@@ -98,13 +100,17 @@ class StageContext:
     show_progress: bool = True
     checkpoint_sync: Callable[[], None] | None = None  # called after each checkpoint write (the store makes it durable)
     recovery: RecoveryParams = field(default_factory=RecoveryParams)
+    compute: ComputeParams = field(default_factory=ComputeParams)  # flow.yaml `compute:`
 
     # ---- shared resources -----------------------------------------------------------------
     def load_prior(self):
-        """The prior for this run (loaded once per process and device)."""
+        """The prior for this run (loaded once per process, device and compute: options); what
+        compute: applied lands in the manifest's backend."""
         from t3d.priors import load_prior
 
-        return _cached_prior(load_prior, self.prior_source, str(self.device))
+        prior = _cached_prior(load_prior, self.prior_source, str(self.device), self.compute)
+        self.backend["compute"] = prior.compute
+        return prior
 
     def generator(self, offset: int = 0, device: torch.device | str | None = None) -> torch.Generator:
         """A torch.Generator seeded from the run seed (offset separates independent streams)."""
@@ -155,13 +161,18 @@ class StageContext:
         return load_checkpoint(self.checkpoint_dir, self.log)
 
 
-_prior_cache: dict[tuple[str, str], Any] = {}
+_prior_cache: dict[tuple, Any] = {}
 
 
-def _cached_prior(loader, source: str, device: str):
-    key = (source, device)
+def _cached_prior(loader, source: str, device: str, compute: ComputeParams | None = None):
+    """One loaded prior per (source, device, compute options that shape the loaded object). A new
+    set of options for the same source and device replaces the old copy rather than holding two
+    models in GPU memory."""
+    key = (source, device, compute.load_key() if compute is not None else None)
     if key not in _prior_cache:
-        _prior_cache[key] = loader(source, device=device)
+        for old in [k for k in _prior_cache if k[:2] == key[:2]]:
+            del _prior_cache[old]
+        _prior_cache[key] = loader(source, device=device) if compute is None else loader(source, device=device, compute=compute)
     return _prior_cache[key]
 
 

@@ -1,0 +1,341 @@
+"""flow.yaml `compute:` (priors/compute.py): every option against the default's SDS gradient on the
+tiny priors, which options enter artifact keys, the prior cache, compile's fallback.
+
+Tolerances (measured on this project's 2-core CPU machine, torch 2.13, SDS gradient w.r.t. a fixed
+[2,3,32,32] render, CFG 7.5, fixed noise and timesteps; "rel" = max |g - g_default| / max |g_default|):
+- attention: sliced, vae: sliced, channels_last: rel <= 4.1e-6 (asserted <= 1e-5);
+  vae: tiled and offload: encoders are bit-identical on a CPU (tiling only starts above the VAE's
+  tile size; offload is a no-op without a GPU);
+- precision: bf16: ||g - g_default|| / ||g_default|| 0.025-0.032 (asserted <= 0.08, cosine >= 0.99);
+- precision: fp16 (CPU kernels exist in torch >= 2.1): 0.003-0.004 (asserted <= 0.02);
+- compile (T3D_TEST_COMPILE=1 only, ~55 s of inductor on a CPU): predict_noise 8.5e-6 of max |eps|.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+
+from t3d import runner
+from t3d.flows.config import ConfigError, validate
+from t3d.guidance import guidance_loss
+from t3d.priors import load_prior
+from t3d.priors.compute import PROFILES, ComputeParams
+from t3d.stages import default_registry
+from t3d.store import ArtifactStore, artifact_key
+
+EXACT_REL = 1e-5
+BF16_REL_NORM, FP16_REL_NORM = 0.08, 0.02
+
+# Planned keys recorded at commit 347f25e, before `compute:` existed: a flow without the block
+# must keep them (every artifact already in a store stays reusable).
+TINY_FLOW = {"prompt": "a red cube", "prior": "tiny-pixel", "stages": {"refine": {"enabled": True}}}
+TINY_KEYS = {
+    "encode_prompt": "encode_prompt-68ffb64f0ec4aa9b7d9d",
+    "coarse": "coarse-3f34ea077832b71fc2b4",
+    "refine": "refine-262a55c58f04a3d2949f",
+    "extract_mesh": "extract_mesh-9be918f1e558392a1d91",
+    "texture": "texture-a549ad8af1963d515bf2",
+    "export": "export-5421addaf7a3f8d61a14",
+}
+LATENT_FLOW = {"prompt": "a red cube", "prior": "tiny-latent"}
+LATENT_KEYS = {
+    "encode_prompt": "encode_prompt-4306cdb9323ec486ff21",
+    "coarse": "coarse-ae11601ecf0a89ded69f",
+    "extract_mesh": "extract_mesh-fe29c277f25ccfd054c3",
+    "texture": "texture-099a231a7835fdd2b3e8",
+    "export": "export-921a2b7f2980b3d26c5b",
+}
+
+
+# ---- artifact keys -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def registry():
+    return default_registry()
+
+
+def _keys(data: dict, registry, tmp_path) -> dict[str, str]:
+    cfg = validate(data, registry)
+    return {p.name: p.key for p in runner.plan(cfg, cfg.prompt, registry, ArtifactStore(str(tmp_path / "store")))}
+
+
+def test_a_flow_without_compute_keeps_its_keys(registry, tmp_path):
+    assert _keys(TINY_FLOW, registry, tmp_path) == TINY_KEYS
+    assert _keys(LATENT_FLOW, registry, tmp_path) == LATENT_KEYS
+    assert _keys({**TINY_FLOW, "compute": {}}, registry, tmp_path) == TINY_KEYS
+    assert _keys({**TINY_FLOW, "compute": {"precision": "auto", "profile": "default"}}, registry, tmp_path) == TINY_KEYS
+
+
+def test_options_that_cannot_change_results_stay_out_of_keys(registry, tmp_path):
+    same = {"attention": "sliced", "vae": "sliced", "offload": "encoders", "channels_last": True, "compile": True}
+    assert _keys({**TINY_FLOW, "compute": same}, registry, tmp_path) == TINY_KEYS
+    assert _keys({**LATENT_FLOW, "compute": same}, registry, tmp_path) == LATENT_KEYS
+    assert _keys({**LATENT_FLOW, "compute": {"profile": "low-memory"}}, registry, tmp_path) == LATENT_KEYS
+
+
+def test_precision_enters_only_the_keys_of_stages_that_run_the_prior(registry, tmp_path):
+    cfg = validate({**TINY_FLOW, "compute": {"precision": "fp16"}}, registry)
+    planned = {p.name: p for p in runner.plan(cfg, cfg.prompt, registry, ArtifactStore(str(tmp_path / "store")))}
+    for name in ("encode_prompt", "coarse", "refine", "extract_mesh", "texture"):
+        assert registry[name].uses_prior and planned[name].key != TINY_KEYS[name], name
+    # export never runs the prior: its key changes only because its inputs did; its own context
+    # is exactly what it was without `compute:`.
+    export = planned["export"]
+    assert not registry["export"].uses_prior
+    prior = runner.prior_identity(cfg.prior)
+    expected = artifact_key("export", registry["export"].version, cfg.stages.export.key_params(), cfg.seed, export.inputs, prior, {"camera": cfg.camera.model_dump(mode="json")})
+    assert export.key == expected
+    # each explicit precision is its own key; tiled VAE changes results, so it is keyed too
+    others = [_keys({**TINY_FLOW, "compute": {"precision": p}}, registry, tmp_path)["encode_prompt"] for p in ("fp32", "fp16", "bf16")]
+    assert len(set(others) | {TINY_KEYS["encode_prompt"]}) == 4
+    tiled = _keys({**LATENT_FLOW, "compute": {"vae": "tiled"}}, registry, tmp_path)
+    assert tiled["encode_prompt"] != LATENT_KEYS["encode_prompt"]
+
+
+def test_compute_block_is_validated():
+    with pytest.raises(ConfigError, match=r"unknown key 'compute.precison'. did you mean 'precision'"):
+        validate({"prompt": "a", "compute": {"precison": "fp16"}})
+    with pytest.raises(ConfigError, match=r"'compute.precision': Input should be 'auto', 'fp32', 'fp16' or 'bf16'"):
+        validate({"prompt": "a", "compute": {"precision": "fp8"}})
+    with pytest.raises(ConfigError, match=r"'compute.compile': Input should be a valid boolean"):
+        validate({"prompt": "a", "compute": {"compile": "maybe"}})
+    with pytest.raises(ConfigError, match=r"'compute.profile': Input should be 'default' or 'low-memory'"):
+        validate({"prompt": "a", "compute": {"profile": "low-mem"}})
+
+
+def test_profile_expands_and_written_keys_win():
+    low = ComputeParams(profile="low-memory")
+    assert {k: getattr(low, k) for k in PROFILES["low-memory"]} == PROFILES["low-memory"]
+    assert low.precision == "auto" and low.attention == "sdpa" and low.key_context() == {}
+    mixed = ComputeParams(profile="low-memory", offload="none", attention="sliced")
+    assert (mixed.vae, mixed.offload, mixed.attention) == ("sliced", "none", "sliced")
+    # a config sent to a worker (model_dump, then validated again) means the same thing
+    assert ComputeParams.model_validate(mixed.model_dump(mode="json")) == mixed
+
+
+# ---- gradients -----------------------------------------------------------------------------
+def sds_grad(prior) -> torch.Tensor:
+    """The SDS gradient w.r.t. a fixed render: fixed noise and timesteps (generator), and the VAE
+    posterior's sample (diffusers draws it from the global RNG) seeded too."""
+    torch.manual_seed(123)
+    gen = torch.Generator().manual_seed(0)
+    rgb = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    cond = prior.encode_text(["a red cube, front view", "a red cube, side view"])
+    uncond = prior.encode_text(["", ""])
+    loss, _ = guidance_loss("sds", prior, rgb, cond, uncond, guidance_scale=7.5, generator=gen)
+    loss.backward()
+    assert loss.dtype == torch.float32 and rgb.grad.dtype == torch.float32  # the field side stays fp32
+    return rgb.grad
+
+
+@pytest.fixture(scope="module")
+def default_grads():
+    return {src: sds_grad(load_prior(src)) for src in ("tiny-latent", "tiny-pixel")}
+
+
+def _rel_max(g, ref) -> float:
+    return float((g - ref).abs().max() / ref.abs().max())
+
+
+def _rel_norm(g, ref) -> float:
+    return float((g - ref).norm() / ref.norm())
+
+
+EXACT = [
+    {"attention": "sliced"},
+    {"vae": "sliced"},
+    {"vae": "tiled"},
+    {"offload": "encoders"},
+    {"channels_last": True},
+    {"attention": "sliced", "vae": "sliced", "offload": "encoders", "channels_last": True},
+]
+
+
+@pytest.mark.parametrize("source", ["tiny-latent", "tiny-pixel"])
+@pytest.mark.parametrize("options", EXACT, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_same_maths_options_give_the_default_gradient(source, options, default_grads):
+    prior = load_prior(source, compute=ComputeParams(**options))
+    if options.get("attention") == "sliced":
+        assert any("Sliced" in type(p).__name__ for p in prior.unet.attn_processors.values())
+    if options.get("channels_last"):
+        w = prior.unet.conv_in.weight
+        assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+    if prior.vae is not None and "vae" in options:
+        assert getattr(prior.vae, "use_" + {"sliced": "slicing", "tiled": "tiling"}[options["vae"]])
+    g = sds_grad(prior)
+    rel = _rel_max(g, default_grads[source])
+    print(f"{source} {options}: max abs diff / max |grad| = {rel:.3g}")
+    assert rel <= EXACT_REL
+
+
+def _half_ok(dtype) -> bool:
+    try:
+        torch.nn.functional.conv2d(torch.ones(1, 1, 4, 4, dtype=dtype), torch.ones(1, 1, 3, 3, dtype=dtype))
+        return True
+    except RuntimeError:
+        return False
+
+
+@pytest.mark.parametrize("source", ["tiny-latent", "tiny-pixel"])
+@pytest.mark.parametrize("precision,bound", [("bf16", BF16_REL_NORM), ("fp16", FP16_REL_NORM)])
+def test_half_precision_is_close_to_fp32(source, precision, bound, default_grads):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    if not _half_ok(dtype):
+        pytest.skip(f"this torch build has no CPU {precision} convolution")
+    prior = load_prior(source, compute=ComputeParams(precision=precision))
+    assert prior.dtype == dtype and next(prior.unet.parameters()).dtype == dtype
+    assert prior.compute["dtype"] == str(dtype).replace("torch.", "")
+    g, ref = sds_grad(prior), default_grads[source]
+    rel, cos = _rel_norm(g, ref), float(torch.nn.functional.cosine_similarity(g.flatten(), ref.flatten(), dim=0))
+    print(f"{source} {precision}: ||g - g_fp32|| / ||g_fp32|| = {rel:.3g}, cosine {cos:.5f}")
+    assert rel <= bound and cos >= 0.99
+
+
+def test_explicit_fp32_is_auto_on_a_cpu(default_grads):
+    assert torch.equal(sds_grad(load_prior("tiny-latent", compute=ComputeParams(precision="fp32"))), default_grads["tiny-latent"])
+
+
+def test_vsd_lora_copy_keeps_the_options():
+    """VSD deep-copies prior.unet for its LoRA branch: sliced attention and channels_last travel
+    with it, and a fresh LoRA still predicts what the pretrained UNet does."""
+    from t3d.vsd import make_lora_unet
+
+    outs = []
+    for compute in (None, ComputeParams(attention="sliced", channels_last=True)):
+        prior = load_prior("tiny-pixel", compute=compute)
+        lora = make_lora_unet(prior.unet, rank=2)
+        x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        t, cond = torch.tensor([200, 700]), prior.encode_text(["a", "b"])
+        with torch.no_grad():
+            outs.append(prior.predict_noise(x, t, cond, unet=lora, class_labels=torch.zeros(2, 16)))
+    assert _rel_max(outs[1], outs[0]) <= EXACT_REL
+
+
+# ---- offload, compile, the prior cache -----------------------------------------------------
+def test_offload_is_a_recorded_no_op_on_a_cpu():
+    prior = load_prior("tiny-latent", compute=ComputeParams(offload="encoders"))
+    assert prior.offload_device is None and prior.compute["offload"].startswith("none (the device is the CPU)")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: offload moves modules between the GPU and the CPU")
+def test_offload_keeps_encoders_on_the_cpu_between_calls():
+    prior = load_prior("tiny-latent", device="cuda", compute=ComputeParams(offload="encoders"))
+    ref = load_prior("tiny-latent", device="cuda")
+    assert prior.compute["offload"] == "encoders"
+    on_cpu = lambda: {next(m.parameters()).device.type for m in (prior.text_encoder, prior.vae.decoder)}  # noqa: E731
+    assert on_cpu() == {"cpu"} and next(prior.vae.encoder.parameters()).device.type == "cuda"
+    cond = prior.encode_text(["a red cube"])
+    assert cond.device.type == "cuda" and on_cpu() == {"cpu"}
+    torch.testing.assert_close(cond, ref.encode_text(["a red cube"]))
+    z = torch.randn(1, 4, 16, 16, device="cuda")
+    torch.testing.assert_close(prior.model_to_images(z), ref.model_to_images(z))
+    assert on_cpu() == {"cpu"}
+
+
+class _Boom:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError("simulated inductor failure")
+
+
+def test_a_failing_compiled_unet_falls_back_with_one_warning(monkeypatch, caplog):
+    monkeypatch.setattr(torch, "compile", lambda module, *a, **k: _Boom())
+    prior = load_prior("tiny-pixel", compute=ComputeParams(compile=True))
+    assert prior.compute["compile"] is True and prior.compiled_unet is not None
+    ref = load_prior("tiny-pixel")
+    x, t = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([100, 800])
+    cond = ref.encode_text(["a", "b"])
+    with caplog.at_level(logging.WARNING, logger="t3d"):
+        first = prior.predict_noise(x, t, cond)
+        second = prior.predict_noise(x, t, cond)
+    warnings = [r for r in caplog.records if "compute.compile" in r.getMessage()]
+    assert len(warnings) == 1 and "simulated inductor failure" in warnings[0].getMessage()
+    assert prior.compiled_unet is None and prior.compute["compile"].startswith("failed, eager: RuntimeError")
+    expected = ref.predict_noise(x, t, cond)
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+
+
+def test_compile_that_raises_at_once_falls_back(monkeypatch, caplog):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Dynamo is not supported here")
+
+    monkeypatch.setattr(torch, "compile", refuse)
+    with caplog.at_level(logging.WARNING, logger="t3d"):
+        prior = load_prior("tiny-pixel", compute=ComputeParams(compile=True))
+    assert prior.compiled_unet is None and prior.compute["compile"].startswith("failed, eager")
+    assert sum("compute.compile" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.skipif(os.environ.get("T3D_TEST_COMPILE") != "1", reason="real torch.compile takes ~55 s of inductor on a CPU; set T3D_TEST_COMPILE=1")
+def test_real_compile_matches_eager():
+    prior, ref = load_prior("tiny-pixel", compute=ComputeParams(compile=True)), load_prior("tiny-pixel")
+    x, t = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([300, 600])
+    cond, uncond = ref.encode_text(["a", "b"]), ref.encode_text(["", ""])
+    out = prior.predict_noise(x, t, cond, uncond, guidance_scale=7.5)
+    assert prior.compute["compile"] is True
+    assert _rel_max(out, ref.predict_noise(x, t, cond, uncond, guidance_scale=7.5)) <= 1e-4
+
+
+def test_prior_cache_keys_on_the_options(monkeypatch):
+    from t3d import stage
+
+    monkeypatch.setattr(stage, "_prior_cache", {})
+    calls = []
+
+    def loader(source, device, compute=None):
+        calls.append(compute)
+        return object()
+
+    a = stage._cached_prior(loader, "tiny-pixel", "cpu", ComputeParams())
+    assert stage._cached_prior(loader, "tiny-pixel", "cpu", ComputeParams(profile="default")) is a
+    b = stage._cached_prior(loader, "tiny-pixel", "cpu", ComputeParams(attention="sliced"))
+    assert b is not a and len(calls) == 2
+    assert len(stage._prior_cache) == 1  # the old copy is dropped, not kept beside the new one
+
+
+def test_stage_context_loads_with_the_flow_options_and_records_them(monkeypatch, tmp_path):
+    from t3d import stage
+
+    monkeypatch.setattr(stage, "_prior_cache", {})
+    ctx = stage.StageContext(
+        stage="encode_prompt", key="k", params=None, seed=0, prompt="a", negative_prompt="", prior_source="tiny-latent",
+        device=torch.device("cpu"), inputs={}, out=tmp_path, checkpoint_dir=tmp_path / "ckpt", compute=ComputeParams(vae="sliced", precision="bf16"),
+    )
+    prior = ctx.load_prior()
+    assert prior.dtype == torch.bfloat16 and prior.vae.use_slicing
+    assert ctx.backend["compute"]["vae"] == "sliced" and ctx.backend["compute"]["dtype"] == "bfloat16"
+
+
+# ---- t3d doctor ----------------------------------------------------------------------------
+def test_doctor_recommends_a_profile_from_free_gpu_memory():
+    from t3d.doctor import recommend_profile
+
+    gib = 2**30
+    assert recommend_profile(None).startswith("no GPU: compute: options other than precision do nothing useful here")
+    assert "defaults" in recommend_profile(40 * gib) and "low-memory" not in recommend_profile(40 * gib)
+    assert "profile: low-memory" in recommend_profile(12 * gib) and "may not fit" not in recommend_profile(12 * gib)
+    assert "profile: low-memory" in recommend_profile(6 * gib) and "SD 2.1 at 512 px may not fit" in recommend_profile(6 * gib)
+
+
+def test_doctor_names_the_install_command_of_each_missing_piece(monkeypatch):
+    from t3d import doctor
+
+    rows = {name: (ok, detail) for name, ok, detail in doctor.checks()}
+    assert "compute profile" in rows
+    if torch.cuda.is_available():
+        assert "GiB free of" in rows["GPU memory"][1]
+    else:
+        assert rows["compute profile"][1].startswith("no GPU")
+        if torch.version.cuda is None:
+            assert "T3D_TORCH=torch bash scripts/install.sh" in rows["CUDA"][1]
+    for lib, command in (("nvdiffrast", "pip install diffrp-nvdiffrast"), ("tinycudann", "tiny-cuda-nn/#subdirectory=bindings/torch")):
+        ok, detail = rows[lib]
+        assert ok or command in detail, detail
+    monkeypatch.setattr(doctor, "_try", lambda fn: (False, "ModuleNotFoundError: no module"))
+    rows = {name: detail for name, ok, detail in doctor.checks() if name == "xatlas"}
+    assert "`bash scripts/install.sh` installs it" in rows["xatlas"]
