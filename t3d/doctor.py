@@ -71,7 +71,7 @@ GIB = 2**30
 
 # The command that fixes each missing piece (run inside the repo; `.venv/bin/pip` is the project's pip).
 INSTALL = {
-    "cuda-torch": "T3D_TORCH=torch bash scripts/install.sh",
+    "cuda-torch": "T3D_CUDA=1 bash scripts/install.sh",
     "nvdiffrast": "`.venv/bin/pip install diffrp-nvdiffrast` (needs nvcc + ninja; torch builds it on first use)",
     "tinycudann": '`.venv/bin/pip install "git+https://github.com/NVlabs/tiny-cuda-nn/#subdirectory=bindings/torch"` (needs nvcc; builds for minutes)',
 }

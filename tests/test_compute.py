@@ -332,7 +332,7 @@ def test_doctor_names_the_install_command_of_each_missing_piece(monkeypatch):
     else:
         assert rows["compute profile"][1].startswith("no GPU")
         if torch.version.cuda is None:
-            assert "T3D_TORCH=torch bash scripts/install.sh" in rows["CUDA"][1]
+            assert "T3D_CUDA=1 bash scripts/install.sh" in rows["CUDA"][1]
     for lib, command in (("nvdiffrast", "pip install diffrp-nvdiffrast"), ("tinycudann", "tiny-cuda-nn/#subdirectory=bindings/torch")):
         ok, detail = rows[lib]
         assert ok or command in detail, detail

@@ -540,12 +540,13 @@ def _run_ck(ctx) -> None:
 def test_stage_retried_on_another_worker_resumes_from_the_store(tmp_path, monkeypatch):
     from t3d import runner
     from t3d.cameras import CameraParams
+    from t3d.priors.compute import ComputeParams
     from t3d.stage import RecoveryParams
 
     registry = {"ck": Stage(name="ck", version="1", params=CkParams, inputs=(), run=_run_ck)}
     cfg = SimpleNamespace(
         enabled_stages=lambda: ["ck"], stages=SimpleNamespace(ck=CkParams()), seed=0, negative_prompt="",
-        prior="tiny-pixel", camera=CameraParams(), device="cpu", recovery=RecoveryParams(),
+        prior="tiny-pixel", camera=CameraParams(), device="cpu", recovery=RecoveryParams(), compute=ComputeParams(),
     )
     uri = _memory_uri()
     CALLS.clear()
