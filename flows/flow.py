@@ -4,7 +4,7 @@ No maths here: tasks call t3d.runner. Caching is the artifact store's (content k
 hash), not Prefect's: Prefect's default cache policy includes the run id and its hash of tensors
 is not stable across processes, so every task runs with cache_policy=NONE and returns a small
 dict. A flow whose every stage is already complete is answered from the store without starting
-Prefect at all (its temporary server takes 7-18 s to start).
+Prefect at all (starting a local server takes seconds, minutes on a busy machine).
 
 Routing: `executor: {pool: NAME}` at the top of flow.yaml sends the whole prompt to the work
 pool's deployment `t3d-prompt/NAME`; on a stage it sends just that stage to `t3d-stage/NAME`.

@@ -63,7 +63,11 @@ def checks() -> list[tuple[str, bool, str]]:
         ok, detail = _try(lambda: _ping(api))
         rows.append(("Prefect API", ok, f"{api}: {detail}"))
     else:
-        rows.append(("Prefect API", True, "none configured: each run starts a temporary local server (7-18 s); `t3d server` gives a persistent one with the UI"))
+        from t3d.flows.server import STATE_FILE, default_data_dir
+
+        data = default_data_dir()
+        running = (data / STATE_FILE).exists()
+        rows.append(("Prefect API", True, f"none configured: runs share t3d's local server in {data} ({'running now' if running else 'started by the first run that needs it'}); `t3d server` adds the UI"))
     return rows
 
 
