@@ -220,10 +220,13 @@ def run_child(cmd: list[str], env: dict, timeout_s: float, log_path: Path) -> di
         if rss is not None:
             key = state["stage"] or "startup"
             stage_peak[key] = max(stage_peak.get(key, 0), rss)
-        if time.perf_counter() - t0 > timeout_s and not timed_out:
+        elapsed = time.perf_counter() - t0
+        if elapsed > timeout_s and not timed_out:
             timed_out = True
             print(f"full_size: the run passed --timeout {timeout_s:.0f} s; stopping it", flush=True)
             proc.send_signal(signal.SIGTERM)
+        elif timed_out and elapsed > timeout_s + 60:  # SIGTERM was not enough
+            proc.send_signal(signal.SIGKILL)
         time.sleep(0.5)
     proc.returncode = os.waitstatus_to_exitcode(status)
     thread.join(timeout=10)
