@@ -52,45 +52,16 @@ DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 
 
 def sd21_models(device: torch.device | str):
-    """SD 2.1's UNet and VAE (the 512 px base model's config), random weights, built on `device`."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    """SD 2.1's UNet and VAE (the 512 px base model's config, t3d.priors.configs), random weights, built on `device`."""
+    from t3d.priors.configs import sd21_unet, sd21_vae
 
     try:
         with torch.device(device):  # built in place: no 3.5 GB of CPU init and copy
-            unet, vae = _sd21_unet(UNet2DConditionModel), _sd21_vae(AutoencoderKL)
+            unet, vae = sd21_unet(), sd21_vae()
     except Exception as exc:  # a diffusers version that pins a device inside __init__
         print(f"building on {device} failed ({type(exc).__name__}: {exc}); building on the CPU", flush=True)
-        unet, vae = _sd21_unet(UNet2DConditionModel), _sd21_vae(AutoencoderKL)
+        unet, vae = sd21_unet(), sd21_vae()
     return unet, vae
-
-
-def _sd21_unet(UNet2DConditionModel):
-    return UNet2DConditionModel(
-        sample_size=64,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=1024,
-        attention_head_dim=[5, 10, 20, 20],
-        use_linear_projection=True,
-    )
-
-
-def _sd21_vae(AutoencoderKL):
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=512,
-        scaling_factor=0.18215,
-    )
 
 
 def n_parameters(module: torch.nn.Module) -> int:
@@ -99,10 +70,9 @@ def n_parameters(module: torch.nn.Module) -> int:
 
 def sd21_setup(dtype_name: str = "fp16"):
     """SD 2.1 sizes from config, random weights: for timings only."""
-    from diffusers import DDPMScheduler
-
     from t3d.nerf import FieldParams
     from t3d.priors import DiffusionPrior
+    from t3d.priors.configs import sd21_scheduler
 
     if not torch.cuda.is_available():
         raise SystemExit("--sd21 needs CUDA (an SD-sized UNet step on 2 CPU cores takes minutes)")
@@ -110,7 +80,7 @@ def sd21_setup(dtype_name: str = "fp16"):
     unet, vae = sd21_models(device)
     for m in (unet, vae):
         m.to(device, dtype).eval().requires_grad_(False)
-    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    sched = sd21_scheduler()
     prior = DiffusionPrior(
         identity="sd21-sized-random", space="latent", image_size=512, tokenizer=None, text_encoder=torch.nn.Identity(),
         unet=unet, scheduler=sched, vae=vae, device=device, dtype=dtype, default_guidance_scale=100.0,

@@ -8,7 +8,6 @@ DeepFloyd IF-style folders (model_index.json + components) so the real loaders c
 
 from __future__ import annotations
 
-import json
 import string
 from pathlib import Path
 from typing import Literal
@@ -161,21 +160,10 @@ def build_tiny_prior(space: Literal["pixel", "latent"] = "pixel", seed: int = 0,
 
 def save_tiny_pipeline(folder, kind: Literal["sd", "if"] = "sd", seed: int = 0, image_size: int = 32) -> Path:
     """Write a tiny Stable Diffusion- or DeepFloyd IF-style folder (diffusers layout, safetensors)."""
-    import diffusers
+    from .configs import save_component, write_model_index
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     comps = tiny_components(kind, seed=seed, image_size=image_size)
-    index = {"_class_name": "IFPipeline" if kind == "if" else "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__}
-    for name, obj in comps.items():
-        if hasattr(obj, "save_pretrained"):
-            kwargs = {} if name in ("tokenizer", "scheduler") else {"safe_serialization": True}
-            obj.save_pretrained(folder / name, **kwargs)
-        lib = "diffusers" if type(obj).__module__.startswith("diffusers") else "transformers"
-        index[name] = [lib, type(obj).__name__]
-    if kind == "sd":
-        index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
-    else:
-        index.update(safety_checker=[None, None], feature_extractor=[None, None], watermarker=[None, None], requires_safety_checker=False)
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    write_model_index(folder, {name: save_component(folder, name, obj) for name, obj in comps.items()}, kind)
     return folder

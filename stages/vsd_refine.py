@@ -184,11 +184,21 @@ def run(ctx: StageContext) -> None:
         ctx.metrics["resumed_from"] = int(resumed[0])
         ctx.log.info("refine: resumed at step %d of %d", resumed[0], p.steps)
     if resumed is None and p.lora_warmup_steps:
+        started = time.perf_counter()
         with ctx.progress(p.lora_warmup_steps, "refine: LoRA warm-up") as update:
             warm = trainer.warm_up_lora(p.lora_warmup_steps, update)
+        ctx.timings["lora_warmup_s"] = round(time.perf_counter() - started, 3)
         ctx.metrics["lora_warmup_loss"] = round(sum(warm[-10:]) / len(warm[-10:]), 5)
     label = f"refine (VSD, {p.particles} particle{'s' if p.particles > 1 else ''})"
-    optimise(ctx, trainer, p.steps, p.checkpoint_every, label, lambda rec: {"loss": rec["loss"], "lora": rec["lora_loss"]})
+    split = {"field_step_s": 0.0, "lora_step_s": 0.0}
+
+    def postfix(rec: dict) -> dict:
+        for k in split:
+            split[k] += rec[k]
+        return {"loss": rec["loss"], "lora": rec["lora_loss"]}
+
+    optimise(ctx, trainer, p.steps, p.checkpoint_every, label, postfix)
+    ctx.timings.update({k: round(v, 3) for k, v in split.items()})
 
     for i, field in enumerate(trainer.fields):
         folder = ctx.out if i == 0 else ctx.out / f"particle_{i}"

@@ -122,3 +122,14 @@ def test_field_learning_rate_decays_to_the_end_factor_and_the_lora_rate_stays(tm
     grid, mlp = trainer.field_opt.param_groups[:2]
     assert abs(grid["lr"] - params.lr_grid * 0.1) < 1e-12 and abs(mlp["lr"] - params.lr_mlp * 0.1) < 1e-12
     assert trainer.lora_opt.param_groups[0]["lr"] == params.lora_lr
+
+
+def test_lora_copy_shares_the_frozen_base_weights():
+    """The LoRA branch adds adapters, not a second copy of the prior's weights (3.5 GB at SD 2.1 size)."""
+    prior = build_tiny_prior("pixel", seed=0, image_size=16)
+    lora = make_lora_unet(prior.unet, rank=2)
+    base = {p.data_ptr() for p in prior.unet.parameters()}
+    trained = {n for n, _ in lora_state(lora).items()}
+    shared = {n for n, p in lora.named_parameters() if p.data_ptr() in base}
+    assert len(shared) == len(base) and not (shared & trained)
+    assert not any("lora_" in n for n, _ in prior.unet.named_parameters()) and prior.unet.class_embedding is None
