@@ -136,8 +136,24 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--prompt", default="a red sphere")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="precision of the SD-sized prior (--sd21)")
+    ap.add_argument("--compute", action="append", default=[], metavar="KEY=VALUE", help="a flow.yaml compute: option for the prior, e.g. profile=low-memory (repeatable)")
     ap.add_argument("--dry-run", action="store_true", help="check the arguments (and the SD-2.1 sizes on the meta device), then exit")
     return ap
+
+
+def compute_params(pairs: list[str]):
+    """--compute KEY=VALUE ... -> the ComputeParams a flow's `compute:` block would give."""
+    import yaml
+
+    from t3d.priors.compute import ComputeParams
+
+    data = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--compute {pair!r}: expected KEY=VALUE, e.g. profile=low-memory")
+        data[key.strip()] = yaml.safe_load(value)
+    return ComputeParams.model_validate(data)
 
 
 def dry_run(args) -> dict:
@@ -145,7 +161,7 @@ def dry_run(args) -> dict:
     unknown = sorted(set(methods) - {"sds", "sjc", "vsd", "vsd1"})
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}: use sds, sjc, vsd, vsd1")
-    out = {"dry_run": True, "methods": methods, "sd21": args.sd21, "dtype": args.dtype, "steps": args.steps, "warmup": args.warmup}
+    out = {"dry_run": True, "methods": methods, "sd21": args.sd21, "dtype": args.dtype, "steps": args.steps, "warmup": args.warmup, "compute": compute_params(args.compute).model_dump()}
     if args.sd21:
         unet, vae = sd21_models("meta")
         out.update(unet_params=n_parameters(unet), vae_params=n_parameters(vae), unet_sample_size=unet.config.sample_size)
@@ -159,7 +175,12 @@ def main(argv=None) -> dict:
         return dry_run(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    compute = compute_params(args.compute)
     prior, prior_name, embeddings, params = sd21_setup(args.dtype) if args.sd21 else toy_setup(args.prompt)
+    if args.compute:
+        from t3d.priors.compute import apply_compute
+
+        apply_compute(prior, compute)
     device = prior.device
     result: dict = {}
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
@@ -191,6 +212,7 @@ def main(argv=None) -> dict:
         "normal_mode": params.normal_mode,
         "grid": params.field.grid,
         "dtype": str(prior.dtype).replace("torch.", ""),
+        "compute": getattr(prior, "compute", None) or "default",
         "steps_timed": args.steps,
         "statistic": "median",
         "torch": torch.__version__,

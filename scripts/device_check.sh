@@ -15,6 +15,7 @@
 #   toy_flow       examples/vsd_green_cone.yaml (all six stages, embedded toy prior) on CUDA,
 #                  through t3d.runner in-process (no Prefect), per-stage seconds and peak memory
 #   sds_bench_fp32 the same SDS step in fp32, if time is left (while the tinycudann build runs)
+#   sds_bench_lowmem SDS and VSD under compute: {profile: low-memory} (peak GPU memory per profile)
 #   tcnn_parity    tests/test_cuda_parity.py's tinycudann part, against the build above
 # and always writes one JSON summary, $OUT/device-check.json (plus $OUT/log), OUT defaulting to
 # ./device-check/.
@@ -114,6 +115,7 @@ PARITY_TCNN=("$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda_parity.p
 RASTER=("$PY" bench/raster.py --skip-cpu --repeats 10)
 SDS16=("$PY" bench/sds_step.py --sd21 --dtype fp16 --methods sds,sjc,vsd,vsd1 --steps 10 --warmup 3)
 SDS32=("$PY" bench/sds_step.py --sd21 --dtype fp32 --methods sds --steps 5 --warmup 2)
+SDS16_LOWMEM=("$PY" bench/sds_step.py --sd21 --dtype fp16 --methods sds,vsd --steps 5 --warmup 2 --compute profile=low-memory)
 TOY=("$PY" "$WORK/toy_flow.py" "$FLOW" --store "$WORK/store" --json "$WORK/toy_flow.json" --set device=cuda)
 TCNN_DIR=$ROOT/.tcnn/tiny-cuda-nn
 TCNN_BINDINGS=$TCNN_DIR/bindings/torch
@@ -311,6 +313,7 @@ guard("parity", parity)
 guard("raster_bench", lambda: last_json("raster_bench"))
 guard("sds_bench_fp16", lambda: last_json("sds_bench"))
 guard("sds_bench_fp32", lambda: last_json("sds_bench_fp32"))
+guard("sds_bench_lowmem", lambda: last_json("sds_bench_lowmem"))
 guard("toy_flow", lambda: json.load(open(os.path.join(work, "toy_flow.json"))) if os.path.exists(os.path.join(work, "toy_flow.json")) else None)
 guard("tcnn", lambda: json.load(open(os.path.join(work, "tcnn.json"))) if os.path.exists(os.path.join(work, "tcnn.json")) else None)
 
@@ -336,6 +339,10 @@ def figures():
     if isinstance(s32, dict) and "sds" in s32:
         f["sd21_fp32_sds_step_ms"] = round(s32["sds"]["step_s"] * 1000, 1)
         f["sd21_fp32_sds_peak_mem_mib"] = s32["sds"].get("peak_mem_mib")
+    low = S.get("sds_bench_lowmem") or {}
+    if isinstance(low, dict) and "sds" in low:
+        f["sd21_fp16_lowmem_step_ms"] = {m: round(low[m]["step_s"] * 1000, 1) for m in ("sds", "vsd") if m in low}
+        f["sd21_fp16_lowmem_peak_mem_mib"] = {m: low[m].get("peak_mem_mib") for m in ("sds", "vsd") if m in low}
     flow = S.get("toy_flow") or {}
     if isinstance(flow, dict) and flow.get("stages"):
         f["toy_flow_state"] = flow.get("state")
@@ -438,6 +445,7 @@ PYEOF
   check raster_cmd "${RASTER[@]}" --dry-run
   check sds_cmd "${SDS16[@]}" --dry-run
   check sds32_cmd "${SDS32[@]}" --dry-run
+  check sds_lowmem_cmd "${SDS16_LOWMEM[@]}" --dry-run
   # the flow driver, with the shim (as there) and without Prefect on the path being needed
   check toy_flow_cmd env PYTHONPATH="$WORK/shim${PYTHONPATH:+:$PYTHONPATH}" "${TOY[@]}" --plan-only
   check shim env PYTHONPATH="$WORK/shim" "$PY" -c "import t3d.stages, t3d.flows.config, t3d.priors, sys; f = [m for m in sys.meta_path if type(m).__name__ == '_RepoFinder' or getattr(m, '__name__', '') == '_RepoFinder']; assert f, 'shim finder not installed'; print('  ok: shim maps t3d.stages ->', t3d.stages.__file__)"
@@ -518,6 +526,7 @@ if want nv; then
   step raster_bench 60 "${RASTER[@]}"
 fi
 want sds && step sds_bench 150 "${SDS16[@]}"
+want sds && step sds_bench_lowmem 90 "${SDS16_LOWMEM[@]}"
 want toy && step toy_flow 200 "${TOY[@]}"
 
 # the fp32 bench fills the GPU while the tinycudann build is still going (else it runs last)
