@@ -21,22 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from t3d.flows.server import server_pids
+
 ROOT = Path(__file__).resolve().parents[1]
 HOG = "import time, sys\nend = time.monotonic() + float(sys.argv[1])\nx = 0\nwhile time.monotonic() < end:\n    x = (x * 31 + 7) % 1000003\n"
-
-
-def server_processes(data_dir: Path) -> int:
-    count = 0
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmd = (proc / "cmdline").read_bytes()
-                env = (proc / "environ").read_bytes()
-            except OSError:
-                continue
-            if (b"t3d.flows.server" in cmd or b"server\0start" in cmd) and str(data_dir).encode() in env:
-                count += 1
-    return count
 
 
 def main() -> None:
@@ -67,7 +55,7 @@ def main() -> None:
         hog.kill()
         hog.wait()
     deadline = time.monotonic() + 60
-    while server_processes(prefect_home) and time.monotonic() < deadline:
+    while len(server_pids(prefect_home)) and time.monotonic() < deadline:
         time.sleep(0.5)
     text = out + err
     glb = re.search(r"deliverable: (\S+\.glb)", out)
@@ -82,7 +70,7 @@ def main() -> None:
         "output_lines": len(text.splitlines()),
         "http_request_lines": text.count("HTTP Request"),
         "traceback": "Traceback" in text,
-        "servers_left": server_processes(prefect_home),
+        "servers_left": len(server_pids(prefect_home)),
         "overrides": args.sets,
     }
     result["ok"] = bool(code == 0 and result["in_prefect"] and result["glb"] and not result["traceback"] and not result["http_request_lines"] and not result["servers_left"])

@@ -95,6 +95,23 @@ def live_leases(lease_dir: Path) -> list[Path]:
     return alive
 
 
+def server_pids(data_dir: Path) -> list[int]:
+    """Supervisors and Prefect servers started for `data_dir` (Linux /proc; [] elsewhere): what
+    must be gone once the last user of a server has exited or been killed."""
+    pids = []
+    for proc in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes()
+            env = (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if (b"t3d.flows.server" in cmd or b"server\0start" in cmd) and str(data_dir).encode() in env:
+            pids.append(int(proc.name))
+    return pids
+
+
 @contextlib.contextmanager
 def _locked(data_dir: Path) -> Iterator[None]:
     """An exclusive lock on the data folder: starting, joining and stopping never interleave."""

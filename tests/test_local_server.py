@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from t3d.flows.server import healthy, live_leases
+from t3d.flows.server import healthy, live_leases, server_pids
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "t3d.cli.main"]
@@ -37,30 +37,14 @@ def _flow(tmp_path) -> Path:
     return flow
 
 
-def _server_processes(data_dir: Path) -> list[int]:
-    """Pids of supervisors and Prefect servers started for this data folder (from /proc)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            env = (proc / "environ").read_bytes()
-        except OSError:
-            continue
-        if ("t3d.flows.server" in cmd or "prefect server start" in cmd) and str(data_dir).encode() in env:
-            pids.append(int(proc.name))
-    return pids
-
-
 def _wait_gone(data_dir: Path, seconds: float = 60) -> list[int]:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        left = _server_processes(data_dir)
+        left = server_pids(data_dir)
         if not left:
             return []
         time.sleep(0.5)
-    return _server_processes(data_dir)
+    return server_pids(data_dir)
 
 
 def test_concurrent_runs_share_one_server_and_leave_nothing_running(tmp_path):
@@ -90,7 +74,7 @@ def test_kill_9_of_a_run_leaves_no_server_and_the_rerun_resumes(tmp_path):
     for line in proc.stderr:  # wait until stage a is running inside Prefect
         if "a: started" in line or time.monotonic() > deadline:
             break
-    assert _server_processes(tmp_path / "prefect"), "a server was running for the run"
+    assert server_pids(tmp_path / "prefect"), "a server was running for the run"
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
     assert _wait_gone(tmp_path / "prefect") == []
