@@ -305,7 +305,9 @@ def list_runs(store: str = typer.Option("./artifacts", help="artifact store path
             marks.append(f"{name}{'' if st.has_manifest(key) else ' (missing)'}")
         table.add_row(str(run_rec.get("run_id", "?")), str(run_rec.get("prompt", "")), str(run_rec.get("state", "")), ", ".join(marks), str(run_rec.get("updated", "")))
     out.print(table)
-    keys = st.keys()
+    from t3d.store import KEY_RE
+
+    keys = [k for k in st.keys() if KEY_RE.match(k)]  # other names under objects/ are not t3d's, and gc leaves them
     referenced = {k for r in runs for k in r.get("stages", {}).values()}
     out.print(f"{len(keys)} artifacts, {len([k for k in keys if k not in referenced])} unreferenced (t3d gc removes them)")
 
