@@ -26,10 +26,6 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 _DEBUG = {"on": os.environ.get("T3D_DEBUG", "").lower() in ("1", "true", "yes")}  # or --debug anywhere
 
 
-class InputError(Exception):
-    """Bad input or environment: one line naming what and the fix, exit 2 (raised anywhere below)."""
-
-
 def _quiet_third_parties(verbose: bool) -> None:
     """Before Prefect/transformers are imported: their console chatter (HTTP request logs, telemetry
     errors, weight-loading bars) stays out of the output unless --verbose. Prefect's run logs still
@@ -119,6 +115,8 @@ def run(
 
 def _print_run(result) -> None:
     """The summary: one row per stage, at most 80 columns; then the file a person wants."""
+    from t3d.store import short_id
+
     table = Table(title=escape(f"{result.prompt[:60]!r}  [{result.state}]"), title_justify="left")
     table.add_column("stage", no_wrap=True)
     table.add_column("state", no_wrap=True)
@@ -128,7 +126,7 @@ def _print_run(result) -> None:
     for r in result.results:
         style = {"cached": "cyan", "computed": "green"}.get(r.state, "red")
         quality = " ".join(f"{k}={r.metrics[k]:.3f}" for k in ("iou", "color_err") if isinstance(r.metrics.get(k), (int, float)))
-        table.add_row(r.stage, f"[{style}]{r.state}[/]", f"{r.seconds:.1f}", r.key.rsplit("-", 1)[-1][:8], quality)
+        table.add_row(r.stage, f"[{style}]{r.state}[/]", f"{r.seconds:.1f}", short_id(r.key), quality)
     if result.error:
         table.add_row(result.failed_stage or "?", "[red]failed[/]", "", "", "")
     out.print(table)
@@ -380,7 +378,7 @@ def main() -> int:
         app()
     except SystemExit:
         raise
-    except (ConfigError, InputError, PriorNotFoundError) as exc:
+    except (ConfigError, PriorNotFoundError) as exc:
         if _DEBUG["on"]:
             raise
         console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)

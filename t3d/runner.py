@@ -21,7 +21,7 @@ import torch
 from t3d import __version__
 from t3d.slug import slugify
 from t3d.stage import StageContext
-from t3d.store import ArtifactCorrupt, ArtifactStore, artifact_key
+from t3d.store import ArtifactCorrupt, ArtifactStore, artifact_key, short_id
 
 log = logging.getLogger("t3d")
 
@@ -136,21 +136,16 @@ def execute(cfg, prompt: str, step: PlannedStage, registry, store: ArtifactStore
         return StageResult(step.name, step.key, state, time.perf_counter() - started, str(art.path), art.manifest.get("metrics", {}))
 
     if not step.needs_run:
-        stage_log.info("%s: cached (%s)", step.name, _short(step.key))
+        stage_log.info("%s: cached (%s)", step.name, short_id(step.key))
         return result("cached")
     with store.claim(step.key) as must_compute:
         if not must_compute and not step.forced:
-            stage_log.info("%s: computed meanwhile by another run; reusing (%s)", step.name, _short(step.key))
+            stage_log.info("%s: computed meanwhile by another run; reusing (%s)", step.name, short_id(step.key))
             return result("cached")
         _compute(cfg, prompt, step, registry, store, stage_log, progress_hooks, show_progress)
     shutil.rmtree(store.checkpoint_dir(step.key), ignore_errors=True)
     stage_log.info("%s: done in %.1f s", step.name, time.perf_counter() - started)
     return result("computed")
-
-
-def _short(key: str) -> str:
-    """The id people type: the key's hash part, 8 hex (`t3d show` takes it)."""
-    return key.rsplit("-", 1)[-1][:8]
 
 
 class _Mirror(logging.LoggerAdapter):
@@ -215,7 +210,7 @@ def _compute(cfg, prompt, step, registry, store, stage_log, progress_hooks, show
                 progress_hooks=list(progress_hooks or []),
                 show_progress=show_progress,
             )
-            stage_log.info("%s: started (%s)", step.name, _short(step.key))
+            stage_log.info("%s: started (%s)", step.name, short_id(step.key))
             t0 = time.perf_counter()
             with cpu_threads(device):
                 stage.run(ctx)

@@ -212,6 +212,11 @@ def artifact_key(stage: str, version: str, params: dict, seed: int, inputs: dict
     return f"{stage}-{digest[:20]}"
 
 
+def short_id(key: str) -> str:
+    """The id people read and type: the key's hash part, 8 hex (`t3d show` takes it)."""
+    return key.rsplit("-", 1)[-1][:8]
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
