@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     from t3d.priors import load_prior
     from t3d.priors.quality import evaluate_prior
-    from t3d.toyworld import toy_prompts_with_views
+    from t3d.toy.world import toy_prompts_with_views
 
     prompts = args.prompt or toy_prompts_with_views()
     if args.max_prompts:

@@ -38,15 +38,15 @@ SCORED = ("coarse", "refine", "texture", "export", "extract_mesh")
 
 def _score_artifact(stage: str, folder: Path, prompt: str, camera) -> dict:
     """Re-score a finished artifact against the truth of `prompt` (used for the controls)."""
-    from t3d.toyeval import evaluate_mesh
+    from t3d.toy.metrics import evaluate_mesh
 
     if stage in ("coarse", "refine"):
-        from t3d.stages.coarse_nerf import load_field
-        from t3d.toyeval import evaluate_field
+        from t3d.stages.coarse import load_field
+        from t3d.toy.metrics import evaluate_field
 
         return evaluate_field(load_field(folder), prompt, camera)
     if stage == "export":
-        from t3d.export import load_textured
+        from t3d.mesh.export import load_textured
 
         return evaluate_mesh(load_textured(next(folder.glob("*.glb"))), prompt, camera)
     from t3d.stages.extract_mesh import load_mesh
@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="child processes (one torch thread each) computing the prompts")
     args = parser.parse_args()
 
-    from t3d import toyworld
+    from t3d.toy import world as toyworld
     from t3d.flows.config import load_config
     from t3d.flows.flow import run_prompt
     from t3d.stages import default_registry

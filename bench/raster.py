@@ -29,8 +29,8 @@ import time
 import torch
 import trimesh
 
-from t3d.cameras import make_cameras
-from t3d.raster import (
+from t3d.render.cameras import make_cameras
+from t3d.render.raster import (
     TorchRasterContext,
     antialias,
     interpolate,

@@ -26,8 +26,8 @@ import time
 
 import torch
 
-from t3d.cameras import VIEW_SUFFIXES, CameraParams
-from t3d.stages.coarse_nerf import CoarseParams, CoarseTrainer
+from t3d.render.cameras import VIEW_SUFFIXES, CameraParams
+from t3d.stages.coarse import CoarseParams, CoarseTrainer
 from t3d.stages.encode_prompt import PromptEmbeddings
 
 SPLIT = ("render_s", "prior_forward_s", "backward_s", "optimizer_s", "step_s")
@@ -70,7 +70,7 @@ def n_parameters(module: torch.nn.Module) -> int:
 
 def sd21_setup(dtype_name: str = "fp16"):
     """SD 2.1 sizes from config, random weights: for timings only."""
-    from t3d.nerf import FieldParams
+    from t3d.fields.nerf import FieldParams
     from t3d.priors import DiffusionPrior
     from t3d.priors.configs import sd21_scheduler
 
@@ -98,9 +98,9 @@ def vsd_timing(prior, embeddings, params, device, warmup: int, steps: int, lora_
     import tempfile
     from pathlib import Path
 
-    from t3d.nerf import NeRFField
-    from t3d.stages.coarse_nerf import save_field
-    from t3d.stages.vsd_refine import RefineParams, VSDTrainer
+    from t3d.fields.nerf import NeRFField
+    from t3d.stages.coarse import save_field
+    from t3d.stages.refine import RefineParams, VSDTrainer
 
     with tempfile.TemporaryDirectory() as tmp:
         save_field(NeRFField(params.field, device=device), Path(tmp))

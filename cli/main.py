@@ -343,7 +343,7 @@ def gc(store: str = typer.Option("./artifacts"), dry_run: bool = typer.Option(Fa
 @app.command()
 def doctor() -> None:
     """What this machine has (python, torch, CUDA, tinycudann, nvdiffrast, Prefect) and what each gap costs."""
-    from t3d.doctor import checks
+    from t3d.cli.doctor import checks
 
     table = Table(title="t3d doctor", title_justify="left")
     for col in ("component", "status", "detail"):

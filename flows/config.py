@@ -9,7 +9,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from t3d.cameras import CameraParams
+from t3d.render.cameras import CameraParams
 from t3d.priors.compute import ComputeParams
 from t3d.stage import ExecutorParams, RecoveryParams
 from t3d.stages import PIPELINE, StageRegistry, registry_from_env
@@ -46,7 +46,7 @@ class FlowBase(BaseModel):
         """Run names become file names (runs/<name>-<hash>.json): the same rule as export.name."""
         if v is None:
             return v
-        from t3d.export import check_name
+        from t3d.mesh.export import check_name
         from t3d.slug import slugify
 
         try:

@@ -11,7 +11,7 @@
 
 Every option acts on the prior only. The field's parameters, the renders, the SDS/SJC/VSD
 gradient and the loss stay float32 whatever `precision` says: the guidance code casts the
-prior's outputs back to float32 before it forms the gradient (t3d.guidance).
+prior's outputs back to float32 before it forms the gradient (t3d.guidance.sds).
 
 Which options enter artifact keys (`key_context`), and why. The rule is the one the keys already
 follow for the device (a CPU and a GPU run of the same flow share keys): options that compute the

@@ -14,8 +14,8 @@ from functools import lru_cache
 
 import torch
 
-from t3d.cameras import CameraParams, make_cameras, view_names
-from t3d.toyworld import COLOURS, SHAPES, parse_prompt, render_primitive, split_view, toy_prompts_with_views
+from t3d.render.cameras import CameraParams, make_cameras, view_names
+from t3d.toy.world import COLOURS, SHAPES, parse_prompt, render_primitive, split_view, toy_prompts_with_views
 
 BACKGROUND_THRESHOLD = 0.25  # a pixel is foreground when some channel is this far below white
 MIN_SATURATION = 0.3

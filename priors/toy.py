@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from t3d.cameras import VIEW_SUFFIXES
-from t3d.toyworld import COLOURS, SHAPES
+from t3d.render.cameras import VIEW_SUFFIXES
+from t3d.toy.world import COLOURS, SHAPES
 
 TOY_KIND = "t3d-toy"
 TOY_PIPELINE_CLASS = "T3DToyPriorPipeline"

@@ -10,7 +10,7 @@ reproducible: the same seed on the same software gives the same weights on a CPU
 Data: every toy shape is rendered from `views_per_shape` cameras drawn from the NeRF stages'
 distribution (CameraParams defaults + sample_cameras), 2x supersampled; shading is colour-free
 so each view can be painted any toy colour on the fly (the render is linear in the colour).
-Prompts are "a <colour> <shape>" plus the view suffix that t3d.cameras.view_name gives for the
+Prompts are "a <colour> <shape>" plus the view suffix that t3d.render.cameras.view_name gives for the
 camera (sometimes dropped, so plain prompts work), and the empty prompt with probability
 `cond_dropout` (classifier-free guidance).
 """
@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from t3d.cameras import VIEW_SUFFIXES, CameraParams, sample_cameras, view_names
-from t3d.toyworld import COLOURS, SHAPES, render_primitive, toy_prompts
+from t3d.render.cameras import VIEW_SUFFIXES, CameraParams, sample_cameras, view_names
+from t3d.toy.world import COLOURS, SHAPES, render_primitive, toy_prompts
 
 from .toy import build_toy_scheduler, build_toy_text_encoder, build_toy_tokenizer, build_toy_unet, encode_tokens, save_toy_folder
 

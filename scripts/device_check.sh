@@ -106,7 +106,7 @@ check() {
 # Commands (the same arrays are run for real and checked by --dry-run)
 FLOW=examples/vsd_green_cone.yaml
 NV_BUILD_CODE='import time, torch, nvdiffrast
-from t3d.raster import import_nvdiffrast  # builds the plugin, and works around its import on torch 2.11
+from t3d.render.raster import import_nvdiffrast  # builds the plugin, and works around its import on torch 2.11
 t = time.perf_counter(); dr = import_nvdiffrast(); ctx = dr.RasterizeCudaContext(device="cuda"); torch.cuda.synchronize()
 print(f"nvdiffrast {nvdiffrast.__version__} built and loaded in {time.perf_counter() - t:.1f} s")'
 NV_BUILD=("$PY" -c "$NV_BUILD_CODE")

@@ -15,10 +15,10 @@ from t3d.stage import Stage
 
 PIPELINE = [
     ("encode_prompt", "t3d.stages.encode_prompt"),
-    ("coarse", "t3d.stages.coarse_nerf"),
-    ("refine", "t3d.stages.vsd_refine"),
+    ("coarse", "t3d.stages.coarse"),
+    ("refine", "t3d.stages.refine"),
     ("extract_mesh", "t3d.stages.extract_mesh"),
-    ("texture", "t3d.stages.texture_finetune"),
+    ("texture", "t3d.stages.texture"),
     ("export", "t3d.stages.export"),
 ]
 

@@ -14,7 +14,7 @@ import torch
 from pydantic import field_validator
 from safetensors.torch import load_file, save_file
 
-from t3d.cameras import VIEW_SUFFIXES
+from t3d.render.cameras import VIEW_SUFFIXES
 from t3d.stage import Stage, StageContext, StageParams
 
 FILE = "embeddings.safetensors"

@@ -16,8 +16,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from t3d.export import check_name, export_glb, export_obj, turntable
-from t3d.raster import make_raster_context
+from t3d.mesh.export import check_name, export_glb, export_obj, turntable
+from t3d.render.raster import make_raster_context
 from t3d.slug import slugify
 from t3d.stage import Stage, StageContext, StageParams
 from t3d.stages.extract_mesh import load_mesh
@@ -77,8 +77,8 @@ def run(ctx: StageContext) -> None:
         }
     )
     # Quality of the delivered file itself (toy prompts only): the GLB read back and rasterized.
-    from t3d.export import load_textured
-    from t3d.toyeval import evaluate_mesh
+    from t3d.mesh.export import load_textured
+    from t3d.toy.metrics import evaluate_mesh
 
     delivered = load_textured(source, y_up=p.y_up) if "glb" in p.formats else tmesh
     ctx.metrics.update(evaluate_mesh(delivered, ctx.prompt, cam, raster_ctx=raster_ctx, device=ctx.device))

@@ -1,10 +1,10 @@
 """extract_mesh: the coarse field becomes a textured mesh (Magic3D's hand-over to the fine stage).
 
 Reads the coarse stage's field (field.safetensors + field.json), samples its density on a grid,
-extracts the iso-surface (automatic threshold unless given; t3d.mesh explains the rule), keeps the
+extracts the iso-surface (automatic threshold unless given; t3d.mesh.extract explains the rule), keeps the
 largest piece, decimates to a face budget, unwraps UVs with xatlas, and bakes the field's albedo
 into a texture by rasterizing the UV layout. With geometry_steps > 0 the surface is first refined
-with SDS on a signed-distance grid through the rasterizer (t3d.dmtet, Magic3D's DMTet step).
+with SDS on a signed-distance grid through the rasterizer (t3d.mesh.dmtet, Magic3D's DMTet step).
 Writes:
   mesh.glb                 the textured mesh (y-up glTF; read it back with `load_mesh`)
   texture.png              the baked albedo (also inside mesh.glb)
@@ -21,14 +21,14 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from t3d.export import TexturedMesh, bake_texture, export_glb, load_textured, turntable, unwrap
-from t3d.dmtet import GeometrySettings, refine_geometry
-from t3d.mesh import auto_threshold, clean_mesh, extract_mesh, sample_grid
-from t3d.raster import make_raster_context
-from t3d.guidance import TRange, CFG_CONVENTION
+from t3d.mesh.export import TexturedMesh, bake_texture, export_glb, load_textured, turntable, unwrap
+from t3d.mesh.dmtet import GeometrySettings, refine_geometry
+from t3d.mesh.extract import auto_threshold, clean_mesh, extract_mesh, sample_grid
+from t3d.render.raster import make_raster_context
+from t3d.guidance.sds import TRange, CFG_CONVENTION
 from t3d.stage import Stage, StageContext, StageParams
-from t3d.toyeval import evaluate_mesh
-from t3d.stages.coarse_nerf import load_field, write_loss_curve
+from t3d.toy.metrics import evaluate_mesh
+from t3d.stages.coarse import load_field, write_loss_curve
 from t3d.stages.encode_prompt import load_embeddings
 
 MESH_FILE = "mesh.glb"
@@ -64,7 +64,7 @@ def load_mesh(folder: Path) -> TexturedMesh:
 
 
 def _refined_surface(ctx: StageContext, field, raster_ctx):
-    """SDS on an SDF grid initialised from the field's occupancy (t3d.dmtet), then the usual clean-up."""
+    """SDS on an SDF grid initialised from the field's occupancy (t3d.mesh.dmtet), then the usual clean-up."""
     p: ExtractMeshParams = ctx.params
     prior = ctx.load_prior()
     emb = load_embeddings(ctx.inputs["encode_prompt"]).to(prior.device, prior.dtype)

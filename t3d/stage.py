@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from t3d.cameras import CameraParams
+from t3d.render.cameras import CameraParams
 from t3d.priors.compute import ComputeParams
 from t3d.store import apply_umask
 

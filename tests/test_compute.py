@@ -21,7 +21,7 @@ import torch
 
 from t3d import runner
 from t3d.flows.config import ConfigError, validate
-from t3d.guidance import guidance_loss
+from t3d.guidance.sds import guidance_loss
 from t3d.priors import load_prior
 from t3d.priors.compute import PROFILES, ComputeParams
 from t3d.stages import default_registry
@@ -201,7 +201,7 @@ def test_explicit_fp32_is_auto_on_a_cpu(default_grads):
 def test_vsd_lora_copy_keeps_the_options():
     """VSD deep-copies prior.unet for its LoRA branch: sliced attention and channels_last travel
     with it, and a fresh LoRA still predicts what the pretrained UNet does."""
-    from t3d.vsd import make_lora_unet
+    from t3d.guidance.vsd import make_lora_unet
 
     outs = []
     for compute in (None, ComputeParams(attention="sliced", channels_last=True)):
@@ -313,7 +313,7 @@ def test_stage_context_loads_with_the_flow_options_and_records_them(monkeypatch,
 
 # ---- t3d doctor ----------------------------------------------------------------------------
 def test_doctor_recommends_a_profile_from_free_gpu_memory():
-    from t3d.doctor import recommend_profile
+    from t3d.cli.doctor import recommend_profile
 
     gib = 2**30
     assert recommend_profile(None).startswith("no GPU: compute: options other than precision do nothing useful here")
@@ -323,7 +323,7 @@ def test_doctor_recommends_a_profile_from_free_gpu_memory():
 
 
 def test_doctor_names_the_install_command_of_each_missing_piece(monkeypatch):
-    from t3d import doctor
+    from t3d.cli import doctor
 
     rows = {name: (ok, detail) for name, ok, detail in doctor.checks()}
     assert "compute profile" in rows

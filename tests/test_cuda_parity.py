@@ -1,5 +1,5 @@
 """CUDA libraries against their pure-torch twins, on the same inputs: nvdiffrast against the torch
-rasterizer, tinycudann's HashGrid against t3d.hashgrid.TorchHashGrid (same table contents).
+rasterizer, tinycudann's HashGrid against t3d.fields.hashgrid.TorchHashGrid (same table contents).
 
 Skipped without CUDA, and each library's tests without that library. With T3D_PARITY_JSON=path
 set, every test appends one JSON line of the numbers it measured to that file
@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from t3d.cameras import make_cameras
-from t3d.hashgrid import DEFAULT_CPU_CONFIG, TcnnHashGrid, TorchHashGrid, make_hash_grid, n_params
-from t3d.raster import TorchRasterContext, antialias, interpolate, make_raster_context, mvp_matrices, rasterize, texture
+from t3d.render.cameras import make_cameras
+from t3d.fields.hashgrid import DEFAULT_CPU_CONFIG, TcnnHashGrid, TorchHashGrid, make_hash_grid, n_params
+from t3d.render.raster import TorchRasterContext, antialias, interpolate, make_raster_context, mvp_matrices, rasterize, texture
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import trimesh
 
-from t3d.dmtet import laplacian_loss, marching_tets, render_shaded, sdf_from_density, tet_grid
+from t3d.mesh.dmtet import laplacian_loss, marching_tets, render_shaded, sdf_from_density, tet_grid
 
 R = 32
 LO = np.full(3, -1.0)
@@ -85,7 +85,7 @@ def test_laplacian_loss_prefers_smooth_surfaces(grid):
 
 
 def test_render_shaded_moves_the_silhouette_with_the_sdf(grid):
-    from t3d.cameras import CameraParams, orbit_cameras
+    from t3d.render.cameras import CameraParams, orbit_cameras
 
     verts, tets = grid
     sdf = (verts.norm(dim=-1) - 0.45).requires_grad_(True)
@@ -102,9 +102,9 @@ def test_render_shaded_moves_the_silhouette_with_the_sdf(grid):
 
 
 def test_extract_mesh_stage_refines_geometry_and_resumes(tmp_path):
-    from t3d.nerf import NeRFField
+    from t3d.fields.nerf import NeRFField
     from t3d.stages import default_registry
-    from t3d.stages.coarse_nerf import _default_field, save_field
+    from t3d.stages.coarse import _default_field, save_field
     from tests.test_mesh_export import _ctx
 
     reg = default_registry()

@@ -7,8 +7,8 @@ import time
 import pytest
 import torch
 
-from t3d.cameras import CameraParams, sample_cameras
-from t3d.guidance import (
+from t3d.render.cameras import CameraParams, sample_cameras
+from t3d.guidance.sds import (
     anneal_t_range,
     emptiness_loss,
     guidance_loss,
@@ -20,9 +20,9 @@ from t3d.guidance import (
     sds_weight,
     sjc_loss,
 )
-from t3d.nerf import FieldParams, NeRFField
+from t3d.fields.nerf import FieldParams, NeRFField
 from t3d.priors import build_tiny_prior
-from t3d.volume import render
+from t3d.render.volume import render
 
 SMALL_GRID = {"otype": "HashGrid", "n_levels": 4, "n_features_per_level": 2, "log2_hashmap_size": 12, "base_resolution": 8, "per_level_scale": 1.6}
 
@@ -142,8 +142,8 @@ def test_regularizers():
 def test_short_sds_run_against_the_embedded_prior_improves_silhouette():
     """80 SDS steps (batch 2, 32 px) on "a red sphere": silhouette IoU vs the true primitive rises."""
     from t3d.priors import PriorNotFoundError, load_prior
-    from t3d.stages.coarse_nerf import CoarseParams, CoarseTrainer
-    from t3d.toyeval import evaluate_field as evaluate_toy
+    from t3d.stages.coarse import CoarseParams, CoarseTrainer
+    from t3d.toy.metrics import evaluate_field as evaluate_toy
     from t3d.stages.encode_prompt import PromptEmbeddings
 
     try:
@@ -168,7 +168,7 @@ def test_short_sds_run_against_the_embedded_prior_improves_silhouette():
 
 def test_coarse_trainer_checkpoint_resume_is_exact(tiny):
     """The coarse stage's loop: a run resumed from a checkpoint ends bit-identical to a straight run."""
-    from t3d.stages.coarse_nerf import CoarseParams, CoarseTrainer
+    from t3d.stages.coarse import CoarseParams, CoarseTrainer
     from t3d.stages.encode_prompt import PromptEmbeddings
 
     prior, cond, uncond = tiny
@@ -193,12 +193,12 @@ def test_coarse_trainer_checkpoint_resume_is_exact(tiny):
 
 def test_guidance_scale_convention_is_diffusers_form_and_documented():
     """t3d's s is threestudio's/DreamFusion's w + 1: eps_u + s (eps_c - eps_u) == eps_c + (s - 1) (eps_c - eps_u)."""
-    from t3d.guidance import CFG_CONVENTION
+    from t3d.guidance.sds import CFG_CONVENTION
     from t3d.priors import build_tiny_prior
-    from t3d.stages.coarse_nerf import CoarseParams
+    from t3d.stages.coarse import CoarseParams
     from t3d.stages.extract_mesh import ExtractMeshParams
-    from t3d.stages.texture_finetune import TextureParams
-    from t3d.stages.vsd_refine import RefineParams
+    from t3d.stages.texture import TextureParams
+    from t3d.stages.refine import RefineParams
 
     prior = build_tiny_prior("pixel", seed=0, image_size=16)
     g = torch.Generator().manual_seed(0)

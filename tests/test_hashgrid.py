@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from t3d.hashgrid import DEFAULT_CPU_CONFIG, TorchHashGrid, level_layout, make_hash_grid, n_params
+from t3d.fields.hashgrid import DEFAULT_CPU_CONFIG, TorchHashGrid, level_layout, make_hash_grid, n_params
 
 # Level 0: scale 3*1-1 = 2, resolution 3, 27 entries -> table 32 (multiple of 8): dense.
 # Level 1: scale 3*4-1 = 11, resolution 12, 1728 entries > 2^6: hashed, table 64.
@@ -199,7 +199,7 @@ def test_tcnn_import_failure_is_handled():
         pass
     else:  # pragma: no cover - only on a CUDA machine with tinycudann
         pytest.skip("tinycudann is importable here")
-    from t3d.hashgrid import _tcnn_smoke
+    from t3d.fields.hashgrid import _tcnn_smoke
 
     with pytest.raises((ImportError, EnvironmentError, OSError)):
         _tcnn_smoke(torch.device("cpu"))

@@ -12,7 +12,7 @@ import torch
 import trimesh
 from PIL import Image
 
-from t3d.export import (
+from t3d.mesh.export import (
     TexturedMesh,
     bake_texture,
     check_name,
@@ -23,7 +23,7 @@ from t3d.export import (
     unwrap,
 )
 from tests.gltf_check import assert_valid_glb
-from t3d.mesh import auto_threshold, decimate, extract_mesh, largest_component, orient_outward
+from t3d.mesh.extract import auto_threshold, decimate, extract_mesh, largest_component, orient_outward
 
 REPO = Path(__file__).resolve().parents[1]
 CENTER = torch.tensor([0.1, -0.05, 0.0])
@@ -219,9 +219,9 @@ def _ctx(stage, params, inputs, out, prompt="a red cube"):
 
 
 def test_extract_mesh_and_export_stages(tmp_path):
-    from t3d.nerf import NeRFField
+    from t3d.fields.nerf import NeRFField
     from t3d.stages import default_registry
-    from t3d.stages.coarse_nerf import _default_field, save_field
+    from t3d.stages.coarse import _default_field, save_field
     from t3d.stages.extract_mesh import load_mesh
 
     reg = default_registry()

@@ -9,13 +9,13 @@ import textwrap
 import torch
 import trimesh
 
-from t3d.cameras import CameraParams, sample_cameras
+from t3d.render.cameras import CameraParams, sample_cameras
 from t3d.flows.config import load_config
 from t3d.flows.flow import run_prompt
-from t3d.nerf import FieldParams, NeRFField
-from t3d.raster import render_mesh
+from t3d.fields.nerf import FieldParams, NeRFField
+from t3d.render.raster import render_mesh
 from t3d.stages import default_registry
-from t3d.stages.texture_finetune import shade_mesh_image
+from t3d.stages.texture import shade_mesh_image
 from tests.gltf_check import assert_valid_glb
 
 TINY = textwrap.dedent("""

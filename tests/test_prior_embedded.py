@@ -54,7 +54,7 @@ def test_embedded_prior_interface(prior):
 
 @needs_weights
 def test_word_tokenizer_knows_the_toy_world(prior):
-    from t3d.toyworld import COLOURS, SHAPES
+    from t3d.toy.world import COLOURS, SHAPES
 
     unk = prior.tokenizer.unk_token_id
     for word in list(COLOURS) + list(SHAPES) + ["front", "side", "back", "overhead", "view"]:
@@ -85,9 +85,9 @@ def test_small_quality_bench(capsys):
 
 def test_quality_metric_on_ground_truth():
     """The benchmark's judge is right on true renders (so low scores mean a bad prior)."""
-    from t3d.cameras import CameraParams, sample_cameras, view_names
+    from t3d.render.cameras import CameraParams, sample_cameras, view_names
     from t3d.priors.quality import classify_shapes, dominant_colour
-    from t3d.toyworld import COLOURS, SHAPES, render_primitive
+    from t3d.toy.world import COLOURS, SHAPES, render_primitive
 
     cams = sample_cameras(CameraParams(), 6, torch.Generator().manual_seed(3))
     views = view_names(cams)

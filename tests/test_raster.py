@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from t3d.cameras import camera_rays, make_cameras, projection_matrix
-from t3d.raster import (
+from t3d.render.cameras import camera_rays, make_cameras, projection_matrix
+from t3d.render.raster import (
     TorchRasterContext,
     antialias,
     interpolate,

@@ -15,7 +15,7 @@ from t3d.flows.config import load_config
 from t3d.flows.flow import run_prompt
 from t3d.stage import RecoveryParams, divergence
 from t3d.stages import default_registry
-from t3d.stages.coarse_nerf import CoarseTrainer, load_field
+from t3d.stages.coarse import CoarseTrainer, load_field
 
 FLOW = textwrap.dedent("""
     prompt: a red cube

@@ -539,7 +539,7 @@ def _run_ck(ctx) -> None:
 
 def test_stage_retried_on_another_worker_resumes_from_the_store(tmp_path, monkeypatch):
     from t3d import runner
-    from t3d.cameras import CameraParams
+    from t3d.render.cameras import CameraParams
     from t3d.priors.compute import ComputeParams
     from t3d.stage import RecoveryParams
 
@@ -569,8 +569,8 @@ def test_stage_retried_on_another_worker_resumes_from_the_store(tmp_path, monkey
 
 # ---- artifacts never pin a backend ----------------------------------------------------------------------
 def test_field_saved_with_the_cuda_hash_grid_loads_on_the_torch_twin(tmp_path):
-    from t3d.nerf import FieldParams, NeRFField
-    from t3d.stages.coarse_nerf import FIELD_CONFIG, load_field, save_field
+    from t3d.fields.nerf import FieldParams, NeRFField
+    from t3d.stages.coarse import FIELD_CONFIG, load_field, save_field
 
     grid = {"otype": "HashGrid", "n_levels": 2, "n_features_per_level": 2, "log2_hashmap_size": 8, "base_resolution": 4, "per_level_scale": 2.0}
     field = NeRFField(FieldParams(grid=grid, backend="torch", seed=3))

@@ -5,8 +5,8 @@ import time
 import pytest
 import torch
 
-from t3d.cameras import CameraParams, make_cameras, orbit_cameras, sample_cameras
-from t3d.toyworld import (
+from t3d.render.cameras import CameraParams, make_cameras, orbit_cameras, sample_cameras
+from t3d.toy.world import (
     COLOURS,
     SHAPES,
     parse_prompt,

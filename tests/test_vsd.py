@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from t3d.cameras import CameraParams
-from t3d.nerf import FieldParams, NeRFField
+from t3d.render.cameras import CameraParams
+from t3d.fields.nerf import FieldParams, NeRFField
 from t3d.priors import build_tiny_prior
 from t3d.stage import load_checkpoint, save_checkpoint
-from t3d.stages.coarse_nerf import save_field
-from t3d.stages.vsd_refine import RefineParams, VSDTrainer, particle_distance
+from t3d.stages.coarse import save_field
+from t3d.stages.refine import RefineParams, VSDTrainer, particle_distance
 from t3d.stages.encode_prompt import PromptEmbeddings
-from t3d.vsd import camera_condition, lora_state, make_lora_unet
+from t3d.guidance.vsd import camera_condition, lora_state, make_lora_unet
 
 SMALL_GRID = {"otype": "HashGrid", "n_levels": 4, "n_features_per_level": 2, "log2_hashmap_size": 10, "base_resolution": 4, "per_level_scale": 1.5}
 

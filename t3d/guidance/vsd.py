@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from t3d.guidance import _clip, _expand, _reparam_loss, sample_timesteps, sds_weight
+from t3d.guidance.sds import _clip, _expand, _reparam_loss, sample_timesteps, sds_weight
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 

@@ -26,7 +26,7 @@ import torch
 import trimesh
 from PIL import Image
 
-from .mesh import decimate
+from t3d.mesh.extract import decimate
 
 log = logging.getLogger(__name__)
 
@@ -171,12 +171,12 @@ def bake_texture(
 ):
     """Bake color_fn (world points [N,3] -> rgb [N,3] in [0,1]) into a PNG-oriented uint8 [size,size,3].
 
-    The UV layout is rasterized with t3d.raster (uv as clip-space positions) to find each covered
+    The UV layout is rasterized with t3d.render.raster (uv as clip-space positions) to find each covered
     texel's world point; colours are then dilated `padding` texels into the empty space around
     every chart (against seams under bilinear filtering), and the remaining texels get the mean
     colour (keeps the PNG small and mipmaps neutral).
     """
-    from .raster import interpolate, rasterize  # noqa: PLC0415
+    from t3d.render.raster import interpolate, rasterize
 
     device = torch.device(device)
     v = torch.as_tensor(np.asarray(verts), dtype=torch.float32, device=device)
@@ -294,8 +294,8 @@ def turntable(
     the texture looked up by UV, optionally dimmed by `shading` * (1 - n.l) with a headlight so the
     shape reads. Returns the frames, uint8 [n_frames, size, size, 3].
     """
-    from .cameras import make_cameras  # noqa: PLC0415
-    from .raster import render_mesh  # noqa: PLC0415
+    from t3d.render.cameras import make_cameras
+    from t3d.render.raster import render_mesh
 
     tm = mesh_or_path if isinstance(mesh_or_path, TexturedMesh) else load_textured(mesh_or_path, y_up=y_up)
     device = torch.device(device)

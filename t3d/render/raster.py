@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .backends import BackendChoice, BackendRequest, choose_backend
+from t3d.backends import BackendChoice, BackendRequest, choose_backend
 
 log = logging.getLogger(__name__)
 
@@ -642,7 +642,7 @@ def vertex_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
 
 def mvp_matrices(cameras, near: float = 0.1, far: float = 10.0, aspect: float = 1.0) -> torch.Tensor:
     """World-to-clip matrices [B,4,4] for t3d cameras (OpenGL projection, c2w inverted)."""
-    from .cameras import projection_matrix  # noqa: PLC0415
+    from t3d.render.cameras import projection_matrix
 
     c2w = cameras.c2w.float()
     proj = projection_matrix(cameras.fov_deg, near, far, aspect).to(c2w.device)
@@ -672,7 +672,7 @@ def render_mesh(
     axis), and rgb when `uvs` [V,2] + `tex` ([Ht,Wt,C] or [1|B,Ht,Wt,C], GL orientation: row 0 is
     v = 0) or `vertex_colors` [V,C] are given; `background` fills empty rgb pixels. Also
     `rast` (the raw, row-0-at-bottom rasterizer output) for further nvdiffrast-style ops.
-    Pixel (row j, column i) looks along t3d.cameras.camera_rays' ray (j, i).
+    Pixel (row j, column i) looks along t3d.render.cameras.camera_rays' ray (j, i).
     """
     if isinstance(size, int):
         height, width = size, size

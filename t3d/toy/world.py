@@ -15,7 +15,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from t3d.cameras import VIEW_SUFFIXES, CameraBatch, camera_rays
+from t3d.render.cameras import VIEW_SUFFIXES, CameraBatch, camera_rays
 
 SHAPES: tuple[str, ...] = ("cube", "sphere", "cone", "cylinder", "torus")
 

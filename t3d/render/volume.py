@@ -1,6 +1,6 @@
 """Differentiable volume rendering of a NeRFField from a CameraBatch (pure torch, CPU or CUDA).
 
-Rays (t3d.cameras.camera_rays, row 0 at the top) are clipped to the field's bounding sphere,
+Rays (t3d.render.cameras.camera_rays, row 0 at the top) are clipped to the field's bounding sphere,
 sampled in stratified bins, and alpha-composited front to back:
   alpha_i = 1 - exp(-sigma_i * delta_i),  w_i = alpha_i * prod_{j<i} (1 - alpha_j),
   rgb = sum_i w_i c_i + (1 - sum_i w_i) * background.
@@ -16,7 +16,7 @@ from typing import Literal, Sequence
 import torch
 import torch.nn.functional as F
 
-from t3d.cameras import CameraBatch, camera_rays
+from t3d.render.cameras import CameraBatch, camera_rays
 
 # Towards the light, camera frame (x right, y up, +z towards the viewer): the toy world's light.
 DEFAULT_LIGHT_CAM = (-0.45, 0.55, 0.70)

@@ -16,14 +16,14 @@ import time
 import torch
 from pydantic import Field
 
-from t3d.cameras import CameraParams, orbit_cameras, sample_cameras, view_names
-from t3d.guidance import anneal_t_range, opacity_entropy, TRange, CFG_CONVENTION
+from t3d.render.cameras import CameraParams, orbit_cameras, sample_cameras, view_names
+from t3d.guidance.sds import anneal_t_range, opacity_entropy, TRange, CFG_CONVENTION
 from t3d.stage import Stage, StageContext, StageParams, decay_learning_rates, flatten_optimizer, optimise, restore_optimizer
-from t3d.stages.coarse_nerf import load_field, render_turntable, save_field, write_loss_curve, write_previews
-from t3d.toyeval import evaluate_field
+from t3d.stages.coarse import load_field, render_turntable, save_field, write_loss_curve, write_previews
+from t3d.toy.metrics import evaluate_field
 from t3d.stages.encode_prompt import load_embeddings
-from t3d.vsd import load_lora_state, lora_loss, lora_state, make_lora_unet, trainable_parameters, vsd_loss
-from t3d.volume import render
+from t3d.guidance.vsd import load_lora_state, lora_loss, lora_state, make_lora_unet, trainable_parameters, vsd_loss
+from t3d.render.volume import render
 
 
 class RefineParams(StageParams):

@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from t3d import toyworld
-from t3d.cameras import CameraParams, orbit_cameras
-from t3d.volume import light_directions
+from t3d.toy import world as toyworld
+from t3d.render.cameras import CameraParams, orbit_cameras
+from t3d.render.volume import light_directions
 
 
 def eval_cameras(camera: CameraParams, n_views: int = 8):
@@ -31,7 +31,7 @@ def score(pred_rgb: torch.Tensor, pred_mask: torch.Tensor, true_rgb: torch.Tenso
 @torch.no_grad()
 def evaluate_field(field, prompt: str, camera: CameraParams, n_views: int = 8, size: int = 32) -> dict:
     """A radiance field, volume-rendered lambertian under the toy world's light. {} if not a toy prompt."""
-    from t3d.volume import render
+    from t3d.render.volume import render
 
     try:
         shape, colour = toyworld.parse_prompt(prompt)
@@ -46,7 +46,7 @@ def evaluate_field(field, prompt: str, camera: CameraParams, n_views: int = 8, s
 @torch.no_grad()
 def render_textured_mesh(tmesh, cams, size: int, raster_ctx=None, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """A TexturedMesh lit like the toy world (camera-fixed light): rgb [B,3,H,W] on white, mask [B,1,H,W]."""
-    from t3d.raster import render_mesh
+    from t3d.render.raster import render_mesh
 
     cams = cams.to(device)
     tex = torch.as_tensor(np.array(tmesh.texture), device=device)  # copy: read-only PNG buffers

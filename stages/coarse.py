@@ -24,12 +24,12 @@ import torch
 from pydantic import Field
 from safetensors.torch import load_file, save_file
 
-from t3d.cameras import CameraParams, orbit_cameras, sample_cameras, view_names
-from t3d.guidance import anneal_t_range, guidance_loss, opacity_entropy, opacity_sparsity, orientation_loss, TRange, CFG_CONVENTION
-from t3d.nerf import FieldParams, NeRFField
+from t3d.render.cameras import CameraParams, orbit_cameras, sample_cameras, view_names
+from t3d.guidance.sds import anneal_t_range, guidance_loss, opacity_entropy, opacity_sparsity, orientation_loss, TRange, CFG_CONVENTION
+from t3d.fields.nerf import FieldParams, NeRFField
 from t3d.stage import Stage, StageContext, StageParams, decay_learning_rates, flatten_optimizer, optimise, restore_optimizer
-from t3d.toyeval import evaluate_field
-from t3d.volume import OccupancyGrid, render
+from t3d.toy.metrics import evaluate_field
+from t3d.render.volume import OccupancyGrid, render
 
 FIELD_FILE = "field.safetensors"
 FIELD_CONFIG = "field.json"
@@ -231,7 +231,7 @@ def render_turntable(field: NeRFField, camera: CameraParams, n: int, size: int, 
 
 
 def _one(cams, i):
-    from t3d.cameras import CameraBatch
+    from t3d.render.cameras import CameraBatch
 
     return CameraBatch(cams.azimuth[i : i + 1], cams.elevation[i : i + 1], cams.radius[i : i + 1], cams.fov_deg, cams.c2w[i : i + 1])
 

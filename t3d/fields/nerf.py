@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from t3d.backends import BackendChoice
-from t3d.hashgrid import DEFAULT_CPU_CONFIG, make_hash_grid
+from t3d.fields.hashgrid import DEFAULT_CPU_CONFIG, make_hash_grid
 
 
 class FieldParams(BaseModel):

@@ -17,16 +17,16 @@ import time
 import torch
 from pydantic import Field
 
-from t3d.cameras import CameraBatch, sample_cameras, view_names
-from t3d.export import TexturedMesh, bake_texture, export_glb, turntable
-from t3d.guidance import anneal_t_range, guidance_loss, TRange, CFG_CONVENTION
-from t3d.raster import make_raster_context, render_mesh
+from t3d.render.cameras import CameraBatch, sample_cameras, view_names
+from t3d.mesh.export import TexturedMesh, bake_texture, export_glb, turntable
+from t3d.guidance.sds import anneal_t_range, guidance_loss, TRange, CFG_CONVENTION
+from t3d.render.raster import make_raster_context, render_mesh
 from t3d.stage import Stage, StageContext, StageParams, flatten_optimizer, restore_optimizer
-from t3d.stages.coarse_nerf import load_field, write_loss_curve
+from t3d.stages.coarse import load_field, write_loss_curve
 from t3d.stages.encode_prompt import load_embeddings
 from t3d.stages.extract_mesh import MESH_FILE, TEXTURE_FILE, load_mesh
-from t3d.toyeval import evaluate_mesh
-from t3d.volume import light_directions
+from t3d.toy.metrics import evaluate_mesh
+from t3d.render.volume import light_directions
 
 
 class TextureParams(StageParams):
@@ -86,7 +86,7 @@ def run(ctx: StageContext) -> None:
     gen = torch.Generator().manual_seed(int(ctx.seed) * 15485863 + 11)
     lora = lora_opt = None
     if p.guidance == "vsd":
-        from t3d.vsd import make_lora_unet, trainable_parameters
+        from t3d.guidance.vsd import make_lora_unet, trainable_parameters
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(ctx.seed))
@@ -101,7 +101,7 @@ def run(ctx: StageContext) -> None:
         restore_optimizer(opt, tensors, meta["opt"])
         gen.set_state(tensors["rng"])
         if lora is not None:
-            from t3d.vsd import load_lora_state
+            from t3d.guidance.vsd import load_lora_state
 
             load_lora_state(lora, {k[5:]: v for k, v in tensors.items() if k.startswith("lora.")})
             restore_optimizer(lora_opt, tensors, meta["lora_opt"], "lopt")
@@ -121,7 +121,7 @@ def run(ctx: StageContext) -> None:
             if lora is None:
                 loss, info = guidance_loss("sds", prior, rgb, cond, uncond, guidance_scale=p.guidance_scale, t_range=t_range, generator=gen)
             else:
-                from t3d.vsd import lora_loss, vsd_loss
+                from t3d.guidance.vsd import lora_loss, vsd_loss
 
                 loss, x0, info = vsd_loss(prior, lora, rgb, cams.c2w, cond, uncond, guidance_scale=p.guidance_scale or 7.5, t_range=t_range, generator=gen)
                 l_lora = lora_loss(prior, lora, x0, cams.c2w, cond, generator=gen)
@@ -144,7 +144,7 @@ def run(ctx: StageContext) -> None:
                 tensors.update(opt_t, rng=gen.get_state())
                 meta = {"opt": opt_meta, "history": history}
                 if lora is not None:
-                    from t3d.vsd import lora_state
+                    from t3d.guidance.vsd import lora_state
 
                     tensors.update({f"lora.{k}": v for k, v in lora_state(lora).items()})
                     lora_t, meta["lora_opt"] = flatten_optimizer(lora_opt, "lopt")

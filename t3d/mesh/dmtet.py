@@ -32,7 +32,7 @@ __all__ = ["tet_grid", "sdf_from_density", "marching_tets", "laplacian_loss", "r
 
 
 def tet_grid(resolution: int, lo, spacing, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Vertices [R^3,3] (index x*R*R + y*R + z, like `t3d.mesh.sample_grid`) and tets [6(R-1)^3,4]."""
+    """Vertices [R^3,3] (index x*R*R + y*R + z, like `t3d.mesh.extract.sample_grid`) and tets [6(R-1)^3,4]."""
     r = int(resolution)
     if r < 2:
         raise ValueError("resolution must be >= 2")
@@ -130,8 +130,8 @@ def laplacian_loss(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
 def render_shaded(verts, faces, cameras, size: int, albedo_fn: Callable, ctx=None, ambient: float = 0.35) -> tuple[torch.Tensor, torch.Tensor]:
     """Lambertian render under the toy world's camera-fixed light, on white, antialiased so the
     silhouette moves with the vertices: (rgb [B,3,H,W], coverage [B,1,H,W]), row 0 at the top."""
-    from t3d.raster import antialias, interpolate, mvp_matrices, rasterize, vertex_normals
-    from t3d.volume import light_directions
+    from t3d.render.raster import antialias, interpolate, mvp_matrices, rasterize, vertex_normals
+    from t3d.render.volume import light_directions
 
     faces_i = faces.to(torch.int32)
     mvp = mvp_matrices(cameras.to(verts.device)).to(verts.dtype)
@@ -192,8 +192,8 @@ def refine_geometry(
     """SDS on the SDF grid made from `sigma`; returns the final surface (vertices, faces) and the
     loss history. `resume` is a checkpoint (step, tensors, meta) written from `on_step(step,
     tensors, meta)`, which is called after every step."""
-    from t3d.cameras import sample_cameras, view_names
-    from t3d.guidance import guidance_loss
+    from t3d.render.cameras import sample_cameras, view_names
+    from t3d.guidance.sds import guidance_loss
     from t3d.stage import flatten_optimizer, restore_optimizer
 
     res = sigma.shape[0]

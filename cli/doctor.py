@@ -135,7 +135,7 @@ def _tcnn_smoke(device) -> None:
 def _nvdiffrast_smoke(device) -> None:
     import torch
 
-    from t3d.raster import import_nvdiffrast
+    from t3d.render.raster import import_nvdiffrast
 
     dr = import_nvdiffrast()
 
