@@ -33,7 +33,7 @@ def main() -> None:
 
     names = list(default_registry())
     upto = names.index(args.upto) if args.upto in names else len(names) - 1
-    sets = (args.sets if args.sets is not None else [s for s in DEFAULT_SETS if s.split(".")[1] in names[: upto + 1]])
+    sets = args.sets if args.sets is not None else [s for s in DEFAULT_SETS if s.split(".")[1] in names[: upto + 1]]
     sets += [f"stages.{n}.enabled=false" for n in names[upto + 1 :]]
 
     out: dict = {"prompts": len(PROMPTS), "stages": names[: upto + 1], "overrides": sets}

@@ -96,7 +96,13 @@ def build_prior_folder(kind: str, folder: Path, t5_layers: int = 2, seed: int = 
             t1 = time.perf_counter()
             if kind == "if" and name == "text_encoder":
                 encode_s = _time_encode(obj)
-                extra["t5_encode"] = {"layers": t5_layers, "texts": 6, "tokens": 77, "s": round(encode_s, 2), "s_per_layer": round(encode_s / t5_layers, 3)}
+                extra["t5_encode"] = {
+                    "layers": t5_layers,
+                    "texts": 6,
+                    "tokens": 77,
+                    "s": round(encode_s, 2),
+                    "s_per_layer": round(encode_s / t5_layers, 3),
+                }
                 t1 = time.perf_counter()
             entries[name] = save_component(folder, name, obj)
             seconds[name] = {"build_s": round(t1 - t0, 2), "save_s": round(time.perf_counter() - t1, 2)}
@@ -133,7 +139,12 @@ def dry_run(kinds: list[str], t5_layers: int) -> dict:
             if kind == "if":  # the real encoder is 24 layers; the run uses t5_layers of them
                 full = C.n_parameters(C.t5_xxl_encoder())
                 out["params"]["if_m.text_encoder_full"] = full
-                out["if_t5"] = {"layers_run": t5_layers, "layers_real": T5_XXL_LAYERS, "params_real": full, "fp32_gib_real": round(full * 4 / GIB, 2)}
+                out["if_t5"] = {
+                    "layers_run": t5_layers,
+                    "layers_real": T5_XXL_LAYERS,
+                    "params_real": full,
+                    "fp32_gib_real": round(full * 4 / GIB, 2),
+                }
     for key, n in out["params"].items():
         want = expected.get("if_m.text_encoder" if key == "if_m.text_encoder_full" else key)
         if key == "if_m.text_encoder" and t5_layers != T5_XXL_LAYERS:
@@ -151,11 +162,27 @@ def flow_yaml(kind: str, prior: Path, store: Path, steps: int, refine: bool) -> 
     coarse_cfg = 100.0 if kind == "sd21" else 20.0  # DreamFusion-SD / threestudio's IF guidance scales
     stages = {
         "encode_prompt": {},
-        "coarse": {"steps": steps, "batch_size": 1, "resolution": 64, "guidance_scale": coarse_cfg, "checkpoint_every": 1000},
-        "refine": {
-            "enabled": refine, "steps": steps, "batch_size": 1, "resolution": 64, "lora_warmup_steps": 1, "checkpoint_every": 1000,
+        "coarse": {
+            "steps": steps,
+            "batch_size": 1,
+            "resolution": 64,
+            "guidance_scale": coarse_cfg,
+            "checkpoint_every": 1000,
         },
-        "extract_mesh": {"geometry_steps": steps, "geometry_batch_size": 1, "geometry_render_size": 64, "checkpoint_every": 1000},
+        "refine": {
+            "enabled": refine,
+            "steps": steps,
+            "batch_size": 1,
+            "resolution": 64,
+            "lora_warmup_steps": 1,
+            "checkpoint_every": 1000,
+        },
+        "extract_mesh": {
+            "geometry_steps": steps,
+            "geometry_batch_size": 1,
+            "geometry_render_size": 64,
+            "checkpoint_every": 1000,
+        },
         "texture": {"steps": steps, "batch_size": 1, "resolution": 64, "guidance": "sds", "checkpoint_every": 1000},
         "export": {},
     }
@@ -193,7 +220,9 @@ def _rss_bytes(pid: int) -> int | None:
 
 def run_child(cmd: list[str], env: dict, timeout_s: float, log_path: Path) -> dict:
     """Run cmd; echo its output (also to log_path); peak RSS exactly (wait4) and per stage (sampled)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=REPO, bufsize=1, text=True, errors="replace")
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=REPO, bufsize=1, text=True, errors="replace"
+    )
     state = {"stage": None, "order": []}
     stage_peak: dict[str, int] = {}
 
@@ -285,7 +314,16 @@ def bench_one(kind: str, args, workdir: Path) -> dict:
     store = workdir / f"store-{kind}"
     flow = workdir / f"flow-{kind}.yaml"
     print(f"full_size: building the {kind} prior in {folder} ...", flush=True)
-    build_cmd = [sys.executable, str(Path(__file__).resolve()), "--_build", kind, "--_out", str(folder), "--t5-layers", str(args.t5_layers)]
+    build_cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--_build",
+        kind,
+        "--_out",
+        str(folder),
+        "--t5-layers",
+        str(args.t5_layers),
+    ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", T3D_TORCH_THREADS=str(args.threads))
     env.setdefault("OMP_NUM_THREADS", str(args.threads))
     build = run_child(build_cmd, env, args.timeout, workdir / f"build-{kind}.log")
@@ -312,7 +350,10 @@ def bench_one(kind: str, args, workdir: Path) -> dict:
     if kind == "sd21":
         result.update(
             latent="64x64x4 from 512 px: 64 px renders upsampled (bilinear) to 512, VAE-encoded with gradients",
-            text="OpenCLIP ViT-H/14 text tower (CLIPTextModel 1024 x 23 layers, 340.4M), a generated BPE vocabulary of the real 49,408 tokens, 77 tokens",
+            text=(
+                "OpenCLIP ViT-H/14 text tower (CLIPTextModel 1024 x 23 layers, 340.4M), a generated BPE "
+                "vocabulary of the real 49,408 tokens, 77 tokens"
+            ),
         )
     else:
         from t3d.priors.configs import EXPECTED_PARAMS, t5_layer_params
@@ -322,7 +363,8 @@ def bench_one(kind: str, args, workdir: Path) -> dict:
         result.update(
             pixels="64x64x3 renders straight into the UNet (IF stage I is pixel-space; no VAE)",
             unet=(
-                "IF-I-M-sized: 371.6M parameters against the model card's 400M; diffusers' IF layout, widths (192, 384, 576, 768) "
+                "IF-I-M-sized: 371.6M parameters against the model card's 400M; diffusers' IF layout, widths "
+                "(192, 384, 576, 768) "
                 "reconstructed (the released config.json was not available here)"
             ),
             text=(
@@ -336,8 +378,10 @@ def bench_one(kind: str, args, workdir: Path) -> dict:
                 "per_layer_params": t5_layer_params(),
                 "encode_s_estimate": round(enc["s_per_layer"] * T5_XXL_LAYERS, 1) if enc else None,
                 "why_not_run": (
-                    f"{full * 4 / GIB:.1f} GiB of fp32 weights alone exceed the 12 GiB RSS budget (24 GiB machine, shared; t3d loads "
-                    "priors in fp32 on a CPU); time is not the limit (encode_s_estimate: the measured seconds per layer x 24)"
+                    f"{full * 4 / GIB:.1f} GiB of fp32 weights alone exceed the 12 GiB RSS budget (24 GiB "
+                    "machine, shared; t3d loads "
+                    "priors in fp32 on a CPU); time is not the limit (encode_s_estimate: the measured "
+                    "seconds per layer x 24)"
                 ),
             },
         )
@@ -347,14 +391,24 @@ def bench_one(kind: str, args, workdir: Path) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--which", default="sd21,if", help="comma-separated: sd21, if")
-    ap.add_argument("--steps", type=int, default=2, help="optimisation steps per stage (coarse, refine, geometry, texture)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads in the run (t3d's default on <= 2 cores is 1)")
-    ap.add_argument("--t5-layers", type=int, default=2, help="T5-XXL encoder layers in the IF-sized prior (the real model has 24)")
+    ap.add_argument(
+        "--steps", type=int, default=2, help="optimisation steps per stage (coarse, refine, geometry, texture)"
+    )
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads in the run (t3d's default on <= 2 cores is 1)"
+    )
+    ap.add_argument(
+        "--t5-layers", type=int, default=2, help="T5-XXL encoder layers in the IF-sized prior (the real model has 24)"
+    )
     ap.add_argument("--no-refine", dest="refine", action="store_false", help="leave out the VSD refine stage")
-    ap.add_argument("--workdir", type=Path, default=None, help="where priors, flows and stores go (default: a new temp folder)")
+    ap.add_argument(
+        "--workdir", type=Path, default=None, help="where priors, flows and stores go (default: a new temp folder)"
+    )
     ap.add_argument("--keep", action="store_true", help="keep the work folder (priors are ~3.6 GB for SD 2.1)")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per child process before it is stopped")
-    ap.add_argument("--dry-run", action="store_true", help="parameter counts on the meta device, checked; nothing saved or run")
+    ap.add_argument(
+        "--dry-run", action="store_true", help="parameter counts on the meta device, checked; nothing saved or run"
+    )
     ap.add_argument("--_build", choices=KINDS, help=argparse.SUPPRESS)
     ap.add_argument("--_out", type=Path, help=argparse.SUPPRESS)
     return ap

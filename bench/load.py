@@ -24,7 +24,10 @@ from pathlib import Path
 from t3d.flows.server import server_pids
 
 ROOT = Path(__file__).resolve().parents[1]
-HOG = "import time, sys\nend = time.monotonic() + float(sys.argv[1])\nx = 0\nwhile time.monotonic() < end:\n    x = (x * 31 + 7) % 1000003\n"
+HOG = (
+    "import time, sys\nend = time.monotonic() + float(sys.argv[1])\nx = 0\n"
+    "while time.monotonic() < end:\n    x = (x * 31 + 7) % 1000003\n"
+)
 
 
 def main() -> None:
@@ -73,7 +76,14 @@ def main() -> None:
         "servers_left": len(server_pids(prefect_home)),
         "overrides": args.sets,
     }
-    result["ok"] = bool(code == 0 and result["in_prefect"] and result["glb"] and not result["traceback"] and not result["http_request_lines"] and not result["servers_left"])
+    result["ok"] = bool(
+        code == 0
+        and result["in_prefect"]
+        and result["glb"]
+        and not result["traceback"]
+        and not result["http_request_lines"]
+        and not result["servers_left"]
+    )
     if not result["ok"]:
         sys.stderr.write(text[-4000:])
     shutil.rmtree(work, ignore_errors=True)

@@ -38,22 +38,28 @@ def _run(ctx) -> None:
 
 
 def REGISTRY() -> StageRegistry:
-    return StageRegistry([Stage(n, "1", TinyParams, tuple(NAMES[i - 1 : i]), _run, uses_prompt=(i == 0)) for i, n in enumerate(NAMES)])
+    return StageRegistry(
+        [Stage(n, "1", TinyParams, tuple(NAMES[i - 1 : i]), _run, uses_prompt=(i == 0)) for i, n in enumerate(NAMES)]
+    )
 
 
 def _flow_file(folder: Path, prior: str) -> Path:
     path = folder / "flow.yaml"
-    path.write_text(textwrap.dedent(f"""
+    path.write_text(
+        textwrap.dedent(f"""
         prompt: a red cube
         prior: {prior}
         store: ./store
-        """))
+        """)
+    )
     return path
 
 
 def _cli(flow: Path, env: dict) -> float:
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "t3d.cli.main", "run", str(flow)], env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "t3d.cli.main", "run", str(flow)], env=env, capture_output=True, text=True
+    )
     if proc.returncode != 0:
         raise SystemExit(f"t3d run failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return time.perf_counter() - t0
@@ -69,7 +75,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         prior = "tiny-pixel"  # the stages never load it; only its identity enters the keys
-        env = {**os.environ, "T3D_STAGE_REGISTRY": "orchestration:REGISTRY", "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]), "TQDM_DISABLE": "1"}
+        env = {
+            **os.environ,
+            "T3D_STAGE_REGISTRY": "orchestration:REGISTRY",
+            "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+            "TQDM_DISABLE": "1",
+        }
         env.pop("PREFECT_API_URL", None)
 
         flow = _flow_file(tmp, str(prior))
@@ -77,7 +88,10 @@ def main() -> None:
         cached = min(_cli(flow, env) for _ in range(3))
 
         def cfg(store: Path, salt: int):
-            return validate({"prompt": "a red cube", "prior": str(prior), "store": str(store), "stages": {"s1": {"salt": salt}}}, reg)
+            return validate(
+                {"prompt": "a red cube", "prior": str(prior), "store": str(store), "stages": {"s1": {"salt": salt}}},
+                reg,
+            )
 
         t0 = time.perf_counter()
         for salt in range(3):
@@ -94,14 +108,18 @@ def main() -> None:
                 assert result.state == "completed", result.error
         overhead = min(times) / len(NAMES)
 
-    print(json.dumps({
-        "overhead_s_per_stage": round(overhead, 4),
-        "store_s_per_stage": round(store_s, 4),
-        "cached_rerun_s": round(cached, 3),
-        "first_run_cli_s": round(first_cli, 3),
-        "stages": len(NAMES),
-        "cached_rerun_goal_s": 10,
-    }))
+    print(
+        json.dumps(
+            {
+                "overhead_s_per_stage": round(overhead, 4),
+                "store_s_per_stage": round(store_s, 4),
+                "cached_rerun_s": round(cached, 3),
+                "first_run_cli_s": round(first_cli, 3),
+                "stages": len(NAMES),
+                "cached_rerun_goal_s": 10,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

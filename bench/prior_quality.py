@@ -48,8 +48,15 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.time()
     prior = load_prior(args.prior, device=args.device)
     res = evaluate_prior(
-        prior, prompts, n=args.n, steps=args.steps, guidance=args.guidance, seed=args.seed,
-        batch_size=args.batch_size, progress=sys.stderr.isatty(), return_images=bool(args.grid),
+        prior,
+        prompts,
+        n=args.n,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        progress=sys.stderr.isatty(),
+        return_images=bool(args.grid),
     )
     res["seconds"] = round(time.time() - t0, 1)
     if args.grid:
@@ -57,8 +64,14 @@ def main(argv: list[str] | None = None) -> dict:
 
         save_png(image_grid(res.pop("images"), nrow=args.n), args.grid, upscale=2)
     for prompt, r in res["per_prompt"].items():
-        print(f"{prompt:40s} colour {r['color_acc']:.2f}  shape {r['shape_acc']:.2f}  shapes={r['shapes']}", file=sys.stderr)
-    print(f"color_acc={res['color_acc']:.3f} (goal 0.95)  shape_acc={res['shape_acc']:.3f} (goal 0.90)  in {res['seconds']} s")
+        print(
+            f"{prompt:40s} colour {r['color_acc']:.2f}  shape {r['shape_acc']:.2f}  shapes={r['shapes']}",
+            file=sys.stderr,
+        )
+    print(
+        f"color_acc={res['color_acc']:.3f} (goal 0.95)  shape_acc={res['shape_acc']:.3f} (goal 0.90)  in "
+        f"{res['seconds']} s"
+    )
     print(json.dumps(res))
     return res
 

@@ -25,13 +25,20 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PROMPTS = [
-    "a red cube", "a blue sphere", "a green cone", "a yellow cylinder", "a red torus",
-    "a blue cube", "a green sphere", "a yellow cone", "a red cylinder", "a blue torus",
+    "a red cube",
+    "a blue sphere",
+    "a green cone",
+    "a yellow cylinder",
+    "a red torus",
+    "a blue cube",
+    "a green sphere",
+    "a yellow cone",
+    "a red cylinder",
+    "a blue torus",
 ]
 SCORED = ("coarse", "refine", "texture", "export", "extract_mesh")
 
@@ -70,7 +77,18 @@ def _prefill(args, prompts: list[str], store: str) -> None:
         mine = prompts[j :: args.jobs]
         if not mine:
             continue
-        cmd = [sys.executable, __file__, "--upto", args.upto, "--flow", args.flow, "--store", store, "--seed", str(args.seed)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--upto",
+            args.upto,
+            "--flow",
+            args.flow,
+            "--store",
+            store,
+            "--seed",
+            str(args.seed),
+        ]
         cmd += [a for s in args.sets for a in ("--set", s)] + [a for p in mine for a in ("--prompt", p)]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL))
     failed = [p.args for p in procs if p.wait() != 0]
@@ -83,16 +101,20 @@ def main() -> None:
     parser.add_argument("--prompt", action="append", help="repeatable; default: 10 prompts over all shapes and colours")
     parser.add_argument("--upto", default="export", help="last stage to run")
     parser.add_argument("--flow", default=str(ROOT / "examples" / "sds_red_cube.yaml"))
-    parser.add_argument("--set", dest="sets", action="append", default=[], help="flow overrides, e.g. stages.coarse.method=sjc")
+    parser.add_argument(
+        "--set", dest="sets", action="append", default=[], help="flow overrides, e.g. stages.coarse.method=sjc"
+    )
     parser.add_argument("--store", default=None, help="artifact store (default: a temporary folder)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--jobs", type=int, default=1, help="child processes (one torch thread each) computing the prompts")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="child processes (one torch thread each) computing the prompts"
+    )
     args = parser.parse_args()
 
-    from t3d.toy import world as toyworld
     from t3d.flows.config import load_config
     from t3d.flows.flow import run_prompt
     from t3d.stages import default_registry
+    from t3d.toy import world as toyworld
 
     reg = default_registry()
     names = list(reg)
@@ -109,7 +131,6 @@ def main() -> None:
     results, by_prompt = [], {}
     for prompt in prompts:
         cfg = load_config(args.flow, sets, reg, prompt=prompt)
-        t0 = time.perf_counter()
         run = run_prompt(cfg, prompt, reg, use_prefect=False, show_progress=sys.stderr.isatty())
         if run.error:
             print(f"{prompt}: {run.error}", file=sys.stderr)
@@ -118,7 +139,14 @@ def main() -> None:
             elapsed += r.seconds if r.state == "computed" else _manifest_seconds(r.path, r.seconds)
             if r.stage in SCORED and "iou" in r.metrics:
                 secs = r.seconds if r.state == "computed" else _manifest_seconds(r.path, r.seconds)
-                row = {"prompt": prompt, "stage": r.stage, "iou": r.metrics["iou"], "color_err": r.metrics["color_err"], "seconds": round(secs, 1), "cumulative_seconds": round(elapsed, 1)}
+                row = {
+                    "prompt": prompt,
+                    "stage": r.stage,
+                    "iou": r.metrics["iou"],
+                    "color_err": r.metrics["color_err"],
+                    "seconds": round(secs, 1),
+                    "cumulative_seconds": round(elapsed, 1),
+                }
                 if r.stage == "refine":
                     row["particle_pixel_distance"] = r.metrics.get("particle_pixel_distance")
                 results.append(row)
@@ -153,7 +181,11 @@ def main() -> None:
             "max_cumulative_seconds": max(r["cumulative_seconds"] for r in rows),
             "control_mean_iou": round(sum(ctrl) / len(ctrl), 4) if ctrl else None,
         }
-    print(json.dumps({"results": results, "controls": controls, "summary": summary, "store": store, "overrides": args.sets}))
+    print(
+        json.dumps(
+            {"results": results, "controls": controls, "summary": summary, "store": store, "overrides": args.sets}
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -90,7 +90,11 @@ def time_pipeline(ctx, v, f, uv, cams, tex, size, repeats, device):
             rast_keep = rast.detach()
             assert verts.grad is not None and t_ex.grad is not None
             continue  # warm-up
-        for k, dt in zip(("rasterize", "interpolate", "texture", "antialias", "backward", "total"), (t1 - t0, t2 - t1, t3 - t2, t3b - t3, t4 - t3b, t4 - t0), strict=True):
+        for k, dt in zip(
+            ("rasterize", "interpolate", "texture", "antialias", "backward", "total"),
+            (t1 - t0, t2 - t1, t3 - t2, t3b - t3, t4 - t3b, t4 - t0),
+            strict=True,
+        ):
             times[k].append(dt)
     return {k: round(statistics.median(x) * 1000, 2) for k, x in times.items()}, rast_keep
 
@@ -111,12 +115,33 @@ def main(argv=None):
     cpu = torch.device("cpu")
     v, f, uv, cams, tex = scene(cpu, args.batch)
     if args.dry_run:
-        print(json.dumps({"dry_run": True, "faces": int(f.shape[0]), "size": args.size, "batch": args.batch, "repeats": args.repeats, "skip_cpu": args.skip_cpu}))
+        print(
+            json.dumps(
+                {
+                    "dry_run": True,
+                    "faces": int(f.shape[0]),
+                    "size": args.size,
+                    "batch": args.batch,
+                    "repeats": args.repeats,
+                    "skip_cpu": args.skip_cpu,
+                }
+            )
+        )
         return
     result = {
         "bench": "raster",
-        "scene": {"faces": int(f.shape[0]), "vertices": int(v.shape[0]), "size": args.size, "batch": args.batch, "texture": 512},
-        "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "default_threads": torch.get_num_threads()},
+        "scene": {
+            "faces": int(f.shape[0]),
+            "vertices": int(v.shape[0]),
+            "size": args.size,
+            "batch": args.batch,
+            "texture": 512,
+        },
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "default_threads": torch.get_num_threads(),
+        },
         "units": "ms (median)",
     }
     default_threads = torch.get_num_threads()
@@ -135,7 +160,9 @@ def main(argv=None):
         dev = torch.device("cuda", torch.cuda.current_device())
         result["gpu"] = torch.cuda.get_device_name(dev)
         vg, fg, uvg, camsg, texg = scene(dev, args.batch)
-        t_twin, rast_twin = time_pipeline(TorchRasterContext(dev), vg, fg, uvg, camsg, texg, args.size, args.repeats, dev)
+        t_twin, rast_twin = time_pipeline(
+            TorchRasterContext(dev), vg, fg, uvg, camsg, texg, args.size, args.repeats, dev
+        )
         result["torch_cuda"] = t_twin
         result.setdefault("coverage", round(float((rast_twin[..., 3] > 0).float().mean()), 4))
         print(f"torch twin on cuda: {t_twin}")
@@ -148,6 +175,7 @@ def main(argv=None):
             id_a, id_b = rast_twin[..., 3], rast_nv[..., 3]
             differ = id_a != id_b
             cov_a, cov_b = id_a > 0, id_b > 0
+
             # a differing pixel is an edge pixel when some 4-neighbour has a different id in either backend
             def edges(ids):
                 e = torch.zeros_like(ids, dtype=torch.bool)
@@ -156,14 +184,18 @@ def main(argv=None):
                 e[:, :, 1:] |= ids[:, :, 1:] != ids[:, :, :-1]
                 e[:, :, :-1] |= ids[:, :, 1:] != ids[:, :, :-1]
                 return e
+
             on_edge = edges(id_a) | edges(id_b)
             both = cov_a & cov_b
             result["backend_diff"] = {
                 "triangle_id_differs": round(float(differ.float().mean()), 6),
                 "coverage_differs": round(float((cov_a != cov_b).float().mean()), 6),
                 "differing_off_edges": int((differ & ~on_edge).sum()),
-                "max_abs_uv_diff_same_triangle": round(float((rast_twin[..., :2] - rast_nv[..., :2]).abs()[both & ~differ].max()), 6)
-                if bool((both & ~differ).any()) else None,
+                "max_abs_uv_diff_same_triangle": round(
+                    float((rast_twin[..., :2] - rast_nv[..., :2]).abs()[both & ~differ].max()), 6
+                )
+                if bool((both & ~differ).any())
+                else None,
             }
     print(json.dumps(result))
 

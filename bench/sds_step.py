@@ -13,7 +13,8 @@ torch.cuda.max_memory_allocated over its warm-up and timed steps (reset before e
 --dry-run parses the arguments and, with --sd21, builds the SD-2.1-sized UNet and VAE on the meta
 device (no memory, no CUDA) to print their parameter counts; then exits.
 Last output line: one JSON object {"sds": {...}, "sjc": {...}, "vsd": {...}, "vsd_over_sds", "device", "config"}.
-Usage: python bench/sds_step.py [--steps 5] [--warmup 2] [--methods sds,sjc,vsd] [--sd21] [--dtype fp16|fp32] [--threads N] [--dry-run]
+Usage: python bench/sds_step.py [--steps 5] [--warmup 2] [--methods sds,sjc,vsd] [--sd21]
+                                [--dtype fp16|fp32] [--threads N] [--dry-run]
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 
 import torch
 
@@ -44,7 +44,9 @@ def toy_setup(prompt: str):
     texts.update({f"view.{v}": prompt + suffix for v, suffix in VIEW_SUFFIXES.items()})
     emb = prior.encode_text(list(texts.values())).float()
     named = dict(zip(texts, emb.split(1)))
-    embeddings = PromptEmbeddings(named["cond"], named["uncond"], {k[5:]: v for k, v in named.items() if k.startswith("view.")}, texts)
+    embeddings = PromptEmbeddings(
+        named["cond"], named["uncond"], {k[5:]: v for k, v in named.items() if k.startswith("view.")}, texts
+    )
     return prior, name, embeddings, CoarseParams()
 
 
@@ -82,13 +84,29 @@ def sd21_setup(dtype_name: str = "fp16"):
         m.to(device, dtype).eval().requires_grad_(False)
     sched = sd21_scheduler()
     prior = DiffusionPrior(
-        identity="sd21-sized-random", space="latent", image_size=512, tokenizer=None, text_encoder=torch.nn.Identity(),
-        unet=unet, scheduler=sched, vae=vae, device=device, dtype=dtype, default_guidance_scale=100.0,
+        identity="sd21-sized-random",
+        space="latent",
+        image_size=512,
+        tokenizer=None,
+        text_encoder=torch.nn.Identity(),
+        unet=unet,
+        scheduler=sched,
+        vae=vae,
+        device=device,
+        dtype=dtype,
+        default_guidance_scale=100.0,
     )
     gen = torch.Generator().manual_seed(0)
     rand = lambda: torch.randn(1, 77, 1024, generator=gen)  # noqa: E731
     embeddings = PromptEmbeddings(rand(), rand(), {v: rand() for v in VIEW_SUFFIXES}, {})
-    gpu_grid = {"otype": "HashGrid", "n_levels": 16, "n_features_per_level": 2, "log2_hashmap_size": 19, "base_resolution": 16, "per_level_scale": 1.447269237440378}
+    gpu_grid = {
+        "otype": "HashGrid",
+        "n_levels": 16,
+        "n_features_per_level": 2,
+        "log2_hashmap_size": 19,
+        "base_resolution": 16,
+        "per_level_scale": 1.447269237440378,
+    }
     params = CoarseParams(resolution=64, batch_size=1, n_samples=64, field=FieldParams(grid=gpu_grid, bound=1.0))
     return prior, f"sd21-sized (random weights, {dtype_name})", embeddings, params
 
@@ -104,7 +122,9 @@ def vsd_timing(prior, embeddings, params, device, warmup: int, steps: int, lora_
 
     with tempfile.TemporaryDirectory() as tmp:
         save_field(NeRFField(params.field, device=device), Path(tmp))
-        rp = RefineParams(steps=10_000, batch_size=params.batch_size, resolution=params.resolution, n_samples=params.n_samples)
+        rp = RefineParams(
+            steps=10_000, batch_size=params.batch_size, resolution=params.resolution, n_samples=params.n_samples
+        )
         if lora_steps is not None:
             rp = rp.model_copy(update={"lora_steps_per_step": lora_steps})
         trainer = VSDTrainer(rp, prior, embeddings, Path(tmp), CameraParams(), device, seed=0)
@@ -136,8 +156,18 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--prompt", default="a red sphere")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="precision of the SD-sized prior (--sd21)")
-    ap.add_argument("--compute", action="append", default=[], metavar="KEY=VALUE", help="a flow.yaml compute: option for the prior, e.g. profile=low-memory (repeatable)")
-    ap.add_argument("--dry-run", action="store_true", help="check the arguments (and the SD-2.1 sizes on the meta device), then exit")
+    ap.add_argument(
+        "--compute",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a flow.yaml compute: option for the prior, e.g. profile=low-memory (repeatable)",
+    )
+    ap.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the arguments (and the SD-2.1 sizes on the meta device), then exit",
+    )
     return ap
 
 
@@ -161,10 +191,20 @@ def dry_run(args) -> dict:
     unknown = sorted(set(methods) - {"sds", "sjc", "vsd", "vsd1"})
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}: use sds, sjc, vsd, vsd1")
-    out = {"dry_run": True, "methods": methods, "sd21": args.sd21, "dtype": args.dtype, "steps": args.steps, "warmup": args.warmup, "compute": compute_params(args.compute).model_dump()}
+    out = {
+        "dry_run": True,
+        "methods": methods,
+        "sd21": args.sd21,
+        "dtype": args.dtype,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "compute": compute_params(args.compute).model_dump(),
+    }
     if args.sd21:
         unet, vae = sd21_models("meta")
-        out.update(unet_params=n_parameters(unet), vae_params=n_parameters(vae), unet_sample_size=unet.config.sample_size)
+        out.update(
+            unet_params=n_parameters(unet), vae_params=n_parameters(vae), unet_sample_size=unet.config.sample_size
+        )
     print(json.dumps(out))
     return out
 
@@ -186,7 +226,9 @@ def main(argv=None) -> dict:
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         reset_peak(device)
         if method in ("vsd", "vsd1"):
-            result[method] = vsd_timing(prior, embeddings, params, device, args.warmup, args.steps, 1 if method == "vsd1" else None)
+            result[method] = vsd_timing(
+                prior, embeddings, params, device, args.warmup, args.steps, 1 if method == "vsd1" else None
+            )
         else:
             p = params.model_copy(update={"method": method, "albedo_warmup": 0.0, "steps": 10_000})
             trainer = CoarseTrainer(p, prior, embeddings, CameraParams(), device, seed=0)
@@ -202,7 +244,9 @@ def main(argv=None) -> dict:
     for m in ("vsd", "vsd1"):
         if m in result and "sds" in result:
             result[f"{m}_over_sds"] = round(result[m]["step_s"] / result["sds"]["step_s"], 3)
-    result["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    result["device"] = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    )
     result["config"] = {
         "prior": prior_name,
         "resolution": params.resolution,

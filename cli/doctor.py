@@ -31,7 +31,9 @@ def checks() -> list[tuple[str, bool, str]]:
         else:
             rows.append(("GPU memory", False, f"cannot read it: {got}"))
     if cuda and free is None:
-        rows.append(("compute profile", True, "free GPU memory unknown: compute: {profile: low-memory} is the safe choice"))
+        rows.append(
+            ("compute profile", True, "free GPU memory unknown: compute: {profile: low-memory} is the safe choice")
+        )
     else:
         rows.append(("compute profile", True, recommend_profile(free)))
 
@@ -67,7 +69,14 @@ def checks() -> list[tuple[str, bool, str]]:
 
         data = default_data_dir()
         running = (data / STATE_FILE).exists()
-        rows.append(("Prefect API", True, f"none configured: runs share t3d's local server in {data} ({'running now' if running else 'started by the first run that needs it'}); `t3d server` adds the UI"))
+        rows.append(
+            (
+                "Prefect API",
+                True,
+                f"none configured: runs share t3d's local server in {data} "
+                f"({'running now' if running else 'started by the first run that needs it'}); `t3d server` adds the UI",
+            )
+        )
     return rows
 
 
@@ -77,7 +86,10 @@ GIB = 2**30
 INSTALL = {
     "cuda-torch": "T3D_CUDA=1 bash scripts/install.sh",
     "nvdiffrast": "`.venv/bin/pip install diffrp-nvdiffrast` (needs nvcc + ninja; torch builds it on first use)",
-    "tinycudann": '`.venv/bin/pip install "git+https://github.com/NVlabs/tiny-cuda-nn/#subdirectory=bindings/torch"` (needs nvcc; builds for minutes)',
+    "tinycudann": (
+        '`.venv/bin/pip install "git+https://github.com/NVlabs/tiny-cuda-nn/#subdirectory=bindings/torch"` '
+        "(needs nvcc; builds for minutes)"
+    ),
 }
 
 
@@ -85,8 +97,15 @@ def _no_cuda() -> str:
     import torch
 
     if torch.version.cuda is None:
-        return f"none: torch {torch.__version__} is a CPU build; `{INSTALL['cuda-torch']}` installs a CUDA build (on a machine with an NVIDIA GPU). Stages run on the CPU meanwhile (fine for the toy prior; SD-sized priors need a GPU)"
-    return f"none: torch is built for CUDA {torch.version.cuda} but sees no GPU (driver, CUDA_VISIBLE_DEVICES); stages run on the CPU"
+        return (
+            f"none: torch {torch.__version__} is a CPU build; `{INSTALL['cuda-torch']}` installs a CUDA build "
+            "(on a machine with an NVIDIA GPU). Stages run on the CPU meanwhile (fine for the toy prior; "
+            "SD-sized priors need a GPU)"
+        )
+    return (
+        f"none: torch is built for CUDA {torch.version.cuda} but sees no GPU (driver, CUDA_VISIBLE_DEVICES); "
+        "stages run on the CPU"
+    )
 
 
 def recommend_profile(free_bytes: int | None) -> str:
@@ -97,14 +116,24 @@ def recommend_profile(free_bytes: int | None) -> str:
     (~0.7 GiB in fp16), and VSD holds a second UNet (its LoRA copy) and trains it.
     """
     if free_bytes is None:
-        return "no GPU: compute: options other than precision do nothing useful here (precision: auto is fp32 on a CPU; bf16 works but is slow)"
+        return (
+            "no GPU: compute: options other than precision do nothing useful here "
+            "(precision: auto is fp32 on a CPU; bf16 works but is slow)"
+        )
     free = free_bytes / GIB
     if free >= 24:
-        return f"{free:.0f} GiB free: the defaults (no compute: block; precision auto = fp16 on CUDA): an SD-2.1-sized fp16 SDS step at 512 px peaked at 4.0 GiB"
+        return (
+            f"{free:.0f} GiB free: the defaults (no compute: block; precision auto = fp16 on CUDA): "
+            "an SD-2.1-sized fp16 SDS step at 512 px peaked at 4.0 GiB"
+        )
     if free >= 8:
-        return f"{free:.0f} GiB free: compute: {{profile: low-memory}} (VAE slicing, the text encoder and the VAE's decoder wait on the CPU; precision auto is already fp16 on CUDA)"
+        return (
+            f"{free:.0f} GiB free: compute: {{profile: low-memory}} (VAE slicing, the text encoder and the VAE's "
+            "decoder wait on the CPU; precision auto is already fp16 on CUDA)"
+        )
     return (
-        f"{free:.1f} GiB free: compute: {{profile: low-memory}}, and SD 2.1 at 512 px may not fit (an fp16 SDS step peaked at 4.0 GiB "
+        f"{free:.1f} GiB free: compute: {{profile: low-memory}}, and SD 2.1 at 512 px may not fit (an fp16 "
+        "SDS step peaked at 4.0 GiB "
         "before its text encoder's weights; VSD needs more): keep batch_size 1, or free the GPU"
     )
 
@@ -126,7 +155,17 @@ def _tcnn_smoke(device) -> None:
     import tinycudann as tcnn
     import torch
 
-    enc = tcnn.Encoding(3, {"otype": "HashGrid", "n_levels": 2, "n_features_per_level": 2, "log2_hashmap_size": 12, "base_resolution": 4, "per_level_scale": 2.0})
+    enc = tcnn.Encoding(
+        3,
+        {
+            "otype": "HashGrid",
+            "n_levels": 2,
+            "n_features_per_level": 2,
+            "log2_hashmap_size": 12,
+            "base_resolution": 4,
+            "per_level_scale": 2.0,
+        },
+    )
     x = torch.rand(128, 3, device=device, requires_grad=True)
     enc(x).float().sum().backward()
     torch.cuda.synchronize()

@@ -11,14 +11,18 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-app = typer.Typer(help="t3d: text to textured 3D asset by score distillation, in cached, resumable stages.", no_args_is_help=True, rich_markup_mode="rich", pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="t3d: text to textured 3D asset by score distillation, in cached, resumable stages.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+)
 console = Console(stderr=True)
 out = Console()
 
@@ -65,7 +69,9 @@ def _setup_logging(verbose: bool) -> None:
     t3d_log.propagate = False
     root = logging.getLogger()
     everything_else = RichHandler(console=console, show_path=False, show_time=False, markup=False)
-    everything_else.setLevel(logging.INFO if verbose else logging.CRITICAL)  # handler level: Prefect's run loggers propagate here
+    everything_else.setLevel(
+        logging.INFO if verbose else logging.CRITICAL
+    )  # handler level: Prefect's run loggers propagate here
     root.handlers[:] = [everything_else]
     root.setLevel(logging.INFO if verbose else logging.WARNING)
     for noisy in ("httpx", "httpcore"):
@@ -81,8 +87,8 @@ def _fail_input(message: str) -> None:
 def run(
     flow_file: Path = typer.Argument(..., help="flow YAML, e.g. examples/sds_red_cube.yaml"),
     set_: list[str] = typer.Option([], "--set", help="override a key: --set stages.coarse.steps=200 (repeatable)"),
-    from_stage: Optional[str] = typer.Option(None, "--from", help="force this stage and every later one to re-run"),
-    prompt: Optional[str] = typer.Option(None, "--prompt", help="run this prompt instead of the file's prompt(s)"),
+    from_stage: str | None = typer.Option(None, "--from", help="force this stage and every later one to re-run"),
+    prompt: str | None = typer.Option(None, "--prompt", help="run this prompt instead of the file's prompt(s)"),
     no_prefect: bool = typer.Option(False, "--no-prefect", help="run the stages in-process without Prefect"),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="also show Prefect's, HTTP and library logs"),
 ) -> None:
@@ -105,7 +111,15 @@ def run(
     with PrefectConnection(on_wait=lambda msg: console.status(msg, spinner="dots")) as prefect:
         for text in cfg.prompt_list():
             try:
-                result = run_prompt(cfg, text, registry, flow_file=str(flow_file), force_from=from_stage, use_prefect=not no_prefect, prefect=prefect)
+                result = run_prompt(
+                    cfg,
+                    text,
+                    registry,
+                    flow_file=str(flow_file),
+                    force_from=from_stage,
+                    use_prefect=not no_prefect,
+                    prefect=prefect,
+                )
             except ValueError as exc:  # planning errors: bad --from, disabled dependencies
                 _fail_input(f"{flow_file}: {exc}")
             _print_run(result)
@@ -125,7 +139,9 @@ def _print_run(result) -> None:
     table.add_column("quality", overflow="fold")
     for r in result.results:
         style = {"cached": "cyan", "computed": "green"}.get(r.state, "red")
-        quality = " ".join(f"{k}={r.metrics[k]:.3f}" for k in ("iou", "color_err") if isinstance(r.metrics.get(k), (int, float)))
+        quality = " ".join(
+            f"{k}={r.metrics[k]:.3f}" for k in ("iou", "color_err") if isinstance(r.metrics.get(k), (int, float))
+        )
         table.add_row(r.stage, f"[{style}]{r.state}[/]", f"{r.seconds:.1f}", short_id(r.key), quality)
     if result.error:
         table.add_row(result.failed_stage or "?", "[red]failed[/]", "", "", "")
@@ -134,7 +150,12 @@ def _print_run(result) -> None:
         last = result.results[-1]
         out.print(f"deliverable: {_headline_file(last.path)}", soft_wrap=True, highlight=False)
     if result.error:
-        console.print(f"[red]{escape(result.error)}[/]\nFix the cause and run the same command again: finished stages are reused.", highlight=False, soft_wrap=True)
+        console.print(
+            f"[red]{escape(result.error)}[/]\nFix the cause and run the same command again: finished stages "
+            "are reused.",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def _headline_file(path: str | None) -> str:
@@ -155,8 +176,12 @@ def batch(
     flow: Path = typer.Option(..., "--flow", help="base flow YAML; each prompt replaces its prompt"),
     concurrency: int = typer.Option(1, "--concurrency", "-j", min=1, help="prompts run at once"),
     set_: list[str] = typer.Option([], "--set", help="override a key for every prompt"),
-    summary: Optional[Path] = typer.Option(None, help="summary path without suffix (writes .csv and .json); default batch-<file>"),
-    data: Optional[Path] = typer.Option(None, help="Prefect data folder when t3d starts the server itself (default ~/.cache/t3d/prefect)"),
+    summary: Path | None = typer.Option(
+        None, help="summary path without suffix (writes .csv and .json); default batch-<file>"
+    ),
+    data: Path | None = typer.Option(
+        None, help="Prefect data folder when t3d starts the server itself (default ~/.cache/t3d/prefect)"
+    ),
 ) -> None:
     """Generate every prompt of a list: one flow run each; a failing prompt does not stop the others."""
     _quiet_third_parties(False)
@@ -177,7 +202,11 @@ def batch(
             try:
                 server = start_server(data, shared=True)
             except (RuntimeError, TimeoutError, OSError) as exc:
-                console.print(f"[yellow]warning:[/] Prefect unavailable ({exc}): the prompts run without it", highlight=False, soft_wrap=True)
+                console.print(
+                    f"[yellow]warning:[/] Prefect unavailable ({exc}): the prompts run without it",
+                    highlight=False,
+                    soft_wrap=True,
+                )
         if server:
             api = server.api_url
             console.print(f"Prefect API: {api}", highlight=False)
@@ -188,7 +217,10 @@ def batch(
     def report(row) -> None:
         done.append(row)
         colour = {"failed": "red", "cached": "cyan"}.get(row.state, "green")
-        console.print(f"[{len(done)}/{len(prompts)}] [{colour}]{row.state}[/] {row.prompt!r} ({row.seconds:.1f}s)", highlight=False)
+        console.print(
+            f"[{len(done)}/{len(prompts)}] [{colour}]{row.state}[/] {row.prompt!r} ({row.seconds:.1f}s)",
+            highlight=False,
+        )
 
     try:
         rows = run_batch(flow, prompts, concurrency, set_, env=env, on_done=report)
@@ -200,7 +232,14 @@ def batch(
             from t3d.flows.publish import publish_table
 
             with temporary_settings(updates={PREFECT_API_URL: api}):
-                publish_table([{"prompt": r.prompt, "state": r.state, "seconds": r.seconds, "glb": r.glb, "error": r.error} for r in rows], f"batch-{prompts_file.stem}", f"batch {prompts_file.name}")
+                publish_table(
+                    [
+                        {"prompt": r.prompt, "state": r.state, "seconds": r.seconds, "glb": r.glb, "error": r.error}
+                        for r in rows
+                    ],
+                    f"batch-{prompts_file.stem}",
+                    f"batch {prompts_file.name}",
+                )
     finally:
         if server:
             server.release()
@@ -219,7 +258,9 @@ def batch(
 def server(
     host: str = typer.Option("127.0.0.1", help="address to bind (keep 127.0.0.1 unless you mean to expose it)"),
     port: int = typer.Option(4200),
-    data: Optional[Path] = typer.Option(None, help="Prefect database and settings folder (default ~/.cache/t3d/prefect, where `t3d run` reports)"),
+    data: Path | None = typer.Option(
+        None, help="Prefect database and settings folder (default ~/.cache/t3d/prefect, where `t3d run` reports)"
+    ),
 ) -> None:
     """Start Prefect's server and UI; runs report to it once PREFECT_API_URL points at it."""
     import signal
@@ -234,13 +275,18 @@ def server(
     signal.signal(signal.SIGHUP, on_term)
     with console.status("starting Prefect's server and UI (the first start migrates its database) ...", spinner="dots"):
         srv = start_server(data or default_data_dir(), host=host, port=port)
-    out.print(f"Prefect UI:  {srv.ui_url}\nAPI:         {srv.api_url}\ndata:        {srv.data_dir}\nlog:         {srv.log_path}")
-    out.print(f"In another shell:  export PREFECT_API_URL={srv.api_url}   then t3d run / t3d batch report here. Ctrl-C stops.")
+    out.print(
+        f"Prefect UI:  {srv.ui_url}\nAPI:         {srv.api_url}\ndata:        {srv.data_dir}\nlog:         "
+        f"{srv.log_path}"
+    )
+    out.print(
+        f"In another shell:  export PREFECT_API_URL={srv.api_url}   then t3d run / t3d batch report here. Ctrl-C stops."
+    )
     try:
         while srv.alive():
             time.sleep(1)
         console.print(f"[red]the Prefect server stopped; see {srv.log_path}[/]", highlight=False)
-        raise typer.Exit(EXIT_FAILED)
+        raise typer.Exit(EXIT_FAILED) from None
     except KeyboardInterrupt:
         pass
     finally:
@@ -248,7 +294,9 @@ def server(
 
 
 @app.command()
-def deploy(pool: str = typer.Option(..., "--pool", help="Prefect work pool (created as a process pool if missing)")) -> None:
+def deploy(
+    pool: str = typer.Option(..., "--pool", help="Prefect work pool (created as a process pool if missing)"),
+) -> None:
     """Register the t3d-prompt and t3d-stage deployments on a work pool (needs PREFECT_API_URL)."""
     import os
 
@@ -258,14 +306,17 @@ def deploy(pool: str = typer.Option(..., "--pool", help="Prefect work pool (crea
         _fail_input("PREFECT_API_URL is not set: start `t3d server` (or point at your Prefect server) first")
     for name, dep_id in do_deploy(pool).items():
         out.print(f"deployment {name}  ({dep_id})")
-    out.print(f"Route a flow with `executor: {{pool: {pool}}}` (whole flow) or on one stage; start workers with `t3d worker --pool {pool}`.")
+    out.print(
+        f"Route a flow with `executor: {{pool: {pool}}}` (whole flow) or on one stage; start workers with "
+        f"`t3d worker --pool {pool}`."
+    )
 
 
 @app.command()
 def worker(
     pool: str = typer.Option(..., "--pool", help="work pool to poll"),
-    limit: Optional[int] = typer.Option(None, help="flow runs at once on this worker"),
-    name: Optional[str] = typer.Option(None, help="worker name shown in the UI"),
+    limit: int | None = typer.Option(None, help="flow runs at once on this worker"),
+    name: str | None = typer.Option(None, help="worker name shown in the UI"),
 ) -> None:
     """Start a process worker on this machine (e.g. the GPU box) for a work pool."""
     import os
@@ -301,29 +352,44 @@ def list_runs(store: str = typer.Option("./artifacts", help="artifact store path
         marks = []
         for name, key in run_rec.get("stages", {}).items():
             marks.append(f"{name}{'' if st.has_manifest(key) else ' (missing)'}")
-        table.add_row(str(run_rec.get("run_id", "?")), str(run_rec.get("prompt", "")), str(run_rec.get("state", "")), ", ".join(marks), str(run_rec.get("updated", "")))
+        table.add_row(
+            str(run_rec.get("run_id", "?")),
+            str(run_rec.get("prompt", "")),
+            str(run_rec.get("state", "")),
+            ", ".join(marks),
+            str(run_rec.get("updated", "")),
+        )
     out.print(table)
     from t3d.store import KEY_RE
 
     keys = [k for k in st.keys() if KEY_RE.match(k)]  # other names under objects/ are not t3d's, and gc leaves them
     referenced = {k for r in runs for k in r.get("stages", {}).values()}
-    out.print(f"{len(keys)} artifacts, {len([k for k in keys if k not in referenced])} unreferenced (t3d gc removes them)")
+    out.print(
+        f"{len(keys)} artifacts, {len([k for k in keys if k not in referenced])} unreferenced (t3d gc removes them)"
+    )
 
 
 @app.command()
-def show(key: str = typer.Argument(..., help="artifact key, a unique prefix, or the id a run prints"), store: str = typer.Option("./artifacts"), verify: bool = typer.Option(True, help="check every file's sha256")) -> None:
+def show(
+    key: str = typer.Argument(..., help="artifact key, a unique prefix, or the id a run prints"),
+    store: str = typer.Option("./artifacts"),
+    verify: bool = typer.Option(True, help="check every file's sha256"),
+) -> None:
     """Print an artifact's manifest."""
     from t3d.store import ArtifactCorrupt
 
     st = _open_store(store)
     matches = [k for k in st.keys() if k.startswith(key) or k.rsplit("-", 1)[-1].startswith(key)]
     if len(matches) != 1:
-        _fail_input(f"{key}: {'no artifact' if not matches else 'ambiguous: ' + ', '.join(matches[:5])} in {store} (see `t3d ls`)")
+        _fail_input(
+            f"{key}: {'no artifact' if not matches else 'ambiguous: ' + ', '.join(matches[:5])} in {store} "
+            "(see `t3d ls`)"
+        )
     try:
         manifest = st.verify(matches[0]) if verify else st.read_manifest(matches[0])
     except ArtifactCorrupt as exc:
         console.print(f"[red]corrupt:[/] {exc}")
-        raise typer.Exit(EXIT_FAILED)
+        raise typer.Exit(EXIT_FAILED) from None
     out.print_json(json.dumps(manifest, default=str))
 
 
@@ -386,10 +452,14 @@ def main() -> int:
     except KeyboardInterrupt:
         console.print("interrupted: run the same command again to resume", highlight=False)
         return 130
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         if _DEBUG["on"]:
             raise
-        console.print(f"[bold red]error:[/] {type(exc).__name__}: {escape(str(exc))} (add --debug for the traceback)", highlight=False, soft_wrap=True)
+        console.print(
+            f"[bold red]error:[/] {type(exc).__name__}: {escape(str(exc))} (add --debug for the traceback)",
+            highlight=False,
+            soft_wrap=True,
+        )
         return EXIT_FAILED
     return EXIT_OK
 

@@ -4,7 +4,6 @@ lives in t3d.priors.train and t3d.priors.sample."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -15,8 +14,8 @@ prior_app = typer.Typer(help="The diffusion prior: train the embedded toy prior,
 def train(
     out: Path = typer.Option(Path("priors/embedded"), "--out", help="Folder to write the diffusers-layout weights to."),
     seed: int = typer.Option(0, "--seed", help="Seed for the data set, the initialization and training."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Training steps (default: the documented setting)."),
-    minutes: Optional[float] = typer.Option(
+    steps: int | None = typer.Option(None, "--steps", help="Training steps (default: the documented setting)."),
+    minutes: float | None = typer.Option(
         None, "--minutes", help="Safety time limit; a run stopped by it is not the reproducible one."
     ),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu or cuda."),
@@ -36,7 +35,9 @@ def sample(
     prompt: str = typer.Argument(..., help='e.g. "a blue cone, side view"'),
     n: int = typer.Option(8, "--n", help="Number of samples."),
     steps: int = typer.Option(50, "--steps", help="DDIM steps."),
-    guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale (default: the prior's own, 7.5 for the toy prior)."),
+    guidance: float | None = typer.Option(
+        None, "--guidance", help="Classifier-free guidance scale (default: the prior's own, 7.5 for the toy prior)."
+    ),
     seed: int = typer.Option(0, "--seed"),
     out: Path = typer.Option(Path("grid.png"), "--out", help="PNG grid to write."),
     prior: str = typer.Option("embedded", "--prior", help="embedded, a local diffusers folder or a hub id."),

@@ -13,10 +13,10 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from t3d import runner
 from t3d.flows.config import ConfigError, load_config
@@ -58,7 +58,9 @@ class BatchRow:
     error: str = ""
 
 
-def _row_from_record(prompt: str, run_id: str, store: ArtifactStore, seconds: float, returncode: int, tail: str) -> BatchRow:
+def _row_from_record(
+    prompt: str, run_id: str, store: ArtifactStore, seconds: float, returncode: int, tail: str
+) -> BatchRow:
     record = next((r for r in store.runs() if r.get("run_id") == run_id), None)
     if record is None:
         return BatchRow(prompt, "failed", seconds, run_id, error=tail or f"exit code {returncode}")
@@ -66,7 +68,9 @@ def _row_from_record(prompt: str, run_id: str, store: ArtifactStore, seconds: fl
     metrics: dict = {}
     glb = ""
     for res in results:
-        metrics.update({f"{res['stage']}.{k}": v for k, v in (res.get("metrics") or {}).items() if isinstance(v, (int, float))})
+        metrics.update(
+            {f"{res['stage']}.{k}": v for k, v in (res.get("metrics") or {}).items() if isinstance(v, (int, float))}
+        )
         if res.get("path"):
             found = sorted(Path(res["path"]).glob("*.glb"))
             glb = str(found[0]) if found else glb
@@ -115,5 +119,15 @@ def write_summary(rows: list[BatchRow], base: str | Path) -> tuple[Path, Path]:
         writer = csv.writer(f)
         writer.writerow(["prompt", "state", "seconds", "glb", "computed_stages", "error", *metric_keys])
         for r in rows:
-            writer.writerow([r.prompt, r.state, r.seconds, r.glb, " ".join(r.computed_stages), r.error, *[r.metrics.get(k, "") for k in metric_keys]])
+            writer.writerow(
+                [
+                    r.prompt,
+                    r.state,
+                    r.seconds,
+                    r.glb,
+                    " ".join(r.computed_stages),
+                    r.error,
+                    *[r.metrics.get(k, "") for k in metric_keys],
+                ]
+            )
     return json_path, csv_path

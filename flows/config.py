@@ -9,8 +9,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from t3d.render.cameras import CameraParams
 from t3d.priors.compute import ComputeParams
+from t3d.render.cameras import CameraParams
 from t3d.stage import ExecutorParams, RecoveryParams
 from t3d.stages import PIPELINE, StageRegistry, registry_from_env
 
@@ -32,8 +32,13 @@ class FlowBase(BaseModel):
     camera: CameraParams = Field(default_factory=CameraParams)
     name: str | None = Field(None, description="run name; defaults to the prompt's slug")
     executor: ExecutorParams | None = Field(None, description="run the whole flow on this Prefect work pool")
-    recovery: RecoveryParams = Field(default_factory=RecoveryParams, description="how a diverging stage rolls back and retries")
-    compute: ComputeParams = Field(default_factory=ComputeParams, description="precision, attention, VAE, offload, channels_last, compile of the prior")
+    recovery: RecoveryParams = Field(
+        default_factory=RecoveryParams, description="how a diverging stage rolls back and retries"
+    )
+    compute: ComputeParams = Field(
+        default_factory=ComputeParams,
+        description="precision, attention, VAE, offload, channels_last, compile of the prior",
+    )
 
     @field_validator("prompt", "negative_prompt")
     @classmethod
@@ -66,14 +71,14 @@ class FlowBase(BaseModel):
     @model_validator(mode="after")
     def _one_prompt_source(self):
         if self.prompt is None and not self.prompts:
-            raise ValueError("give `prompt: \"a red cube\"` (or a `prompts:` list)")
+            raise ValueError('give `prompt: "a red cube"` (or a `prompts:` list)')
         if self.prompt is not None and self.prompts:
             raise ValueError("give either `prompt` or `prompts`, not both")
         texts = [self.prompt] if self.prompt is not None else self.prompts
         for i, text in enumerate(texts):
             if not isinstance(text, str) or not text.strip():
                 where = "prompt" if self.prompt is not None else f"prompts[{i}]"
-                raise ValueError(f"{where} is empty: write what to generate, e.g. \"a red cube\"")
+                raise ValueError(f'{where} is empty: write what to generate, e.g. "a red cube"')
         return self
 
     def prompt_list(self) -> list[str]:
@@ -172,12 +177,18 @@ def validate(data: Any, registry: StageRegistry | None = None, source: str = "fl
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping of keys (prompt:, seed:, stages: ...), got {type(data).__name__}")
+        raise ConfigError(
+            f"{source}: the top level must be a mapping of keys (prompt:, seed:, stages: ...), got "
+            f"{type(data).__name__}"
+        )
     stages = data.get("stages")
     if isinstance(stages, dict):
         for name in stages:
             if name not in registry and name in dict(PIPELINE):
-                raise ConfigError(f"{source}: 'stages.{name}' is not available in this version of t3d (stages here: {', '.join(registry)}). Remove the block.")
+                raise ConfigError(
+                    f"{source}: 'stages.{name}' is not available in this version of t3d (stages here: "
+                    f"{', '.join(registry)}). Remove the block."
+                )
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -185,7 +196,12 @@ def validate(data: Any, registry: StageRegistry | None = None, source: str = "fl
         raise ConfigError("\n".join(lines)) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None, registry: StageRegistry | None = None, prompt: str | None = None) -> FlowBase:
+def load_config(
+    path: str | Path,
+    overrides: list[str] | None = None,
+    registry: StageRegistry | None = None,
+    prompt: str | None = None,
+) -> FlowBase:
     """Read, override (--set, then `prompt`, which replaces prompt/prompts) and validate a flow file."""
     path = Path(path)
     if not path.exists():
@@ -195,13 +211,17 @@ def load_config(path: str | Path, overrides: list[str] | None = None, registry: 
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read it ({exc.strerror or exc}); check the path and its permissions") from None
+        raise ConfigError(
+            f"{path}: cannot read it ({exc.strerror or exc}); check the path and its permissions"
+        ) from None
     except RecursionError:
         raise ConfigError(f"{path}: nested too deeply to be a flow file (a flow is a few levels of keys)") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
-        raise ConfigError(f"{path}: YAML syntax error at {where}: {exc.problem}. Check indentation and quoting there.") from None
+        raise ConfigError(
+            f"{path}: YAML syntax error at {where}: {exc.problem}. Check indentation and quoting there."
+        ) from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not readable as YAML ({exc})") from None
     if data is None:
@@ -219,7 +239,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None, registry: 
     base = path.parent
     if isinstance(data, dict) and "store" in data and "://" not in cfg.store:
         store = Path(cfg.store).expanduser()
-        cfg.store = str(store if store.is_absolute() else ((Path.cwd() if "store" in overridden else base) / store).resolve())
+        cfg.store = str(
+            store if store.is_absolute() else ((Path.cwd() if "store" in overridden else base) / store).resolve()
+        )
     cfg.prior = _resolve_prior(cfg.prior, Path.cwd() if "prior" in overridden else base)
     check_store_uri(cfg.store, f"{path}: 'store'")
     return cfg
@@ -252,20 +274,29 @@ def check_store_uri(uri: str, where: str, must_exist: bool = False) -> None:
             fsspec.get_filesystem_class(protocol)
         except (ValueError, ImportError) as exc:
             known = "file, memory, s3 (pip install s3fs), gs (gcsfs), az (adlfs), ssh (paramiko)"
-            raise ConfigError(f"{where}: {uri!r}: fsspec cannot open protocol {protocol!r} ({str(exc).splitlines()[0][:120]}). Use a folder or one of: {known}") from None
+            raise ConfigError(
+                f"{where}: {uri!r}: fsspec cannot open protocol {protocol!r} "
+                f"({str(exc).splitlines()[0][:120]}). Use a folder or one of: {known}"
+            ) from None
         if must_exist:
             fs, root = fsspec.core.url_to_fs(uri)
             if not fs.exists(root):
-                raise ConfigError(f"{where}: no store at {uri} (pass --store with the store your flow's `store:` names)")
+                raise ConfigError(
+                    f"{where}: no store at {uri} (pass --store with the store your flow's `store:` names)"
+                )
         return
     path = Path(uri).expanduser()
     if must_exist and not path.exists():
-        raise ConfigError(f"{where}: no store at {uri} (pass --store with the folder your flow's `store:` names; default ./artifacts)")
+        raise ConfigError(
+            f"{where}: no store at {uri} (pass --store with the folder your flow's `store:` names; default ./artifacts)"
+        )
     existing = path
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if existing.exists() and not existing.is_dir():
-        raise ConfigError(f"{where}: {existing} is a file, not a folder; point the store at a folder (e.g. ./artifacts)")
+        raise ConfigError(
+            f"{where}: {existing} is a file, not a folder; point the store at a folder (e.g. ./artifacts)"
+        )
     if not os.access(existing, os.W_OK | os.X_OK) and not must_exist:
         raise ConfigError(f"{where}: {existing} is not writable; choose a store folder you can write to")
 

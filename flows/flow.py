@@ -44,7 +44,17 @@ class PromptRun:
     failed_stage: str | None = None
 
 
-def run_prompt(cfg, prompt: str, registry, *, flow_file: str | None = None, force_from: str | None = None, use_prefect: bool = True, show_progress: bool = True, prefect: PrefectConnection | None = None) -> PromptRun:
+def run_prompt(
+    cfg,
+    prompt: str,
+    registry,
+    *,
+    flow_file: str | None = None,
+    force_from: str | None = None,
+    use_prefect: bool = True,
+    show_progress: bool = True,
+    prefect: PrefectConnection | None = None,
+) -> PromptRun:
     """Run (or resume) every enabled stage for one prompt; records the run in the store.
 
     Prefect is a view, not a dependency: when it cannot be reached (or fails mid-run) the
@@ -73,11 +83,16 @@ def run_prompt(cfg, prompt: str, registry, *, flow_file: str | None = None, forc
                         _run_local_flow(cfg, prompt, registry, results, flow_file, force_from, show_progress)
             except runner.StageFailed as exc:
                 error, failed = str(exc), exc.stage
-            except Exception as exc:  # noqa: BLE001 - Prefect itself failed, not a stage
+            except Exception as exc:
                 if cfg.executor is not None:
-                    error = f"the work pool {cfg.executor.pool!r} could not be reached through Prefect ({type(exc).__name__}: {exc})"
+                    error = (
+                        f"the work pool {cfg.executor.pool!r} could not be reached through Prefect "
+                        f"({type(exc).__name__}: {exc})"
+                    )
                 else:
-                    log.warning("Prefect failed mid-run (%s: %s): finishing the stages here", type(exc).__name__, str(exc)[:200])
+                    log.warning(
+                        "Prefect failed mid-run (%s: %s): finishing the stages here", type(exc).__name__, str(exc)[:200]
+                    )
                     local = True
         if local:
             done = {r.stage for r in results}
@@ -110,18 +125,31 @@ def _run_local_flow(cfg, prompt, registry, results, flow_file, force_from, show_
         _LOCAL.reset(token)
 
 
-def _stage_task(cfg, prompt: str, step: runner.PlannedStage, registry, store: ArtifactStore, show_progress: bool) -> runner.StageResult:
+def _stage_task(
+    cfg, prompt: str, step: runner.PlannedStage, registry, store: ArtifactStore, show_progress: bool
+) -> runner.StageResult:
     params = getattr(cfg.stages, step.name)
     pool = params.executor.pool if params.executor else None
     if pool and step.needs_run:
         return _run_stage_on_pool(cfg, prompt, step, pool)
-    result = runner.execute(cfg, prompt, step, registry, store, stage_log=get_run_logger(), progress_hooks=[ProgressPublisher(prompt, step.name)], show_progress=show_progress)
+    result = runner.execute(
+        cfg,
+        prompt,
+        step,
+        registry,
+        store,
+        stage_log=get_run_logger(),
+        progress_hooks=[ProgressPublisher(prompt, step.name)],
+        show_progress=show_progress,
+    )
     publish_stage(prompt, result)
     return result
 
 
 @flow(name=PROMPT_FLOW, log_prints=True, validate_parameters=False)
-def t3d_prompt_flow(config: dict, prompt: str, flow_file: str | None = None, force_from: str | None = None) -> list[dict]:
+def t3d_prompt_flow(
+    config: dict, prompt: str, flow_file: str | None = None, force_from: str | None = None
+) -> list[dict]:
     """All enabled stages for one prompt. Deployed as `t3d-prompt/<pool>` for workers."""
     from t3d.flows.config import validate
     from t3d.stages import registry_from_env
@@ -143,7 +171,16 @@ def t3d_prompt_flow(config: dict, prompt: str, flow_file: str | None = None, for
         stage_task = task(run_stage, name=step.name, task_run_name=f"{slug}/{step.name}", cache_policy=NONE, retries=0)
         outputs.append(stage_task(step.name, step.key, step.inputs))
     if local is None:  # a worker's run: record it, since no `t3d run` process is waiting on it
-        runner.record(store, runner.run_id_for(cfg, prompt, flow_file), cfg, prompt, flow_file, list(planned.values()), "completed", results)
+        runner.record(
+            store,
+            runner.run_id_for(cfg, prompt, flow_file),
+            cfg,
+            prompt,
+            flow_file,
+            list(planned.values()),
+            "completed",
+            results,
+        )
     return outputs
 
 
@@ -158,7 +195,16 @@ def t3d_stage_flow(config: dict, prompt: str, stage: str, force: bool = False) -
     store = ArtifactStore(cfg.store)
     step = next(p for p in runner.plan(cfg, prompt, registry, store) if p.name == stage)
     step.forced = force
-    result = runner.execute(cfg, prompt, step, registry, store, stage_log=get_run_logger(), progress_hooks=[ProgressPublisher(prompt, stage)], show_progress=False)
+    result = runner.execute(
+        cfg,
+        prompt,
+        step,
+        registry,
+        store,
+        stage_log=get_run_logger(),
+        progress_hooks=[ProgressPublisher(prompt, stage)],
+        show_progress=False,
+    )
     publish_stage(prompt, result)
     return {"stage": result.stage, "key": result.key, "state": result.state, "seconds": round(result.seconds, 3)}
 
@@ -170,21 +216,49 @@ def _wait_deployment(name: str, parameters: dict, run_name: str):
 
     from prefect.deployments import run_deployment
 
-    return run_deployment(name, parameters=parameters, flow_run_name=run_name, timeout=None, poll_interval=1, idempotency_key=uuid.uuid4().hex)
+    return run_deployment(
+        name,
+        parameters=parameters,
+        flow_run_name=run_name,
+        timeout=None,
+        poll_interval=1,
+        idempotency_key=uuid.uuid4().hex,
+    )
 
 
 def _run_stage_on_pool(cfg, prompt: str, step: runner.PlannedStage, pool: str) -> runner.StageResult:
-    flow_run = _wait_deployment(f"{STAGE_FLOW}/{pool}", {"config": cfg.model_dump(mode="json"), "prompt": prompt, "stage": step.name, "force": step.forced}, f"{slugify(prompt)}/{step.name}")
+    flow_run = _wait_deployment(
+        f"{STAGE_FLOW}/{pool}",
+        {"config": cfg.model_dump(mode="json"), "prompt": prompt, "stage": step.name, "force": step.forced},
+        f"{slugify(prompt)}/{step.name}",
+    )
     store = ArtifactStore(cfg.store)
     if not flow_run.state.is_completed():
-        raise runner.StageFailed(step.name, step.key, RuntimeError(f"remote run {flow_run.name} on pool {pool!r} ended {flow_run.state.name}: {flow_run.state.message}"))
+        raise runner.StageFailed(
+            step.name,
+            step.key,
+            RuntimeError(
+                f"remote run {flow_run.name} on pool {pool!r} ended {flow_run.state.name}: {flow_run.state.message}"
+            ),
+        )
     art = store.get(step.key)
-    return runner.StageResult(step.name, step.key, "computed", float(art.manifest.get("timings", {}).get("total_s", 0.0)), str(art.path), art.manifest.get("metrics", {}))
+    return runner.StageResult(
+        step.name,
+        step.key,
+        "computed",
+        float(art.manifest.get("timings", {}).get("total_s", 0.0)),
+        str(art.path),
+        art.manifest.get("metrics", {}),
+    )
 
 
 def _run_on_pool(cfg, prompt: str, force_from: str | None, flow_file: str | None):
     pool = cfg.executor.pool
-    flow_run = _wait_deployment(f"{PROMPT_FLOW}/{pool}", {"config": cfg.model_dump(mode="json"), "prompt": prompt, "flow_file": flow_file, "force_from": force_from}, slugify(prompt))
+    flow_run = _wait_deployment(
+        f"{PROMPT_FLOW}/{pool}",
+        {"config": cfg.model_dump(mode="json"), "prompt": prompt, "flow_file": flow_file, "force_from": force_from},
+        slugify(prompt),
+    )
     store = ArtifactStore(cfg.store)
     results = []
     from t3d.stages import registry_from_env
@@ -192,7 +266,13 @@ def _run_on_pool(cfg, prompt: str, force_from: str | None, flow_file: str | None
     for step in runner.plan(cfg, prompt, registry_from_env(), store):
         if step.status == "complete":
             art = store.get(step.key)
-            results.append(runner.StageResult(step.name, step.key, "computed", 0.0, str(art.path), art.manifest.get("metrics", {})))
+            results.append(
+                runner.StageResult(step.name, step.key, "computed", 0.0, str(art.path), art.manifest.get("metrics", {}))
+            )
     if flow_run.state.is_completed():
         return results, None, None
-    return results, f"remote run {flow_run.name} on pool {pool!r} ended {flow_run.state.name}: {flow_run.state.message}", None
+    return (
+        results,
+        f"remote run {flow_run.name} on pool {pool!r} ended {flow_run.state.name}: {flow_run.state.message}",
+        None,
+    )

@@ -44,23 +44,37 @@ class ProgressPublisher:
             return
         self.last = now
         pct = 100.0 * step / max(total, 1)
-        desc = f"{self.stage} {step}/{total}" + "".join(f" {k}={v:.4g}" if isinstance(v, float) else f" {k}={v}" for k, v in postfix.items())
+        desc = f"{self.stage} {step}/{total}" + "".join(
+            f" {k}={v:.4g}" if isinstance(v, float) else f" {k}={v}" for k, v in postfix.items()
+        )
         try:
             from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
             if self.artifact_id is None:
-                self.artifact_id = create_progress_artifact(pct, key=_key(self.prompt, self.stage, "progress"), description=desc)
+                self.artifact_id = create_progress_artifact(
+                    pct, key=_key(self.prompt, self.stage, "progress"), description=desc
+                )
             else:
                 update_progress_artifact(self.artifact_id, pct, description=desc)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             log.debug("progress artifact not published: %s", exc)
 
 
 def stage_markdown(prompt: str, result, folder: Path | None) -> str:
-    lines = [f"### {result.stage}: {result.state} in {result.seconds:.1f}s", "", f"prompt: {md_escape(prompt)}  ", f"key: `{result.key}`", ""]
+    lines = [
+        f"### {result.stage}: {result.state} in {result.seconds:.1f}s",
+        "",
+        f"prompt: {md_escape(prompt)}  ",
+        f"key: `{result.key}`",
+        "",
+    ]
     if result.metrics:
         lines += ["| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in result.metrics.items() if not isinstance(v, (list, dict))]
+        lines += [
+            f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
+            for k, v in result.metrics.items()
+            if not isinstance(v, (list, dict))
+        ]
         lines.append("")
     if folder is not None:
         # Turntables first: what a person wants to see; texture atlases and curves after.
@@ -80,8 +94,12 @@ def publish_stage(prompt: str, result) -> None:
         from prefect.artifacts import create_markdown_artifact
 
         folder = Path(result.path) if result.path else None
-        create_markdown_artifact(stage_markdown(prompt, result, folder), key=_key(prompt, result.stage), description=md_escape(f"{result.stage} for {prompt!r}"))
-    except Exception as exc:  # noqa: BLE001
+        create_markdown_artifact(
+            stage_markdown(prompt, result, folder),
+            key=_key(prompt, result.stage),
+            description=md_escape(f"{result.stage} for {prompt!r}"),
+        )
+    except Exception as exc:
         log.debug("stage artifact not published: %s", exc)
 
 
@@ -91,5 +109,5 @@ def publish_table(rows: list[dict], key: str, description: str) -> None:
 
         safe = [{k: md_escape(v) if isinstance(v, str) else v for k, v in row.items()} for row in rows]
         create_table_artifact(safe, key=_key(key), description=md_escape(description))
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         log.debug("table artifact not published: %s", exc)

@@ -25,9 +25,9 @@ import sys
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 STATE_FILE = "server.json"
 LEASES = "leases"
@@ -167,7 +167,7 @@ class LocalServer:
             _reap(self.supervisor_pid)
             time.sleep(0.1)
 
-    def __enter__(self) -> "LocalServer":
+    def __enter__(self) -> LocalServer:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -202,29 +202,60 @@ def start_server(
         lease = lease_dir / f"{os.getpid()}.{uuid.uuid4().hex[:8]}"
         lease.touch()
         state = _read_state(data_dir)
-        if shared and state and _pid_alive(int(state.get("supervisor_pid", 0) or 0)) and healthy(state.get("api_url", "")):
-            return LocalServer(state["api_url"], state["ui_url"], data_dir, Path(state["log"]), int(state["supervisor_pid"]), lease)
+        if (
+            shared
+            and state
+            and _pid_alive(int(state.get("supervisor_pid", 0) or 0))
+            and healthy(state.get("api_url", ""))
+        ):
+            return LocalServer(
+                state["api_url"], state["ui_url"], data_dir, Path(state["log"]), int(state["supervisor_pid"]), lease
+            )
         port = port or free_port(host)
         log_path = data_dir / "server.log"
         cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
         if not ui:
             cmd.append("--no-ui")
-        supervisor = [sys.executable, "-m", "t3d.flows.server", "--data", str(data_dir), "--log", str(log_path), "--", *cmd]
-        proc = subprocess.Popen(supervisor, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=server_env(data_dir))
+        supervisor = [
+            sys.executable,
+            "-m",
+            "t3d.flows.server",
+            "--data",
+            str(data_dir),
+            "--log",
+            str(log_path),
+            "--",
+            *cmd,
+        ]
+        proc = subprocess.Popen(
+            supervisor,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            env=server_env(data_dir),
+        )
         api = f"http://{host if host not in ('0.0.0.0', '::') else '127.0.0.1'}:{port}/api"
         server = LocalServer(api, api.removesuffix("/api"), data_dir, log_path, proc.pid, lease)
         deadline = time.monotonic() + timeout_s
         while True:
             if proc.poll() is not None:
                 server.release()
-                raise RuntimeError(f"the Prefect server stopped while starting (exit {proc.returncode}); its log: {log_path}")
+                raise RuntimeError(
+                    f"the Prefect server stopped while starting (exit {proc.returncode}); its log: {log_path}"
+                )
             if healthy(api):
                 break
             if time.monotonic() > deadline:
                 server.stop()
-                raise TimeoutError(f"the Prefect server did not answer within {timeout_s:.0f} s (log: {log_path}); on a busy machine raise T3D_PREFECT_START_TIMEOUT")
+                raise TimeoutError(
+                    f"the Prefect server did not answer within {timeout_s:.0f} s (log: {log_path}); on a busy "
+                    "machine raise T3D_PREFECT_START_TIMEOUT"
+                )
             time.sleep(0.5)
-        (data_dir / STATE_FILE).write_text(json.dumps({"api_url": api, "ui_url": server.ui_url, "supervisor_pid": proc.pid, "log": str(log_path)}))
+        (data_dir / STATE_FILE).write_text(
+            json.dumps({"api_url": api, "ui_url": server.ui_url, "supervisor_pid": proc.pid, "log": str(log_path)})
+        )
         return server
 
 
@@ -245,7 +276,13 @@ def supervise(data_dir: Path, log_path: Path, cmd: list[str], poll_s: float = 1.
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
     with open(log_path, "ab") as log:
-        server = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        server = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        )
         try:
             while not stop["now"] and server.poll() is None:
                 time.sleep(poll_s)
@@ -288,7 +325,9 @@ class PrefectConnection:
     `problem`, when Prefect cannot be reached: the caller then runs the stages locally.
     """
 
-    def __init__(self, on_wait: Callable[[str], contextlib.AbstractContextManager] | None = None, timeout_s: float | None = None):
+    def __init__(
+        self, on_wait: Callable[[str], contextlib.AbstractContextManager] | None = None, timeout_s: float | None = None
+    ):
         self.on_wait = on_wait or (lambda _msg: contextlib.nullcontext())
         self.timeout_s = timeout_s
         self.problem: str | None = None
@@ -307,11 +346,17 @@ class PrefectConnection:
                     deadline = time.monotonic() + min(10.0, self.timeout_s or 10.0)
                     while not healthy(configured):
                         if time.monotonic() > deadline:
-                            raise TimeoutError(f"PREFECT_API_URL={configured} does not answer (start that server, or unset PREFECT_API_URL)")
+                            raise TimeoutError(
+                                f"PREFECT_API_URL={configured} does not answer (start that server, or unset "
+                                "PREFECT_API_URL)"
+                            )
                         time.sleep(1.0)
                 self._url = configured
             else:
-                with self.on_wait("starting Prefect's local server (the first start migrates its database; minutes on a busy machine) ..."):
+                with self.on_wait(
+                    "starting Prefect's local server (the first start migrates its database; minutes on a "
+                    "busy machine) ..."
+                ):
                     self._server = start_server(shared=True, ui=False, timeout_s=self.timeout_s)
                 self._url = self._server.api_url
         except (OSError, RuntimeError, TimeoutError, ValueError) as exc:
@@ -324,7 +369,7 @@ class PrefectConnection:
             self._server.release()
             self._server = None
 
-    def __enter__(self) -> "PrefectConnection":
+    def __enter__(self) -> PrefectConnection:
         return self
 
     def __exit__(self, *exc) -> None:

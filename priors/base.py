@@ -75,7 +75,13 @@ class DiffusionPrior:
         """Renders [B,3,H,W] in [0,1] -> model inputs, differentiably (resize, [-1,1], VAE if latent)."""
         x = rgb.to(self.dtype)
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            x = F.interpolate(x, (self.image_size, self.image_size), mode="bilinear", align_corners=False, antialias=x.shape[-1] > self.image_size)
+            x = F.interpolate(
+                x,
+                (self.image_size, self.image_size),
+                mode="bilinear",
+                align_corners=False,
+                antialias=x.shape[-1] > self.image_size,
+            )
         x = x * 2.0 - 1.0
         if self.space == "latent":
             posterior = self.vae.encode(x).latent_dist
@@ -150,7 +156,11 @@ class DiffusionPrior:
                 self.compiled_unet = None
                 first = str(exc).splitlines()[0][:200] if str(exc) else ""
                 self.compute["compile"] = f"failed, eager: {type(exc).__name__}: {first}"
-                _log.warning("compute.compile: the compiled UNet failed (%s: %s); running it uncompiled from now on", type(exc).__name__, first)
+                _log.warning(
+                    "compute.compile: the compiled UNet failed (%s: %s); running it uncompiled from now on",
+                    type(exc).__name__,
+                    first,
+                )
         return net(*args, **kwargs)
 
     def _eps(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:

@@ -58,24 +58,45 @@ class ComputeParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     profile: Literal["default", "low-memory"] | None = Field(
-        None, description="a named set of the keys below: low-memory = {vae: sliced, offload: encoders}; keys written beside it win"
+        None,
+        description=(
+            "a named set of the keys below: low-memory = {vae: sliced, offload: encoders}; keys written beside it win"
+        ),
     )
     precision: Precision = Field(
         "auto",
-        description="dtype of the prior's weights and activations: auto = fp16 on CUDA (fp32 for the tiny test priors), fp32 on CPU; "
-        "bf16 works on a CPU but is slow there; the field, the gradient and the loss stay fp32",
+        description=(
+            "dtype of the prior's weights and activations: auto = fp16 on CUDA (fp32 for the tiny "
+            "test priors), fp32 on CPU; "
+            "bf16 works on a CPU but is slow there; the field, the gradient and the loss stay fp32"
+        ),
     )
     attention: Literal["sdpa", "sliced"] = Field(
-        "sdpa", description="sdpa: diffusers' default (torch's scaled_dot_product_attention); sliced: unet.set_attention_slice('auto')"
+        "sdpa",
+        description=(
+            "sdpa: diffusers' default (torch's scaled_dot_product_attention); sliced: unet.set_attention_slice('auto')"
+        ),
     )
     vae: Literal["full", "sliced", "tiled"] = Field(
-        "full", description="sliced: one render at a time through the VAE; tiled: diffusers' tiling (only for renders larger than the VAE's sample_size)"
+        "full",
+        description=(
+            "sliced: one render at a time through the VAE; tiled: diffusers' tiling (only for "
+            "renders larger than the VAE's sample_size)"
+        ),
     )
     offload: Literal["none", "encoders"] = Field(
-        "none", description="encoders: the text encoder and the VAE's decoder live on the CPU and visit the GPU only when called"
+        "none",
+        description=(
+            "encoders: the text encoder and the VAE's decoder live on the CPU and visit the GPU only when called"
+        ),
     )
-    channels_last: bool = Field(False, description="the UNet's weights in channels_last memory format (faster convolutions on tensor cores)")
-    compile: bool = Field(False, description="torch.compile the UNet (first steps compile; falls back to eager with one warning if that fails)")
+    channels_last: bool = Field(
+        False, description="the UNet's weights in channels_last memory format (faster convolutions on tensor cores)"
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the UNet (first steps compile; falls back to eager with one warning if that fails)",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -153,7 +174,11 @@ def apply_compute(prior, compute: ComputeParams | None) -> Any:
             report["compile"] = True
         except Exception as exc:  # e.g. a Python version dynamo does not support yet
             report["compile"] = f"failed, eager: {type(exc).__name__}: {exc}"[:300]
-            log.warning("compute.compile: torch.compile of the UNet failed (%s: %s); running it uncompiled", type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+            log.warning(
+                "compute.compile: torch.compile of the UNet failed (%s: %s); running it uncompiled",
+                type(exc).__name__,
+                str(exc).splitlines()[0][:200] if str(exc) else "",
+            )
     prior.compute = report
     return prior
 
@@ -162,5 +187,9 @@ def offloadable_modules(prior) -> list[torch.nn.Module]:
     """What `offload: encoders` keeps on the CPU: the text encoder and the VAE's decoder half."""
     mods = [prior.text_encoder]
     if prior.vae is not None:
-        mods += [m for m in (getattr(prior.vae, "decoder", None), getattr(prior.vae, "post_quant_conv", None)) if m is not None]
+        mods += [
+            m
+            for m in (getattr(prior.vae, "decoder", None), getattr(prior.vae, "post_quant_conv", None))
+            if m is not None
+        ]
     return [m for m in mods if isinstance(m, torch.nn.Module)]

@@ -90,8 +90,18 @@ IF_I_M_UNET = dict(
     out_channels=6,  # eps and the learned variance range
     layers_per_block=3,
     block_out_channels=(192, 384, 576, 768),
-    down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D"),
-    up_block_types=("SimpleCrossAttnUpBlock2D", "SimpleCrossAttnUpBlock2D", "SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+    down_block_types=(
+        "ResnetDownsampleBlock2D",
+        "SimpleCrossAttnDownBlock2D",
+        "SimpleCrossAttnDownBlock2D",
+        "SimpleCrossAttnDownBlock2D",
+    ),
+    up_block_types=(
+        "SimpleCrossAttnUpBlock2D",
+        "SimpleCrossAttnUpBlock2D",
+        "SimpleCrossAttnUpBlock2D",
+        "ResnetUpsampleBlock2D",
+    ),
     mid_block_type="UNetMidBlock2DSimpleCrossAttn",
     cross_attention_dim=768,
     attention_head_dim=64,
@@ -204,7 +214,11 @@ def t5_layer_params() -> int:
 
 def _bytes_to_unicode() -> list[str]:
     """GPT-2/CLIP's byte -> printable character table (256 characters, in CLIP's vocabulary order)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(range(ord("\xae"), ord("\xff") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("\xa1"), ord("\xac") + 1))
+        + list(range(ord("\xae"), ord("\xff") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -252,7 +266,9 @@ def synthetic_clip_tokenizer(vocab_size: int = 49408, model_max_length: int = SD
     if len(merges) < n_merges:
         raise ValueError(f"could not generate {n_merges} merges")
     vocab += ["<|startoftext|>", "<|endoftext|>"]
-    return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=model_max_length, pad_token=pad_token)
+    return CLIPTokenizer(
+        vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=model_max_length, pad_token=pad_token
+    )
 
 
 def synthetic_t5_tokenizer(n_pieces: int = 32000, extra_ids: int = 100, model_max_length: int = IF_MAX_TOKENS):
@@ -297,12 +313,20 @@ def write_model_index(folder, entries: dict[str, list[str]], kind: str) -> Path:
     """model_index.json for a StableDiffusionPipeline ("sd") or IFPipeline ("if") folder."""
     import diffusers
 
-    index = {"_class_name": "IFPipeline" if kind == "if" else "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__}
+    index = {
+        "_class_name": "IFPipeline" if kind == "if" else "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+    }
     index.update(entries)
     if kind == "sd":
         index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
     else:
-        index.update(safety_checker=[None, None], feature_extractor=[None, None], watermarker=[None, None], requires_safety_checker=False)
+        index.update(
+            safety_checker=[None, None],
+            feature_extractor=[None, None],
+            watermarker=[None, None],
+            requires_safety_checker=False,
+        )
     path = Path(folder) / "model_index.json"
     path.write_text(json.dumps(index, indent=2) + "\n")
     return path

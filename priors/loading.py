@@ -36,7 +36,10 @@ _HOW_TO_PROVIDE = (
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt", ".msgpack", ".onnx", ".model")
 CONFIG_SUFFIXES = (".json", ".txt")
-_SKIP_FILES = {"t3d_prior.json", "loss_log.json"}  # training metadata (timings); the weights and configs define the model
+_SKIP_FILES = {
+    "t3d_prior.json",
+    "loss_log.json",
+}  # training metadata (timings); the weights and configs define the model
 
 
 class PriorNotFoundError(FileNotFoundError):
@@ -57,17 +60,35 @@ _TRANSFORMERS, _DIFFUSERS = "transformers", "diffusers"
 ALLOWED_COMPONENT_CLASSES: dict[str, frozenset[tuple[str, str]]] = {
     "tokenizer": frozenset(
         (_TRANSFORMERS, c)
-        for c in ("CLIPTokenizer", "CLIPTokenizerFast", "T5Tokenizer", "T5TokenizerFast", "PreTrainedTokenizerFast", "AutoTokenizer")
+        for c in (
+            "CLIPTokenizer",
+            "CLIPTokenizerFast",
+            "T5Tokenizer",
+            "T5TokenizerFast",
+            "PreTrainedTokenizerFast",
+            "AutoTokenizer",
+        )
     ),
-    "text_encoder": frozenset((_TRANSFORMERS, c) for c in ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel")),
+    "text_encoder": frozenset(
+        (_TRANSFORMERS, c) for c in ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel")
+    ),
     "unet": frozenset({(_DIFFUSERS, "UNet2DConditionModel")}),
     "vae": frozenset({(_DIFFUSERS, "AutoencoderKL")}),
     "scheduler": frozenset(
         (_DIFFUSERS, c)
         for c in (
-            "DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
-            "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
-            "UniPCMultistepScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
+            "DDPMScheduler",
+            "DDIMScheduler",
+            "PNDMScheduler",
+            "LMSDiscreteScheduler",
+            "EulerDiscreteScheduler",
+            "EulerAncestralDiscreteScheduler",
+            "DPMSolverMultistepScheduler",
+            "DPMSolverSinglestepScheduler",
+            "UniPCMultistepScheduler",
+            "HeunDiscreteScheduler",
+            "KDPM2DiscreteScheduler",
+            "KDPM2AncestralDiscreteScheduler",
             "DEISMultistepScheduler",
         )
     ),
@@ -79,11 +100,18 @@ def _read_json_file(path: Path) -> dict:
     try:
         data = json.loads(Path(path).read_bytes().decode("utf-8"))
     except UnicodeDecodeError as e:
-        raise InvalidPriorError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); restore the file from the model's source") from None
+        raise InvalidPriorError(
+            f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); restore the file from the model's source"
+        ) from None
     except json.JSONDecodeError as e:
-        raise InvalidPriorError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); restore the file from the model's source") from None
+        raise InvalidPriorError(
+            f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); restore the file from the "
+            "model's source"
+        ) from None
     if not isinstance(data, dict):
-        raise InvalidPriorError(f"{path}: expected a JSON object, got {type(data).__name__}; restore the file from the model's source")
+        raise InvalidPriorError(
+            f"{path}: expected a JSON object, got {type(data).__name__}; restore the file from the model's source"
+        )
     return data
 
 
@@ -110,7 +138,9 @@ def resolve_source(source: str) -> tuple[str, str]:
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise PriorNotFoundError(f"prior source {source!r} is a file; expected a folder in diffusers layout. {_HOW_TO_PROVIDE}")
+            raise PriorNotFoundError(
+                f"prior source {source!r} is a file; expected a folder in diffusers layout. {_HOW_TO_PROVIDE}"
+            )
         return "folder", str(path.resolve())
     if _looks_like_path(source):
         raise PriorNotFoundError(f"prior folder {source!r} does not exist. {_HOW_TO_PROVIDE}")
@@ -226,11 +256,14 @@ def _family_from_index(index: dict) -> str | None:
         return "toy"
     if "XL" in name or "StableDiffusion3" in name or "Flux" in name:
         raise ValueError(
-            f"unsupported pipeline {name!r}: t3d loads Stable Diffusion 1.x/2.x, DeepFloyd IF stage I and the embedded toy prior"
+            f"unsupported pipeline {name!r}: t3d loads Stable Diffusion 1.x/2.x, DeepFloyd IF stage I and the "
+            "embedded toy prior"
         )
     if name.startswith("IF"):
         if "SuperResolution" in name:
-            raise ValueError(f"{name!r} is a DeepFloyd IF super-resolution stage; use IF stage I (e.g. DeepFloyd/IF-I-XL-v1.0)")
+            raise ValueError(
+                f"{name!r} is a DeepFloyd IF super-resolution stage; use IF stage I (e.g. DeepFloyd/IF-I-XL-v1.0)"
+            )
         return "if"
     if name.startswith("StableDiffusion"):
         return "sd"
@@ -261,7 +294,9 @@ def detect_family(folder: Path, index: dict | None = None) -> str:
         return "if"
     if (folder / "unet").is_dir():
         return "if" if not (folder / "vae").is_dir() else "sd"
-    raise PriorNotFoundError(f"{folder} is not a diffusers model folder (no model_index.json, unet/ or vae/). {_HOW_TO_PROVIDE}")
+    raise PriorNotFoundError(
+        f"{folder} is not a diffusers model folder (no model_index.json, unet/ or vae/). {_HOW_TO_PROVIDE}"
+    )
 
 
 # ---- loading ---------------------------------------------------------------------------------
@@ -293,14 +328,18 @@ def _index_entry(index: dict, name: str, where: str) -> tuple[str, str] | None:
     if entry is None or (isinstance(entry, list) and len(entry) == 2 and entry[0] is None and entry[1] is None):
         return None
     if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(x, str) and x for x in entry)):
-        raise InvalidPriorError(f'{where}: "{name}" must be ["<library>", "<class>"], got {json.dumps(entry)[:80]}; fix the file or use a supported prior')
+        raise InvalidPriorError(
+            f'{where}: "{name}" must be ["<library>", "<class>"], got {json.dumps(entry)[:80]}; '
+            "fix the file or use a supported prior"
+        )
     lib, cls = entry
     allowed = ALLOWED_COMPONENT_CLASSES[name]
     if (lib, cls) not in allowed:
         choices = ", ".join(f"{a}.{b}" for a, b in sorted(allowed))
         raise InvalidPriorError(
             f'{where}: "{name}" names {lib}.{cls}, which t3d does not load (allowed: {choices}); '
-            f"fix the entry or use a supported prior (Stable Diffusion 1.x/2.x, DeepFloyd IF stage I, the embedded toy prior)"
+            "fix the entry or use a supported prior (Stable Diffusion 1.x/2.x, DeepFloyd IF stage I, the "
+            "embedded toy prior)"
         )
     return lib, cls
 
@@ -326,7 +365,10 @@ def _class_from_index(index: dict, name: str, default_lib: str, default_cls: str
     try:
         return getattr(package, cls)
     except AttributeError:
-        raise InvalidPriorError(f'{where}: "{name}" names {lib}.{cls}, which this {lib} version does not have; upgrade {lib} or change the entry') from None
+        raise InvalidPriorError(
+            f'{where}: "{name}" names {lib}.{cls}, which this {lib} version does not have; '
+            f"upgrade {lib} or change the entry"
+        ) from None
 
 
 def _has_variant(root: str, subfolder: str, variant: str) -> bool:
@@ -334,7 +376,15 @@ def _has_variant(root: str, subfolder: str, variant: str) -> bool:
     return d.is_dir() and any(f".{variant}." in p.name for p in d.iterdir())
 
 
-def _load_components(root: str, family: str, index: dict, dtype: torch.dtype, local_files_only: bool, is_hub: bool, where: str = "model_index.json") -> dict:
+def _load_components(
+    root: str,
+    family: str,
+    index: dict,
+    dtype: torch.dtype,
+    local_files_only: bool,
+    is_hub: bool,
+    where: str = "model_index.json",
+) -> dict:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
     hub_kw = {"local_files_only": local_files_only} if is_hub else {}
@@ -385,9 +435,7 @@ def _read_hub_index(repo_id: str) -> tuple[dict, bool]:
             continue
         return _read_json_file(Path(path)), local_only
     where = "in the local Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else "on the hub or in the local cache"
-    raise PriorNotFoundError(
-        f"could not find prior {repo_id!r} {where}: {'; '.join(errors)}. {_HOW_TO_PROVIDE}"
-    )
+    raise PriorNotFoundError(f"could not find prior {repo_id!r} {where}: {'; '.join(errors)}. {_HOW_TO_PROVIDE}")
 
 
 def _image_size(family: str, comps: dict, meta: dict) -> int:
@@ -399,7 +447,9 @@ def _image_size(family: str, comps: dict, meta: dict) -> int:
     return int(meta.get("image_size", unet_size))
 
 
-def load_prior(source: str = "embedded", device="cpu", dtype: torch.dtype | None = None, compute=None) -> DiffusionPrior:
+def load_prior(
+    source: str = "embedded", device="cpu", dtype: torch.dtype | None = None, compute=None
+) -> DiffusionPrior:
     """Load a prior (see module doc for sources). fp16 on CUDA by default, fp32 on CPU (the tiny
     test priors: fp32 everywhere). `compute` (priors/compute.py ComputeParams, flow.yaml
     `compute:`) sets the precision unless `dtype` is given, and the memory and speed options."""
@@ -438,7 +488,9 @@ def _load(source: str, device: torch.device, dtype: torch.dtype | None) -> Diffu
         if (folder / "t3d_prior.json").is_file():
             meta = _read_json_file(folder / "t3d_prior.json")
         try:
-            comps = _load_components(str(folder), family, index, dtype, local_files_only=True, is_hub=False, where=str(index_path))
+            comps = _load_components(
+                str(folder), family, index, dtype, local_files_only=True, is_hub=False, where=str(index_path)
+            )
         except InvalidPriorError:
             raise
         except (OSError, ValueError) as e:
@@ -448,9 +500,13 @@ def _load(source: str, device: torch.device, dtype: torch.dtype | None) -> Diffu
         check_model_index(index, f"{where}/model_index.json")
         family = _family_from_index(index)
         if family is None:
-            raise PriorNotFoundError(f"{where!r}: cannot tell the model family from its model_index.json ({index.get('_class_name')!r})")
+            raise PriorNotFoundError(
+                f"{where!r}: cannot tell the model family from its model_index.json ({index.get('_class_name')!r})"
+            )
         try:
-            comps = _load_components(where, family, index, dtype, local_files_only=local_only, is_hub=True, where=f"{where}/model_index.json")
+            comps = _load_components(
+                where, family, index, dtype, local_files_only=local_only, is_hub=True, where=f"{where}/model_index.json"
+            )
         except InvalidPriorError:
             raise
         except (OSError, ValueError) as e:

@@ -32,9 +32,10 @@ def _hue_sat(rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     mx, _ = rgb.max(-1)
     mn, _ = rgb.min(-1)
     delta = (mx - mn).clamp_min(1e-6)
-    hue = torch.where(
-        mx == r, ((g - b) / delta) % 6, torch.where(mx == g, (b - r) / delta + 2, (r - g) / delta + 4)
-    ) * 60.0
+    hue = (
+        torch.where(mx == r, ((g - b) / delta) % 6, torch.where(mx == g, (b - r) / delta + 2, (r - g) / delta + 4))
+        * 60.0
+    )
     sat = (mx - mn) / mx.clamp_min(1e-6)
     return hue, sat
 
@@ -67,7 +68,9 @@ def dominant_colour(rgb: torch.Tensor) -> list[str | None]:
 
 
 @lru_cache(maxsize=16)
-def reference_silhouettes(view: str | None, size: int, az_step: float = 10.0, el_step: float = 5.0) -> dict[str, torch.Tensor]:
+def reference_silhouettes(
+    view: str | None, size: int, az_step: float = 10.0, el_step: float = 5.0
+) -> dict[str, torch.Tensor]:
     """Ground-truth masks (bool [V,H,W]) of every shape over a grid of the camera distribution,
     keeping the cameras whose view name is `view` (all of them for None)."""
     p = CameraParams()
@@ -115,7 +118,9 @@ def evaluate_prior(
     from .sample import sample_images
 
     prompts = list(prompts or toy_prompts_with_views())
-    images = sample_images(prior, prompts, n=n, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size, progress=progress)
+    images = sample_images(
+        prior, prompts, n=n, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size, progress=progress
+    )
     per_prompt = {}
     c_ok_all, s_ok_all = 0, 0
     for i, prompt in enumerate(prompts):

@@ -16,7 +16,19 @@ def _ddim_for(prior: DiffusionPrior):
     cfg = dict(prior.scheduler.config)
     keep = {
         k: cfg[k]
-        for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type", "clip_sample", "clip_sample_range", "steps_offset", "timestep_spacing", "rescale_betas_zero_snr")
+        for k in (
+            "num_train_timesteps",
+            "beta_start",
+            "beta_end",
+            "beta_schedule",
+            "trained_betas",
+            "prediction_type",
+            "clip_sample",
+            "clip_sample_range",
+            "steps_offset",
+            "timestep_spacing",
+            "rescale_betas_zero_snr",
+        )
         if k in cfg
     }
     keep["prediction_type"] = "epsilon"  # predict_noise always returns epsilon
@@ -83,7 +95,9 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> t
     grid = torch.ones(c, rows * (h + pad) + pad, nrow * (w + pad) + pad)
     for i in range(n):
         r, col = divmod(i, nrow)
-        grid[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = images[i]
+        grid[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = (
+            images[i]
+        )
     return grid
 
 

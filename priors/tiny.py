@@ -60,7 +60,13 @@ def tiny_t5_encoder(vocab_size: int):
     from transformers import T5Config, T5EncoderModel
 
     cfg = T5Config(
-        vocab_size=vocab_size, d_model=TINY_TEXT_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8
+        vocab_size=vocab_size,
+        d_model=TINY_TEXT_DIM,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
     )
     return T5EncoderModel(cfg)
 
@@ -105,10 +111,17 @@ def tiny_scheduler(kind: str = "sd"):
 
     if kind == "if":
         return DDPMScheduler(
-            num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", variance_type="learned_range", prediction_type="epsilon"
+            num_train_timesteps=1000,
+            beta_schedule="squaredcos_cap_v2",
+            variance_type="learned_range",
+            prediction_type="epsilon",
         )
     return DDPMScheduler(
-        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="epsilon"
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type="epsilon",
     )
 
 
@@ -126,14 +139,18 @@ def tiny_components(kind: Literal["sd", "if", "pixel"] = "sd", seed: int = 0, im
         if kind == "sd":
             vae = tiny_vae(image_size)
             unet = tiny_unet(image_size // 2, 4)
-            return dict(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae, scheduler=tiny_scheduler("sd"))
+            return dict(
+                tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae, scheduler=tiny_scheduler("sd")
+            )
         if kind == "pixel":
             unet = tiny_unet(image_size, 3)
             return dict(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, scheduler=tiny_scheduler("sd"))
     raise ValueError(f"unknown tiny kind {kind!r}: use 'sd', 'if' or 'pixel'")
 
 
-def build_tiny_prior(space: Literal["pixel", "latent"] = "pixel", seed: int = 0, image_size: int = 32) -> DiffusionPrior:
+def build_tiny_prior(
+    space: Literal["pixel", "latent"] = "pixel", seed: int = 0, image_size: int = 32
+) -> DiffusionPrior:
     """A real (random-weight) prior for tests: fast on CPU and deterministic for a seed.
 
     "pixel" is a CLIP-conditioned pixel UNet; "latent" adds a tiny AutoencoderKL (latent = image/2).

@@ -103,7 +103,12 @@ def build_toy_scheduler():
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(
-        num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02, prediction_type="epsilon", clip_sample=True
+        num_train_timesteps=1000,
+        beta_schedule="linear",
+        beta_start=1e-4,
+        beta_end=0.02,
+        prediction_type="epsilon",
+        clip_sample=True,
     )
 
 

@@ -30,7 +30,14 @@ import torch.nn.functional as F
 from t3d.render.cameras import VIEW_SUFFIXES, CameraParams, sample_cameras, view_names
 from t3d.toy.world import COLOURS, SHAPES, render_primitive, toy_prompts
 
-from .toy import build_toy_scheduler, build_toy_text_encoder, build_toy_tokenizer, build_toy_unet, encode_tokens, save_toy_folder
+from .toy import (
+    build_toy_scheduler,
+    build_toy_text_encoder,
+    build_toy_tokenizer,
+    build_toy_unet,
+    encode_tokens,
+    save_toy_folder,
+)
 
 
 @dataclass
@@ -114,7 +121,9 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
         pe.lerp_(pm.detach(), 1.0 - decay)
 
 
-def train_toy_prior(cfg: TrainConfig | None = None, out="priors/embedded", device: str = "auto", progress: bool = True) -> Path:
+def train_toy_prior(
+    cfg: TrainConfig | None = None, out="priors/embedded", device: str = "auto", progress: bool = True
+) -> Path:
     """Regenerate the toy data set and train the embedded prior from `cfg.seed`; writes the
     diffusers folder to `out` plus samples.png (a grid of DDIM/CFG samples for every base prompt)."""
     cfg = cfg or TrainConfig()

@@ -24,12 +24,28 @@ import torch
 from pydantic import Field
 from safetensors.torch import load_file, save_file
 
-from t3d.render.cameras import CameraParams, orbit_cameras, sample_cameras, view_names
-from t3d.guidance.sds import anneal_t_range, guidance_loss, opacity_entropy, opacity_sparsity, orientation_loss, TRange, CFG_CONVENTION
 from t3d.fields.nerf import FieldParams, NeRFField
-from t3d.stage import Stage, StageContext, StageParams, decay_learning_rates, flatten_optimizer, optimise, restore_optimizer
-from t3d.toy.metrics import evaluate_field
+from t3d.guidance.sds import (
+    CFG_CONVENTION,
+    TRange,
+    anneal_t_range,
+    guidance_loss,
+    opacity_entropy,
+    opacity_sparsity,
+    orientation_loss,
+)
+from t3d.render.cameras import CameraParams, orbit_cameras, sample_cameras, view_names
 from t3d.render.volume import OccupancyGrid, render
+from t3d.stage import (
+    Stage,
+    StageContext,
+    StageParams,
+    decay_learning_rates,
+    flatten_optimizer,
+    optimise,
+    restore_optimizer,
+)
+from t3d.toy.metrics import evaluate_field
 
 FIELD_FILE = "field.safetensors"
 FIELD_CONFIG = "field.json"
@@ -48,8 +64,16 @@ class CoarseParams(StageParams):
     lr_grid: float = Field(1e-2, gt=0)
     lr_mlp: float = Field(3e-3, gt=0)
     lr_bg: float = Field(1e-3, gt=0)
-    lr_end_factor: float = Field(0.1, gt=0, le=1, description="learning rates decay exponentially to this factor by the last step")
-    guidance_scale: float | None = Field(7.5, description="CFG scale for the score; None: the prior's sampling default (7.5 for the toy prior). SD wants ~100. " + CFG_CONVENTION)
+    lr_end_factor: float = Field(
+        0.1, gt=0, le=1, description="learning rates decay exponentially to this factor by the last step"
+    )
+    guidance_scale: float | None = Field(
+        7.5,
+        description=(
+            "CFG scale for the score; None: the prior's sampling default (7.5 for the toy prior). SD wants ~100. "
+        )
+        + CFG_CONVENTION,
+    )
     t_range: TRange = (0.02, 0.98)
     t_range_end: TRange | None = Field((0.02, 0.6), description="annealed to this by the last step; None: fixed")
     t_anneal: Literal["linear", "sqrt", "none"] = "linear"
@@ -90,11 +114,23 @@ class CoarseTrainer:
         self.device = torch.device(device)
         self.field = NeRFField(params.field, device=self.device)
         groups = [
-            {"params": list(self.field.encoding.parameters()), "lr": params.lr_grid, "base_lr": params.lr_grid, "name": "grid"},
+            {
+                "params": list(self.field.encoding.parameters()),
+                "lr": params.lr_grid,
+                "base_lr": params.lr_grid,
+                "name": "grid",
+            },
             {"params": list(self.field.mlp.parameters()), "lr": params.lr_mlp, "base_lr": params.lr_mlp, "name": "mlp"},
         ]
         if self.field.bg_mlp is not None:
-            groups.append({"params": list(self.field.bg_mlp.parameters()), "lr": params.lr_bg, "base_lr": params.lr_bg, "name": "bg"})
+            groups.append(
+                {
+                    "params": list(self.field.bg_mlp.parameters()),
+                    "lr": params.lr_bg,
+                    "base_lr": params.lr_bg,
+                    "name": "bg",
+                }
+            )
         self.opt = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15)
         self.occupancy = (
             OccupancyGrid(params.field.bound, params.occupancy_res, params.occupancy_threshold, device=self.device)
@@ -128,21 +164,43 @@ class CoarseTrainer:
         uncond = self.emb.uncond_batch(p.batch_size)
         shading = self.shading_at(self.step_idx)
         out = render(
-            self.field, cams, p.resolution, n_samples=p.n_samples, shading=shading, random_light=p.random_light,
-            light_jitter=p.light_jitter, ambient=p.ambient, perturb=True, generator=self.gen,
-            compute_normals=p.lambda_orient > 0, normal_mode=p.normal_mode, occupancy=self.occupancy,
+            self.field,
+            cams,
+            p.resolution,
+            n_samples=p.n_samples,
+            shading=shading,
+            random_light=p.random_light,
+            light_jitter=p.light_jitter,
+            ambient=p.ambient,
+            perturb=True,
+            generator=self.gen,
+            compute_normals=p.lambda_orient > 0,
+            normal_mode=p.normal_mode,
+            occupancy=self.occupancy,
         )
         sync()
         t1 = time.perf_counter()
         t_range = anneal_t_range(self.step_idx, p.steps, p.t_range, p.t_range_end, p.t_anneal)
         loss_g, info = guidance_loss(
-            p.method, self.prior, out["rgb"], cond, uncond, guidance_scale=p.guidance_scale, t_range=t_range,
-            weighting=p.weighting, grad_clip=p.grad_clip, generator=self.gen, n_noise=p.sjc_n_noise, var_red=p.sjc_var_red,
+            p.method,
+            self.prior,
+            out["rgb"],
+            cond,
+            uncond,
+            guidance_scale=p.guidance_scale,
+            t_range=t_range,
+            weighting=p.weighting,
+            grad_clip=p.grad_clip,
+            generator=self.gen,
+            n_noise=p.sjc_n_noise,
+            var_red=p.sjc_var_red,
         )
         loss = loss_g
         terms = {"guidance": float(loss_g.detach())}
         if p.lambda_orient > 0 and out["orient_weights"] is not None:
-            orient = orientation_loss(out["orient_weights"], out["orient_normals"], out["ray_dirs"], n_rays=out["opacity"].numel())
+            orient = orientation_loss(
+                out["orient_weights"], out["orient_normals"], out["ray_dirs"], n_rays=out["opacity"].numel()
+            )
             loss = loss + p.lambda_orient * orient
             terms["orient"] = float(orient.detach())
         if p.lambda_sparsity > 0:
@@ -174,7 +232,14 @@ class CoarseTrainer:
         }
         self.history.append(record)
         self.step_idx += 1
-        return {**record, "render_s": t1 - t0, "prior_forward_s": t2 - t1, "backward_s": t3 - t2, "optimizer_s": t4 - t3, "step_s": t4 - t0}
+        return {
+            **record,
+            "render_s": t1 - t0,
+            "prior_forward_s": t2 - t1,
+            "backward_s": t3 - t2,
+            "optimizer_s": t4 - t3,
+            "step_s": t4 - t0,
+        }
 
     # ---- checkpoints ------------------------------------------------------------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
@@ -221,7 +286,9 @@ def load_field(folder: Path, device: torch.device | str = "cpu", backend: str | 
 
 
 @torch.no_grad()
-def render_turntable(field: NeRFField, camera: CameraParams, n: int, size: int, ambient: float = 0.35, elevation: float = 15.0) -> torch.Tensor:
+def render_turntable(
+    field: NeRFField, camera: CameraParams, n: int, size: int, ambient: float = 0.35, elevation: float = 15.0
+) -> torch.Tensor:
     cams = orbit_cameras(camera, n, elevation_deg=elevation)
     frames = []
     for i in range(n):
@@ -233,7 +300,9 @@ def render_turntable(field: NeRFField, camera: CameraParams, n: int, size: int, 
 def _one(cams, i):
     from t3d.render.cameras import CameraBatch
 
-    return CameraBatch(cams.azimuth[i : i + 1], cams.elevation[i : i + 1], cams.radius[i : i + 1], cams.fov_deg, cams.c2w[i : i + 1])
+    return CameraBatch(
+        cams.azimuth[i : i + 1], cams.elevation[i : i + 1], cams.radius[i : i + 1], cams.fov_deg, cams.c2w[i : i + 1]
+    )
 
 
 def _to_pil(img: torch.Tensor):
@@ -265,7 +334,9 @@ def write_loss_curve(history: list[dict], path: Path, key: str = "loss", size=(4
         margin = 24
 
         def xy(i, v):
-            return margin + (w - 2 * margin) * i / (len(values) - 1), h - margin - (h - 2 * margin) * (v - lo) / (hi - lo)
+            return margin + (w - 2 * margin) * i / (len(values) - 1), h - margin - (h - 2 * margin) * (v - lo) / (
+                hi - lo
+            )
 
         draw.line([xy(i, v) for i, v in enumerate(values)], fill=(190, 190, 230), width=1)
         k = max(1, len(values) // 50)
@@ -274,8 +345,6 @@ def write_loss_curve(history: list[dict], path: Path, key: str = "loss", size=(4
         draw.text((margin, 4), f"{key}: {values[0]:.4g} -> {smooth[-1]:.4g} ({len(values)} steps)", fill="black")
         draw.text((margin, h - margin + 6), f"min {lo:.4g}  max {hi:.4g}", fill="black")
     img.save(path)
-
-
 
 
 # ---- the stage -----------------------------------------------------------------------------

@@ -61,7 +61,7 @@ class PromptEmbeddings:
     def uncond_batch(self, n: int) -> torch.Tensor:
         return self.uncond.expand(n, -1, -1)
 
-    def to(self, device, dtype=None) -> "PromptEmbeddings":
+    def to(self, device, dtype=None) -> PromptEmbeddings:
         mv = lambda t: t.to(device=device, dtype=dtype or t.dtype)  # noqa: E731
         return PromptEmbeddings(mv(self.cond), mv(self.uncond), {k: mv(v) for k, v in self.views.items()}, self.texts)
 

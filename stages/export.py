@@ -62,8 +62,16 @@ def run(ctx: StageContext) -> None:
     source = ctx.out / (f"{name}.glb" if "glb" in p.formats else f"{name}.obj")
     cam = ctx.camera
     turntable(
-        source, ctx.out / "turntable.gif", p.turntable_frames, p.turntable_size, elevation_deg=p.turntable_elevation,
-        radius=cam.radius, fov_deg=cam.fov_deg, strip_path=ctx.out / "turntable.png", ctx=raster_ctx, device=ctx.device,
+        source,
+        ctx.out / "turntable.gif",
+        p.turntable_frames,
+        p.turntable_size,
+        elevation_deg=p.turntable_elevation,
+        radius=cam.radius,
+        fov_deg=cam.fov_deg,
+        strip_path=ctx.out / "turntable.png",
+        ctx=raster_ctx,
+        device=ctx.device,
         y_up=p.y_up,
     )
     ctx.timings["turntable_s"] = round(time.perf_counter() - t1, 3)

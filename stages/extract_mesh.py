@@ -21,15 +21,15 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from t3d.mesh.export import TexturedMesh, bake_texture, export_glb, load_textured, turntable, unwrap
+from t3d.guidance.sds import CFG_CONVENTION, TRange
 from t3d.mesh.dmtet import GeometrySettings, refine_geometry
+from t3d.mesh.export import TexturedMesh, bake_texture, export_glb, load_textured, turntable, unwrap
 from t3d.mesh.extract import auto_threshold, clean_mesh, extract_mesh, sample_grid
 from t3d.render.raster import make_raster_context
-from t3d.guidance.sds import TRange, CFG_CONVENTION
 from t3d.stage import Stage, StageContext, StageParams
-from t3d.toy.metrics import evaluate_mesh
 from t3d.stages.coarse import load_field, write_loss_curve
 from t3d.stages.encode_prompt import load_embeddings
+from t3d.toy.metrics import evaluate_mesh
 
 MESH_FILE = "mesh.glb"
 TEXTURE_FILE = "texture.png"
@@ -37,17 +37,30 @@ TEXTURE_FILE = "texture.png"
 
 class ExtractMeshParams(StageParams):
     resolution: int = Field(96, ge=16, le=512, description="density grid samples per side")
-    threshold: float | None = Field(None, gt=0, description="density iso-level; None: automatic (level at the rendered surface)")
-    max_faces: int = Field(10000, ge=100, description="decimation budget (xatlas takes ~0.7 s at 10k faces, ~10 s at 55k)")
+    threshold: float | None = Field(
+        None, gt=0, description="density iso-level; None: automatic (level at the rendered surface)"
+    )
+    max_faces: int = Field(
+        10000, ge=100, description="decimation budget (xatlas takes ~0.7 s at 10k faces, ~10 s at 55k)"
+    )
     keep_largest: bool = Field(True, description="drop floaters: keep the largest connected piece")
     texture_size: int = Field(512, ge=64, le=4096)
     texture_padding: int = Field(8, ge=0, description="texels of colour dilation around each UV chart")
     raster_backend: str = Field("auto", pattern="^(auto|cuda-library|torch)$")
     preview_size: int = Field(128, ge=16)
     preview_frames: int = Field(24, ge=4)
-    geometry_steps: int = Field(200, ge=0, description="SDS steps refining the surface on an SDF grid (0: plain marching cubes); ~50 s on a CPU core, cubes get their corners back")
+    geometry_steps: int = Field(
+        200,
+        ge=0,
+        description=(
+            "SDS steps refining the surface on an SDF grid (0: plain marching cubes); ~50 s on a CPU "
+            "core, cubes get their corners back"
+        ),
+    )
     geometry_resolution: int = Field(64, ge=16, le=256, description="SDF grid samples per side")
-    geometry_correction_resolution: int = Field(16, ge=2, le=256, description="the SDF changes by a trilinear correction grid this coarse (smooth surfaces)")
+    geometry_correction_resolution: int = Field(
+        16, ge=2, le=256, description="the SDF changes by a trilinear correction grid this coarse (smooth surfaces)"
+    )
     geometry_lr: float = Field(2e-3, gt=0, description="Adam step on the SDF values (world units)")
     geometry_render_size: int = Field(64, ge=16)
     geometry_batch_size: int = Field(2, ge=1)
@@ -73,9 +86,15 @@ def _refined_surface(ctx: StageContext, field, raster_ctx):
     sigma = np.nan_to_num(sigma, nan=0.0, posinf=np.float32(3e38)).clip(min=0.0)
     tau = auto_threshold(sigma, spacing) if p.threshold is None else float(p.threshold)
     settings = GeometrySettings(
-        steps=p.geometry_steps, resolution=p.geometry_resolution, render_size=p.geometry_render_size,
-        batch_size=p.geometry_batch_size, lr=p.geometry_lr, guidance_scale=p.geometry_guidance_scale,
-        t_range=tuple(p.geometry_t_range), laplacian_weight=p.geometry_laplacian, anchor_weight=p.geometry_anchor,
+        steps=p.geometry_steps,
+        resolution=p.geometry_resolution,
+        render_size=p.geometry_render_size,
+        batch_size=p.geometry_batch_size,
+        lr=p.geometry_lr,
+        guidance_scale=p.geometry_guidance_scale,
+        t_range=tuple(p.geometry_t_range),
+        laplacian_weight=p.geometry_laplacian,
+        anchor_weight=p.geometry_anchor,
         correction_resolution=p.geometry_correction_resolution,
     )
     gen = torch.Generator().manual_seed(int(ctx.seed) * 7919 + 5)
@@ -92,8 +111,21 @@ def _refined_surface(ctx: StageContext, field, raster_ctx):
 
     with ctx.progress(p.geometry_steps, "geometry (sds on sdf)", initial=resume[0] if resume else 0) as update:
         verts, faces, history = refine_geometry(
-            sigma, lo, spacing, tau, albedo, prior, emb, ctx.camera, settings, gen,
-            raster_ctx=raster_ctx, device=ctx.device, progress=update, resume=resume, on_step=checkpoint,
+            sigma,
+            lo,
+            spacing,
+            tau,
+            albedo,
+            prior,
+            emb,
+            ctx.camera,
+            settings,
+            gen,
+            raster_ctx=raster_ctx,
+            device=ctx.device,
+            progress=update,
+            resume=resume,
+            on_step=checkpoint,
         )
     mesh = clean_mesh(verts.cpu().numpy(), faces.cpu().numpy(), keep_largest=p.keep_largest, max_faces=p.max_faces)
     mesh.metadata.update({"threshold": tau, "resolution": int(p.geometry_resolution)})
@@ -118,14 +150,21 @@ def run(ctx: StageContext) -> None:
     else:
         with torch.no_grad():
             mesh = extract_mesh(
-                field.density, p.resolution, field.params.bound, p.threshold,
-                max_faces=p.max_faces, keep_largest=p.keep_largest, device=ctx.device,
+                field.density,
+                p.resolution,
+                field.params.bound,
+                p.threshold,
+                max_faces=p.max_faces,
+                keep_largest=p.keep_largest,
+                device=ctx.device,
             )
         timings["marching_cubes_s"] = time.perf_counter() - t0
     ctx.log.info("extract_mesh: %d faces at threshold %.4g", len(mesh.faces), mesh.metadata["threshold"])
 
     t1 = time.perf_counter()
-    verts, faces, uvs, _ = unwrap(mesh, max_faces=None, texture_size=p.texture_size, padding=max(1, p.texture_padding // 2))
+    verts, faces, uvs, _ = unwrap(
+        mesh, max_faces=None, texture_size=p.texture_size, padding=max(1, p.texture_padding // 2)
+    )
     timings["unwrap_s"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
@@ -133,19 +172,28 @@ def run(ctx: StageContext) -> None:
     def albedo(points: torch.Tensor) -> torch.Tensor:
         return field.query(points.to(field.device))[1]
 
-    texture = bake_texture(verts, faces, uvs, albedo, size=p.texture_size, padding=p.texture_padding, device=ctx.device, ctx=raster_ctx)
+    texture = bake_texture(
+        verts, faces, uvs, albedo, size=p.texture_size, padding=p.texture_padding, device=ctx.device, ctx=raster_ctx
+    )
     timings["bake_s"] = time.perf_counter() - t2
     tmesh = TexturedMesh(verts, faces, uvs, texture)
 
     export_glb(ctx.out / MESH_FILE, tmesh)
-    from PIL import Image  # noqa: PLC0415
+    from PIL import Image
 
     Image.fromarray(texture).save(ctx.out / TEXTURE_FILE)
     t3 = time.perf_counter()
     cam = ctx.camera
     turntable(
-        ctx.out / MESH_FILE, ctx.out / "turntable.gif", p.preview_frames, p.preview_size,
-        radius=cam.radius, fov_deg=cam.fov_deg, strip_path=ctx.out / "turntable.png", ctx=raster_ctx, device=ctx.device,
+        ctx.out / MESH_FILE,
+        ctx.out / "turntable.gif",
+        p.preview_frames,
+        p.preview_size,
+        radius=cam.radius,
+        fov_deg=cam.fov_deg,
+        strip_path=ctx.out / "turntable.png",
+        ctx=raster_ctx,
+        device=ctx.device,
     )
     timings["turntable_s"] = time.perf_counter() - t3
     ctx.timings.update({k: round(v, 3) for k, v in timings.items()})

@@ -16,14 +16,22 @@ import time
 import torch
 from pydantic import Field
 
-from t3d.render.cameras import CameraParams, orbit_cameras, sample_cameras, view_names
-from t3d.guidance.sds import anneal_t_range, opacity_entropy, TRange, CFG_CONVENTION
-from t3d.stage import Stage, StageContext, StageParams, decay_learning_rates, flatten_optimizer, optimise, restore_optimizer
-from t3d.stages.coarse import load_field, render_turntable, save_field, write_loss_curve, write_previews
-from t3d.toy.metrics import evaluate_field
-from t3d.stages.encode_prompt import load_embeddings
+from t3d.guidance.sds import CFG_CONVENTION, TRange, anneal_t_range, opacity_entropy
 from t3d.guidance.vsd import load_lora_state, lora_loss, lora_state, make_lora_unet, trainable_parameters, vsd_loss
+from t3d.render.cameras import CameraParams, orbit_cameras, sample_cameras, view_names
 from t3d.render.volume import render
+from t3d.stage import (
+    Stage,
+    StageContext,
+    StageParams,
+    decay_learning_rates,
+    flatten_optimizer,
+    optimise,
+    restore_optimizer,
+)
+from t3d.stages.coarse import load_field, render_turntable, save_field, write_loss_curve, write_previews
+from t3d.stages.encode_prompt import load_embeddings
+from t3d.toy.metrics import evaluate_field
 
 
 class RefineParams(StageParams):
@@ -33,22 +41,45 @@ class RefineParams(StageParams):
     batch_size: int = Field(2, ge=1, description="views per particle per step")
     resolution: int = Field(32, ge=8)
     n_samples: int = Field(48, ge=4)
-    guidance_scale: float = Field(7.5, gt=0, description="CFG of the pretrained branch (ProlificDreamer: 7.5). " + CFG_CONVENTION)
+    guidance_scale: float = Field(
+        7.5, gt=0, description="CFG of the pretrained branch (ProlificDreamer: 7.5). " + CFG_CONVENTION
+    )
     lora_guidance_scale: float = Field(1.0, gt=0)
     lora_rank: int = Field(4, ge=1)
     lora_lr: float = Field(1e-3, gt=0)
-    lora_steps_per_step: int = Field(2, ge=1, description="LoRA updates per field update (2: it keeps up with the renders in a 300-step refine)")
-    lora_warmup_steps: int = Field(100, ge=0, description="LoRA steps on the coarse renders before the field moves (a fresh LoRA equals the prior, so early VSD is a pure CFG push)")
+    lora_steps_per_step: int = Field(
+        2, ge=1, description="LoRA updates per field update (2: it keeps up with the renders in a 300-step refine)"
+    )
+    lora_warmup_steps: int = Field(
+        100,
+        ge=0,
+        description=(
+            "LoRA steps on the coarse renders before the field moves (a fresh LoRA equals the prior, "
+            "so early VSD is a pure CFG push)"
+        ),
+    )
     camera_dropout: float = Field(0.1, ge=0, le=1)
     lr_grid: float = Field(5e-3, gt=0)
     lr_mlp: float = Field(1e-3, gt=0)
-    lr_end_factor: float = Field(1.0, gt=0, le=1, description="field learning rates decay exponentially to this factor by the last step (the LoRA's stays); 0.1 raised the toy bench's colour error, so none by default")
+    lr_end_factor: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description=(
+            "field learning rates decay exponentially to this factor by the last step (the LoRA's "
+            "stays); 0.1 raised the toy bench's colour error, so none by default"
+        ),
+    )
     t_range: TRange = (0.02, 0.7)
     t_range_end: TRange | None = (0.02, 0.5)
     weighting: str = "sds"
     grad_clip: float | None = None
     lambda_entropy: float = 1e-3
-    shading: str = Field("lambertian", pattern="^(albedo|lambertian)$", description="lambertian: the prior was trained on lit images (albedo renders gave higher colour error)")
+    shading: str = Field(
+        "lambertian",
+        pattern="^(albedo|lambertian)$",
+        description="lambertian: the prior was trained on lit images (albedo renders gave higher colour error)",
+    )
     ambient: float = Field(0.35, ge=0, le=1)
     checkpoint_every: int = Field(50, ge=1)
     preview_size: int = Field(64, ge=16)
@@ -63,7 +94,10 @@ class VSDTrainer:
         self.fields = [load_field(coarse_folder, device) for _ in range(p.particles)]
         groups = []
         for f in self.fields:
-            groups += [{"params": list(f.encoding.parameters()), "lr": p.lr_grid, "base_lr": p.lr_grid}, {"params": list(f.mlp.parameters()), "lr": p.lr_mlp, "base_lr": p.lr_mlp}]
+            groups += [
+                {"params": list(f.encoding.parameters()), "lr": p.lr_grid, "base_lr": p.lr_grid},
+                {"params": list(f.mlp.parameters()), "lr": p.lr_mlp, "base_lr": p.lr_mlp},
+            ]
         self.field_opt = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15)
         with torch.random.fork_rng(devices=[]):  # LoRA init from the run seed, not the global stream
             torch.manual_seed(int(seed))
@@ -77,15 +111,37 @@ class VSDTrainer:
         p = self.p
         t0 = time.perf_counter()
         cams = [sample_cameras(self.camera, p.batch_size, self.gen) for _ in self.fields]
-        renders = [render(f, c, p.resolution, n_samples=p.n_samples, shading=p.shading, ambient=p.ambient, perturb=True, generator=self.gen) for f, c in zip(self.fields, cams)]
+        renders = [
+            render(
+                f,
+                c,
+                p.resolution,
+                n_samples=p.n_samples,
+                shading=p.shading,
+                ambient=p.ambient,
+                perturb=True,
+                generator=self.gen,
+            )
+            for f, c in zip(self.fields, cams)
+        ]
         rgb = torch.cat([r["rgb"] for r in renders])
         c2w = torch.cat([c.c2w for c in cams])
         names = sum((view_names(c, self.camera) for c in cams), [])
         cond, uncond = self.emb.for_views(names), self.emb.uncond_batch(len(names))
         t_range = anneal_t_range(self.step_idx, p.steps, p.t_range, p.t_range_end, "linear")
         loss_vsd, x0, info = vsd_loss(
-            self.prior, self.lora, rgb, c2w, cond, uncond, guidance_scale=p.guidance_scale, lora_guidance_scale=p.lora_guidance_scale,
-            t_range=t_range, weighting=p.weighting, grad_clip=p.grad_clip, generator=self.gen,
+            self.prior,
+            self.lora,
+            rgb,
+            c2w,
+            cond,
+            uncond,
+            guidance_scale=p.guidance_scale,
+            lora_guidance_scale=p.lora_guidance_scale,
+            t_range=t_range,
+            weighting=p.weighting,
+            grad_clip=p.grad_clip,
+            generator=self.gen,
         )
         loss = loss_vsd
         if p.lambda_entropy > 0:
@@ -97,7 +153,9 @@ class VSDTrainer:
         t1 = time.perf_counter()
         lora_losses = []
         for _ in range(p.lora_steps_per_step):
-            l_lora = lora_loss(self.prior, self.lora, x0, c2w, cond, camera_dropout=p.camera_dropout, generator=self.gen)
+            l_lora = lora_loss(
+                self.prior, self.lora, x0, c2w, cond, camera_dropout=p.camera_dropout, generator=self.gen
+            )
             self.lora_opt.zero_grad(set_to_none=True)
             l_lora.backward()
             self.lora_opt.step()
@@ -121,11 +179,33 @@ class VSDTrainer:
         for _ in range(steps):
             cams = [sample_cameras(self.camera, p.batch_size, self.gen) for _ in self.fields]
             with torch.no_grad():
-                rgb = torch.cat([render(f, c, p.resolution, n_samples=p.n_samples, shading=p.shading, ambient=p.ambient, perturb=True, generator=self.gen)["rgb"] for f, c in zip(self.fields, cams)])
+                rgb = torch.cat(
+                    [
+                        render(
+                            f,
+                            c,
+                            p.resolution,
+                            n_samples=p.n_samples,
+                            shading=p.shading,
+                            ambient=p.ambient,
+                            perturb=True,
+                            generator=self.gen,
+                        )["rgb"]
+                        for f, c in zip(self.fields, cams)
+                    ]
+                )
                 x0 = self.prior.images_to_model(rgb).float()
             c2w = torch.cat([c.c2w for c in cams])
             names = sum((view_names(c, self.camera) for c in cams), [])
-            l_lora = lora_loss(self.prior, self.lora, x0, c2w, self.emb.for_views(names), camera_dropout=p.camera_dropout, generator=self.gen)
+            l_lora = lora_loss(
+                self.prior,
+                self.lora,
+                x0,
+                c2w,
+                self.emb.for_views(names),
+                camera_dropout=p.camera_dropout,
+                generator=self.gen,
+            )
             self.lora_opt.zero_grad(set_to_none=True)
             l_lora.backward()
             self.lora_opt.step()
@@ -205,7 +285,9 @@ def run(ctx: StageContext) -> None:
         folder.mkdir(exist_ok=True)
         save_field(field, folder)
         write_previews(render_turntable(field, camera, p.preview_frames, p.preview_size, ambient=p.ambient), folder)
-        ctx.metrics.update({f"particle{i}.{k}": v for k, v in evaluate_field(field, ctx.prompt, camera, n_views=p.eval_views).items()})
+        ctx.metrics.update(
+            {f"particle{i}.{k}": v for k, v in evaluate_field(field, ctx.prompt, camera, n_views=p.eval_views).items()}
+        )
     save_file({k: v.contiguous().cpu() for k, v in lora_state(trainer.lora).items()}, str(ctx.out / "lora.safetensors"))
     (ctx.out / "losses.json").write_text(json.dumps(trainer.history))
     write_loss_curve(trainer.history, ctx.out / "loss_curve.png")

@@ -17,21 +17,23 @@ import time
 import torch
 from pydantic import Field
 
-from t3d.render.cameras import CameraBatch, sample_cameras, view_names
+from t3d.guidance.sds import CFG_CONVENTION, TRange, anneal_t_range, guidance_loss
 from t3d.mesh.export import TexturedMesh, bake_texture, export_glb, turntable
-from t3d.guidance.sds import anneal_t_range, guidance_loss, TRange, CFG_CONVENTION
+from t3d.render.cameras import CameraBatch, sample_cameras, view_names
 from t3d.render.raster import make_raster_context, render_mesh
+from t3d.render.volume import light_directions
 from t3d.stage import Stage, StageContext, StageParams, flatten_optimizer, restore_optimizer
 from t3d.stages.coarse import load_field, write_loss_curve
 from t3d.stages.encode_prompt import load_embeddings
 from t3d.stages.extract_mesh import MESH_FILE, TEXTURE_FILE, load_mesh
 from t3d.toy.metrics import evaluate_mesh
-from t3d.render.volume import light_directions
 
 
 class TextureParams(StageParams):
     steps: int = Field(150, ge=1)
-    guidance: str = Field("sds", pattern="^(sds|vsd)$", description="vsd uses a camera-conditioned LoRA as the refine stage does")
+    guidance: str = Field(
+        "sds", pattern="^(sds|vsd)$", description="vsd uses a camera-conditioned LoRA as the refine stage does"
+    )
     batch_size: int = Field(2, ge=1)
     resolution: int = Field(64, ge=16, description="raster size (the coarse stage renders 32)")
     lr_grid: float = Field(5e-3, gt=0)
@@ -57,7 +59,9 @@ def shade_mesh_image(field, raster: dict, cameras: CameraBatch, shading: str, am
     mask = raster["mask"][..., 0] > 0
     albedo = torch.ones(*mask.shape, 3, device=mask.device)
     if mask.any():
-        albedo = albedo.masked_scatter(mask[..., None].expand_as(albedo), field.query(raster["xyz"][mask])[1].reshape(-1))
+        albedo = albedo.masked_scatter(
+            mask[..., None].expand_as(albedo), field.query(raster["xyz"][mask])[1].reshape(-1)
+        )
     if shading == "lambertian":
         light = light_directions(cameras)  # [B,3] world, the toy world's camera-fixed light
         lam = (raster["normal"] * light[:, None, None, :]).sum(-1, keepdim=True).clamp_min(0)
@@ -81,7 +85,12 @@ def run(ctx: StageContext) -> None:
     ctx.backend.update(hashgrid=field.backend.as_dict(), raster=choice.as_dict())
 
     opt = torch.optim.Adam(
-        [{"params": list(field.encoding.parameters()), "lr": p.lr_grid}, {"params": list(field.mlp.parameters()), "lr": p.lr_mlp}], betas=(0.9, 0.99), eps=1e-15
+        [
+            {"params": list(field.encoding.parameters()), "lr": p.lr_grid},
+            {"params": list(field.mlp.parameters()), "lr": p.lr_mlp},
+        ],
+        betas=(0.9, 0.99),
+        eps=1e-15,
     )
     gen = torch.Generator().manual_seed(int(ctx.seed) * 15485863 + 11)
     lora = lora_opt = None
@@ -119,11 +128,23 @@ def run(ctx: StageContext) -> None:
             t_range = anneal_t_range(step, p.steps, p.t_range, p.t_range_end, "linear")
             record = {"step": step}
             if lora is None:
-                loss, info = guidance_loss("sds", prior, rgb, cond, uncond, guidance_scale=p.guidance_scale, t_range=t_range, generator=gen)
+                loss, info = guidance_loss(
+                    "sds", prior, rgb, cond, uncond, guidance_scale=p.guidance_scale, t_range=t_range, generator=gen
+                )
             else:
                 from t3d.guidance.vsd import lora_loss, vsd_loss
 
-                loss, x0, info = vsd_loss(prior, lora, rgb, cams.c2w, cond, uncond, guidance_scale=p.guidance_scale or 7.5, t_range=t_range, generator=gen)
+                loss, x0, info = vsd_loss(
+                    prior,
+                    lora,
+                    rgb,
+                    cams.c2w,
+                    cond,
+                    uncond,
+                    guidance_scale=p.guidance_scale or 7.5,
+                    t_range=t_range,
+                    generator=gen,
+                )
                 l_lora = lora_loss(prior, lora, x0, cams.c2w, cond, generator=gen)
                 lora_opt.zero_grad(set_to_none=True)
                 l_lora.backward()
@@ -134,7 +155,9 @@ def run(ctx: StageContext) -> None:
             opt.step()
             record.update(loss=float(loss.detach()), grad_norm=info["grad_norm"])
             if not math.isfinite(record["loss"]):
-                raise FloatingPointError(f"texture: loss is {record['loss']} at step {step}; lower lr_grid or guidance_scale")
+                raise FloatingPointError(
+                    f"texture: loss is {record['loss']} at step {step}; lower lr_grid or guidance_scale"
+                )
             history.append(record)
             step += 1
             update(1, loss=record["loss"])
@@ -153,13 +176,32 @@ def run(ctx: StageContext) -> None:
 
     started = time.perf_counter()
     with torch.no_grad():
-        texture = bake_texture(tmesh.verts, tmesh.faces, tmesh.uvs, lambda pts: field.query(pts.to(field.device))[1], size=p.texture_size, padding=p.texture_padding, device=ctx.device, ctx=raster_ctx)
+        texture = bake_texture(
+            tmesh.verts,
+            tmesh.faces,
+            tmesh.uvs,
+            lambda pts: field.query(pts.to(field.device))[1],
+            size=p.texture_size,
+            padding=p.texture_padding,
+            device=ctx.device,
+            ctx=raster_ctx,
+        )
     out_mesh = TexturedMesh(tmesh.verts, tmesh.faces, tmesh.uvs, texture)
     export_glb(ctx.out / MESH_FILE, out_mesh)
     from PIL import Image
 
     Image.fromarray(texture).save(ctx.out / TEXTURE_FILE)
-    turntable(ctx.out / MESH_FILE, ctx.out / "turntable.gif", p.preview_frames, p.preview_size, radius=camera.radius, fov_deg=camera.fov_deg, strip_path=ctx.out / "turntable.png", ctx=raster_ctx, device=ctx.device)
+    turntable(
+        ctx.out / MESH_FILE,
+        ctx.out / "turntable.gif",
+        p.preview_frames,
+        p.preview_size,
+        radius=camera.radius,
+        fov_deg=camera.fov_deg,
+        strip_path=ctx.out / "turntable.png",
+        ctx=raster_ctx,
+        device=ctx.device,
+    )
     (ctx.out / "losses.json").write_text(json.dumps(history))
     write_loss_curve(history, ctx.out / "loss_curve.png")
     ctx.timings["bake_and_preview_s"] = round(time.perf_counter() - started, 3)

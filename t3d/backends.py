@@ -8,8 +8,9 @@ cached per (library, device) and recorded in each stage's manifest.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 
@@ -50,7 +51,9 @@ def choose_backend(
         choice = BackendChoice(library, "torch", "requested")
     elif device.type != "cuda":
         if request == "cuda-library":
-            raise RuntimeError(f"{library} was requested but the device is {device}: it needs CUDA. Use backend 'auto' or 'torch'.")
+            raise RuntimeError(
+                f"{library} was requested but the device is {device}: it needs CUDA. Use backend 'auto' or 'torch'."
+            )
         choice = BackendChoice(library, "torch", f"device is {device.type}")
     else:
         try:

@@ -108,13 +108,18 @@ def plan(cfg, prompt: str, registry, store: ArtifactStore, force_from: str | Non
         params = getattr(cfg.stages, name)
         missing = [dep for dep in stage.inputs if dep not in keys]
         if missing:
-            raise ValueError(f"stages.{name} needs stage(s) {', '.join(missing)}, which are disabled: enable them (stages.{missing[0]}.enabled: true)")
+            raise ValueError(
+                f"stages.{name} needs stage(s) {', '.join(missing)}, which are disabled: enable them "
+                f"(stages.{missing[0]}.enabled: true)"
+            )
         inputs = {dep: keys[dep] for dep in stage.inputs}
         inputs.update({dep: keys[dep] for dep in stage.optional_inputs if dep in keys})
         context = {"camera": cfg.camera.model_dump(mode="json")}
         if stage.uses_prompt:
             context.update(prompt=prompt, negative_prompt=cfg.negative_prompt)
-        if stage.uses_prior and cfg.compute.key_context():  # only compute: options that change results (priors/compute.py)
+        if (
+            stage.uses_prior and cfg.compute.key_context()
+        ):  # only compute: options that change results (priors/compute.py)
             context["compute"] = cfg.compute.key_context()
         key = artifact_key(name, stage.version, params.key_params(), cfg.seed, inputs, prior, context)
         keys[name] = key
@@ -123,7 +128,16 @@ def plan(cfg, prompt: str, registry, store: ArtifactStore, force_from: str | Non
     return planned
 
 
-def execute(cfg, prompt: str, step: PlannedStage, registry, store: ArtifactStore, stage_log: logging.Logger | None = None, progress_hooks=None, show_progress: bool = True) -> StageResult:
+def execute(
+    cfg,
+    prompt: str,
+    step: PlannedStage,
+    registry,
+    store: ArtifactStore,
+    stage_log: logging.Logger | None = None,
+    progress_hooks=None,
+    show_progress: bool = True,
+) -> StageResult:
     """Run one planned stage (or reuse it): inputs verified, output committed atomically.
 
     Its lines go to the console (the `t3d` logger) and, when given, to `stage_log` too (the
@@ -133,7 +147,9 @@ def execute(cfg, prompt: str, step: PlannedStage, registry, store: ArtifactStore
 
     def result(state: str) -> StageResult:
         art = store.get(step.key)
-        return StageResult(step.name, step.key, state, time.perf_counter() - started, str(art.path), art.manifest.get("metrics", {}))
+        return StageResult(
+            step.name, step.key, state, time.perf_counter() - started, str(art.path), art.manifest.get("metrics", {})
+        )
 
     if not step.needs_run:
         stage_log.info("%s: cached (%s)", step.name, short_id(step.key))
@@ -159,6 +175,7 @@ class _Mirror(logging.LoggerAdapter):
         super().log(level, msg, *args, **kwargs)
         self.other.log(level, msg, *args, **kwargs)
 
+
 def _compute(cfg, prompt, step, registry, store, stage_log, progress_hooks, show_progress) -> None:
     if step.status.startswith("corrupt"):
         stage_log.warning("%s: existing artifact rejected (%s); recomputing", step.name, step.status)
@@ -167,7 +184,11 @@ def _compute(cfg, prompt, step, registry, store, stage_log, progress_hooks, show
     try:
         inputs = {dep: store.get(key).path for dep, key in step.inputs.items()}
     except ArtifactCorrupt as exc:
-        raise StageFailed(step.name, step.key, RuntimeError(f"upstream artifact unusable: {exc}; re-run with --from {next(iter(step.inputs))}")) from exc
+        raise StageFailed(
+            step.name,
+            step.key,
+            RuntimeError(f"upstream artifact unusable: {exc}; re-run with --from {next(iter(step.inputs))}"),
+        ) from exc
     checkpoints = store.checkpoint_dir(step.key)
     if step.forced and step.status == "complete":
         shutil.rmtree(checkpoints, ignore_errors=True)
@@ -221,7 +242,17 @@ def _compute(cfg, prompt, step, registry, store, stage_log, progress_hooks, show
         raise StageFailed(step.name, step.key, exc) from exc
 
 
-def record(store: ArtifactStore, run_id: str, cfg, prompt: str, flow_file: str | None, planned: list[PlannedStage], state: str, results: list[StageResult] | None = None, error: str | None = None) -> None:
+def record(
+    store: ArtifactStore,
+    run_id: str,
+    cfg,
+    prompt: str,
+    flow_file: str | None,
+    planned: list[PlannedStage],
+    state: str,
+    results: list[StageResult] | None = None,
+    error: str | None = None,
+) -> None:
     store.record_run(
         run_id,
         {

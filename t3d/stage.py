@@ -10,20 +10,21 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import logging
+import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from t3d.render.cameras import CameraParams
 from t3d.priors.compute import ComputeParams
+from t3d.render.cameras import CameraParams
 from t3d.store import apply_umask
 
 _log = logging.getLogger("t3d.stage")
@@ -68,10 +69,12 @@ class Stage:
     version: str  # bump when the output for the same params would change
     params: type[StageParams]
     inputs: tuple[str, ...]  # upstream stages whose artifacts this one reads
-    run: Callable[["StageContext"], None]
+    run: Callable[[StageContext], None]
     optional_inputs: tuple[str, ...] = ()  # read when enabled in the flow (e.g. refine's field over coarse's)
     uses_prompt: bool = False  # True: the prompt text itself is part of the key (encode_prompt)
-    uses_prior: bool = True  # False: never runs the prior, so compute: options that change results stay out of its key (export)
+    uses_prior: bool = (
+        True  # False: never runs the prior, so compute: options that change results stay out of its key (export)
+    )
     description: str = ""
 
 
@@ -127,14 +130,23 @@ class StageContext:
         """Yields update(n=1, **postfix): a tqdm bar on a terminal, plus any registered hooks."""
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, initial=initial, desc=description or self.stage, disable=None if self.show_progress else True, leave=False, dynamic_ncols=True)
+        bar = tqdm(
+            total=total,
+            initial=initial,
+            desc=description or self.stage,
+            disable=None if self.show_progress else True,
+            leave=False,
+            dynamic_ncols=True,
+        )
         state = {"step": initial}
 
         def update(n: int = 1, **postfix: Any) -> None:
             state["step"] += n
             bar.update(n)
             if postfix:
-                bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()}, refresh=False)
+                bar.set_postfix(
+                    {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()}, refresh=False
+                )
             for hook in self.progress_hooks:
                 hook(self.stage, state["step"], total, postfix)
 
@@ -155,7 +167,13 @@ class StageContext:
             try:
                 self.checkpoint_sync()
             except Exception as exc:  # the local checkpoint still exists; the next one retries
-                self.log.warning("%s: could not copy the step-%d checkpoint into the store: %s: %s", self.stage, step, type(exc).__name__, exc)
+                self.log.warning(
+                    "%s: could not copy the step-%d checkpoint into the store: %s: %s",
+                    self.stage,
+                    step,
+                    type(exc).__name__,
+                    exc,
+                )
 
     def load_checkpoint(self) -> tuple[int, dict[str, torch.Tensor], dict] | None:
         return load_checkpoint(self.checkpoint_dir, self.log)
@@ -172,7 +190,9 @@ def _cached_prior(loader, source: str, device: str, compute: ComputeParams | Non
     if key not in _prior_cache:
         for old in [k for k in _prior_cache if k[:2] == key[:2]]:
             del _prior_cache[old]
-        _prior_cache[key] = loader(source, device=device) if compute is None else loader(source, device=device, compute=compute)
+        _prior_cache[key] = (
+            loader(source, device=device) if compute is None else loader(source, device=device, compute=compute)
+        )
     return _prior_cache[key]
 
 
@@ -188,7 +208,9 @@ def divergence(history: list[dict], p: RecoveryParams) -> str | None:
     return None
 
 
-def optimise(ctx: "StageContext", trainer: Any, steps: int, checkpoint_every: int, label: str, postfix: Callable[[dict], dict]) -> None:
+def optimise(
+    ctx: StageContext, trainer: Any, steps: int, checkpoint_every: int, label: str, postfix: Callable[[dict], dict]
+) -> None:
     """Step `trainer` to `steps`, checkpointing, and heal divergence: roll back to the last good
     checkpoint (or the start), draw a new noise stream, scale the learning rates by
     recovery.lr_factor, retry up to recovery.retries times. Each retry lands in the manifest's
@@ -211,7 +233,10 @@ def optimise(ctx: "StageContext", trainer: Any, steps: int, checkpoint_every: in
                 continue
             if len(recoveries) >= p.retries:
                 ctx.metrics["recoveries"] = recoveries
-                raise FloatingPointError(f"{ctx.stage}: {problem} at step {rec['step']}, also after {len(recoveries)} retries; lower the learning rates or guidance_scale")
+                raise FloatingPointError(
+                    f"{ctx.stage}: {problem} at step {rec['step']}, also after {len(recoveries)} retries; "
+                    "lower the learning rates or guidance_scale"
+                )
             before = trainer.step_idx
             good = ctx.load_checkpoint() or start
             trainer.load_state(*good)
@@ -220,8 +245,24 @@ def optimise(ctx: "StageContext", trainer: Any, steps: int, checkpoint_every: in
             if hasattr(trainer, "rand"):
                 trainer.rand.seed(int(ctx.seed) * 31 + attempt)
             _scale_learning_rates(trainer, p.lr_factor)
-            recoveries.append({"step": int(rec["step"]), "reason": problem, "rolled_back_to": int(good[0]), "lr_scale": round(p.lr_factor**attempt, 6)})
-            ctx.log.warning("%s: %s at step %d; rolled back to step %d, retry %d of %d with learning rates x%g", ctx.stage, problem, rec["step"], good[0], attempt, p.retries, p.lr_factor**attempt)
+            recoveries.append(
+                {
+                    "step": int(rec["step"]),
+                    "reason": problem,
+                    "rolled_back_to": int(good[0]),
+                    "lr_scale": round(p.lr_factor**attempt, 6),
+                }
+            )
+            ctx.log.warning(
+                "%s: %s at step %d; rolled back to step %d, retry %d of %d with learning rates x%g",
+                ctx.stage,
+                problem,
+                rec["step"],
+                good[0],
+                attempt,
+                p.retries,
+                p.lr_factor**attempt,
+            )
             update(trainer.step_idx - before)
     if recoveries:
         ctx.metrics["recoveries"] = recoveries
@@ -229,7 +270,11 @@ def optimise(ctx: "StageContext", trainer: Any, steps: int, checkpoint_every: in
 
 def _snapshot(trainer: Any) -> tuple[int, dict[str, torch.Tensor], dict]:
     tensors, meta = trainer.state()
-    return trainer.step_idx, {k: v.detach().clone() for k, v in tensors.items()}, json.loads(json.dumps(meta, default=str))
+    return (
+        trainer.step_idx,
+        {k: v.detach().clone() for k, v in tensors.items()},
+        json.loads(json.dumps(meta, default=str)),
+    )
 
 
 def _scale_learning_rates(trainer: Any, factor: float) -> None:
@@ -255,7 +300,9 @@ def save_checkpoint(folder: Path, step: int, tensors: dict[str, torch.Tensor], m
     tmp_m.replace(folder / "state.json")
 
 
-def load_checkpoint(folder: Path, log: logging.Logger | None = None) -> tuple[int, dict[str, torch.Tensor], dict] | None:
+def load_checkpoint(
+    folder: Path, log: logging.Logger | None = None
+) -> tuple[int, dict[str, torch.Tensor], dict] | None:
     """(step, tensors, meta), or None when there is no usable checkpoint.
 
     A truncated or corrupt checkpoint (unreadable JSON or safetensors) is logged in one line,
@@ -273,8 +320,19 @@ def load_checkpoint(folder: Path, log: logging.Logger | None = None) -> tuple[in
             raise ValueError("meta is not an object")
         current = t
         tensors = load_file(str(t))
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
-        (log or _log).warning("checkpoint %s is unreadable (%s: %s); deleting it and starting the stage over", current, type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+        SafetensorError,
+    ) as exc:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
+        (log or _log).warning(
+            "checkpoint %s is unreadable (%s: %s); deleting it and starting the stage over",
+            current,
+            type(exc).__name__,
+            str(exc).splitlines()[0][:200] if str(exc) else "",
+        )
         for path in (t, m):
             path.unlink(missing_ok=True)
         return None
@@ -284,7 +342,8 @@ def load_checkpoint(folder: Path, log: logging.Logger | None = None) -> tuple[in
 
 
 def decay_learning_rates(optimizer: torch.optim.Optimizer, end_factor: float, step: int, steps: int) -> None:
-    """Exponential decay from each group's base_lr to end_factor x base_lr at the last step (derived from the step, so resume needs no scheduler state)."""
+    """Exponential decay from each group's base_lr to end_factor x base_lr at the last step
+    (derived from the step, so resume needs no scheduler state)."""
     decay = end_factor ** (step / max(steps - 1, 1))
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * decay
@@ -303,7 +362,9 @@ def flatten_optimizer(optimizer: torch.optim.Optimizer, prefix: str = "opt") -> 
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict, prefix: str = "opt") -> None:
+def restore_optimizer(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict, prefix: str = "opt"
+) -> None:
     state: dict[int, dict] = {}
     for name, value in tensors.items():
         if name.startswith(prefix + "."):

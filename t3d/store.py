@@ -32,14 +32,15 @@ import logging
 import os
 import re
 import shutil
-import stat
 import socket
+import stat
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -126,7 +127,9 @@ def check_manifest(key: str, manifest: Any) -> dict[str, str]:
         if not isinstance(digest, str) or not _SHA256_RE.match(digest):
             raise ArtifactCorrupt(f"{key}: manifest entry {rel!r} has no valid sha256 ({str(digest)[:20]!r})")
     if "file_count" in manifest and manifest["file_count"] != len(files):
-        raise ArtifactCorrupt(f"{key}: manifest lists {len(files)} files but file_count says {manifest['file_count']!r}")
+        raise ArtifactCorrupt(
+            f"{key}: manifest lists {len(files)} files but file_count says {manifest['file_count']!r}"
+        )
     if "files_digest" in manifest and manifest["files_digest"] != files_digest(files):
         raise ArtifactCorrupt(f"{key}: manifest's file list does not match its files_digest (edited manifest?)")
     return files
@@ -197,7 +200,9 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
-def artifact_key(stage: str, version: str, params: dict, seed: int, inputs: dict[str, str], prior: str, context: dict | None = None) -> str:
+def artifact_key(
+    stage: str, version: str, params: dict, seed: int, inputs: dict[str, str], prior: str, context: dict | None = None
+) -> str:
     """Same (stage, version, params, seed, upstream keys, prior, context) -> same key -> same artifact."""
     payload = {
         "stage": stage,
@@ -361,7 +366,12 @@ class ArtifactStore:
         except FileNotFoundError:
             return False
         index = json.loads(raw)
-        if not isinstance(index, dict) or index.get("key") != key or not isinstance(index.get("files"), dict) or not index["files"]:
+        if (
+            not isinstance(index, dict)
+            or index.get("key") != key
+            or not isinstance(index.get("files"), dict)
+            or not index["files"]
+        ):
             raise ArtifactCorrupt(f"{key}: checkpoint index.json is malformed")
         files: dict = index["files"]
         for rel, digest in files.items():
@@ -503,7 +513,14 @@ class ArtifactStore:
                 files[rel] = sha256_file(path)
             if not files:
                 raise ValueError(f"{key}: the stage wrote no files; an artifact needs at least one")
-            full = {**manifest, "key": key, "files": files, "file_count": len(files), "files_digest": files_digest(files), "committed": _now()}
+            full = {
+                **manifest,
+                "key": key,
+                "files": files,
+                "file_count": len(files),
+                "files_digest": files_digest(files),
+                "committed": _now(),
+            }
             (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True, default=str))
             apply_umask(tmp)
             self._commit(key, tmp)
@@ -566,8 +583,10 @@ class ArtifactStore:
                     self.fs.rm(probe)
             if not self._exclusive:
                 log.warning(
-                    "%s has no exclusive create: claims fall back to write, wait %.1fs, read back (safe only while writes land within that time)",
-                    self.uri, self.CLAIM_SETTLE_S,
+                    "%s has no exclusive create: claims fall back to write, wait %.1fs, read back (safe only "
+                    "while writes land within that time)",
+                    self.uri,
+                    self.CLAIM_SETTLE_S,
                 )
         return self._exclusive
 
@@ -641,7 +660,9 @@ class ArtifactStore:
         return self.fs.exists(self._lock(key)) and not self._lock_is_stale(key, stale_s)
 
     @contextlib.contextmanager
-    def claim(self, key: str, poll_s: float = 0.5, stale_s: float = 120.0, timeout_s: float | None = None) -> Iterator[bool]:
+    def claim(
+        self, key: str, poll_s: float = 0.5, stale_s: float = 120.0, timeout_s: float | None = None
+    ) -> Iterator[bool]:
         """Hold the right to compute `key`. Yields True to compute, False if another writer finished it.
 
         A second run needing the same missing artifact waits for the first instead of writing it
@@ -662,7 +683,9 @@ class ArtifactStore:
                         self.fs.rm(self._lock(key))
                 continue
             if timeout_s is not None and time.monotonic() - started > timeout_s:
-                raise TimeoutError(f"{key} is being computed by another run (lock {self._lock(key)}); waited {timeout_s:.0f}s")
+                raise TimeoutError(
+                    f"{key} is being computed by another run (lock {self._lock(key)}); waited {timeout_s:.0f}s"
+                )
             time.sleep(poll_s)
         stop = threading.Event()
 
@@ -702,7 +725,10 @@ class ArtifactStore:
                     if not isinstance(record, dict) or not isinstance(record.get("stages", {}), dict):
                         raise ValueError("not a run record")
                 except (OSError, ValueError, UnicodeDecodeError) as exc:
-                    message = f"run record {p} is unreadable ({type(exc).__name__}: {str(exc)[:80]}); delete it or re-run its flow"
+                    message = (
+                        f"run record {p} is unreadable ({type(exc).__name__}: {str(exc)[:80]}); "
+                        "delete it or re-run its flow"
+                    )
                     if strict:
                         raise StoreError(message) from None
                     log.warning("%s", message)

@@ -11,7 +11,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("T3D_TORCH_THREADS", "1")
 
-import torch  # noqa: E402  (after the thread settings above)
+import torch
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 

@@ -41,7 +41,21 @@ def test_batch_isolates_failures_and_resumes(tmp_path):
         "PYTHONPATH": str(Path(__file__).parents[1]),
     }
     env.pop("PREFECT_API_URL", None)
-    cmd = [sys.executable, "-m", "t3d.cli.main", "batch", str(prompts), "--flow", str(flow), "-j", "2", "--summary", str(tmp_path / "sum"), "--data", str(tmp_path / "prefect")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "t3d.cli.main",
+        "batch",
+        str(prompts),
+        "--flow",
+        str(flow),
+        "-j",
+        "2",
+        "--summary",
+        str(tmp_path / "sum"),
+        "--data",
+        str(tmp_path / "prefect"),
+    ]
     first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert first.returncode == 1, first.stdout + first.stderr
     rows = {r["prompt"]: r for r in json.loads((tmp_path / "sum.json").read_text())}

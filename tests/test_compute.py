@@ -86,10 +86,21 @@ def test_precision_enters_only_the_keys_of_stages_that_run_the_prior(registry, t
     export = planned["export"]
     assert not registry["export"].uses_prior
     prior = runner.prior_identity(cfg.prior)
-    expected = artifact_key("export", registry["export"].version, cfg.stages.export.key_params(), cfg.seed, export.inputs, prior, {"camera": cfg.camera.model_dump(mode="json")})
+    expected = artifact_key(
+        "export",
+        registry["export"].version,
+        cfg.stages.export.key_params(),
+        cfg.seed,
+        export.inputs,
+        prior,
+        {"camera": cfg.camera.model_dump(mode="json")},
+    )
     assert export.key == expected
     # each explicit precision is its own key; tiled VAE changes results, so it is keyed too
-    others = [_keys({**TINY_FLOW, "compute": {"precision": p}}, registry, tmp_path)["encode_prompt"] for p in ("fp32", "fp16", "bf16")]
+    others = [
+        _keys({**TINY_FLOW, "compute": {"precision": p}}, registry, tmp_path)["encode_prompt"]
+        for p in ("fp32", "fp16", "bf16")
+    ]
     assert len(set(others) | {TINY_KEYS["encode_prompt"]}) == 4
     tiled = _keys({**LATENT_FLOW, "compute": {"vae": "tiled"}}, registry, tmp_path)
     assert tiled["encode_prompt"] != LATENT_KEYS["encode_prompt"]
@@ -195,7 +206,9 @@ def test_half_precision_is_close_to_fp32(source, precision, bound, default_grads
 
 
 def test_explicit_fp32_is_auto_on_a_cpu(default_grads):
-    assert torch.equal(sds_grad(load_prior("tiny-latent", compute=ComputeParams(precision="fp32"))), default_grads["tiny-latent"])
+    assert torch.equal(
+        sds_grad(load_prior("tiny-latent", compute=ComputeParams(precision="fp32"))), default_grads["tiny-latent"]
+    )
 
 
 def test_vsd_lora_copy_keeps_the_options():
@@ -220,7 +233,9 @@ def test_offload_is_a_recorded_no_op_on_a_cpu():
     assert prior.offload_device is None and prior.compute["offload"].startswith("none (the device is the CPU)")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: offload moves modules between the GPU and the CPU")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA: offload moves modules between the GPU and the CPU"
+)
 def test_offload_keeps_encoders_on_the_cpu_between_calls():
     prior = load_prior("tiny-latent", device="cuda", compute=ComputeParams(offload="encoders"))
     ref = load_prior("tiny-latent", device="cuda")
@@ -271,7 +286,10 @@ def test_compile_that_raises_at_once_falls_back(monkeypatch, caplog):
     assert sum("compute.compile" in r.getMessage() for r in caplog.records) == 1
 
 
-@pytest.mark.skipif(os.environ.get("T3D_TEST_COMPILE") != "1", reason="real torch.compile takes ~55 s of inductor on a CPU; set T3D_TEST_COMPILE=1")
+@pytest.mark.skipif(
+    os.environ.get("T3D_TEST_COMPILE") != "1",
+    reason="real torch.compile takes ~55 s of inductor on a CPU; set T3D_TEST_COMPILE=1",
+)
 def test_real_compile_matches_eager():
     prior, ref = load_prior("tiny-pixel", compute=ComputeParams(compile=True)), load_prior("tiny-pixel")
     x, t = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([300, 600])
@@ -303,8 +321,18 @@ def test_stage_context_loads_with_the_flow_options_and_records_them(monkeypatch,
 
     monkeypatch.setattr(stage, "_prior_cache", {})
     ctx = stage.StageContext(
-        stage="encode_prompt", key="k", params=None, seed=0, prompt="a", negative_prompt="", prior_source="tiny-latent",
-        device=torch.device("cpu"), inputs={}, out=tmp_path, checkpoint_dir=tmp_path / "ckpt", compute=ComputeParams(vae="sliced", precision="bf16"),
+        stage="encode_prompt",
+        key="k",
+        params=None,
+        seed=0,
+        prompt="a",
+        negative_prompt="",
+        prior_source="tiny-latent",
+        device=torch.device("cpu"),
+        inputs={},
+        out=tmp_path,
+        checkpoint_dir=tmp_path / "ckpt",
+        compute=ComputeParams(vae="sliced", precision="bf16"),
     )
     prior = ctx.load_prior()
     assert prior.dtype == torch.bfloat16 and prior.vae.use_slicing
@@ -319,7 +347,9 @@ def test_doctor_recommends_a_profile_from_free_gpu_memory():
     assert recommend_profile(None).startswith("no GPU: compute: options other than precision do nothing useful here")
     assert "defaults" in recommend_profile(40 * gib) and "low-memory" not in recommend_profile(40 * gib)
     assert "profile: low-memory" in recommend_profile(12 * gib) and "may not fit" not in recommend_profile(12 * gib)
-    assert "profile: low-memory" in recommend_profile(6 * gib) and "SD 2.1 at 512 px may not fit" in recommend_profile(6 * gib)
+    assert "profile: low-memory" in recommend_profile(6 * gib) and "SD 2.1 at 512 px may not fit" in recommend_profile(
+        6 * gib
+    )
 
 
 def test_doctor_names_the_install_command_of_each_missing_piece(monkeypatch):
@@ -333,7 +363,10 @@ def test_doctor_names_the_install_command_of_each_missing_piece(monkeypatch):
         assert rows["compute profile"][1].startswith("no GPU")
         if torch.version.cuda is None:
             assert "T3D_CUDA=1 bash scripts/install.sh" in rows["CUDA"][1]
-    for lib, command in (("nvdiffrast", "pip install diffrp-nvdiffrast"), ("tinycudann", "tiny-cuda-nn/#subdirectory=bindings/torch")):
+    for lib, command in (
+        ("nvdiffrast", "pip install diffrp-nvdiffrast"),
+        ("tinycudann", "tiny-cuda-nn/#subdirectory=bindings/torch"),
+    ):
         ok, detail = rows[lib]
         assert ok or command in detail, detail
     monkeypatch.setattr(doctor, "_try", lambda fn: (False, "ModuleNotFoundError: no module"))

@@ -35,7 +35,9 @@ def test_good_flow_loads_with_defaults(tmp_path):
 
 
 def test_set_overrides_parse_as_yaml(tmp_path):
-    cfg = load_config(write(tmp_path, GOOD), ["seed=7", "stages.encode_prompt.views=[side]", "negative_prompt=blurry"], registry=REG)
+    cfg = load_config(
+        write(tmp_path, GOOD), ["seed=7", "stages.encode_prompt.views=[side]", "negative_prompt=blurry"], registry=REG
+    )
     assert cfg.seed == 7 and cfg.stages.encode_prompt.views == ["side"] and cfg.negative_prompt == "blurry"
 
 
@@ -58,16 +60,32 @@ MALFORMED = [
     ("prompt: a red cube\nseed: -1\n", [], ["'seed'", "greater than or equal to 0"]),
     ("prompt: a red cube\ndevice: tpu\n", [], ["'device'", "'auto', 'cpu' or 'cuda'"]),
     ("prompt: a red cube\nstages:\n  encod_prompt: {}\n", [], ["stages.encod_prompt", "did you mean 'encode_prompt'"]),
-    ("prompt: a red cube\nstages:\n  encode_prompt:\n    veiws: [front]\n", [], ["stages.encode_prompt.veiws", "did you mean 'views'"]),
-    ("prompt: a red cube\nstages:\n  encode_prompt:\n    views: [top]\n", [], ["stages.encode_prompt.views", "unknown view", "top"]),
+    (
+        "prompt: a red cube\nstages:\n  encode_prompt:\n    veiws: [front]\n",
+        [],
+        ["stages.encode_prompt.veiws", "did you mean 'views'"],
+    ),
+    (
+        "prompt: a red cube\nstages:\n  encode_prompt:\n    views: [top]\n",
+        [],
+        ["stages.encode_prompt.views", "unknown view", "top"],
+    ),
     ("prompt: a red cube\nstages:\n  encode_prompt:\n    views: front\n", [], ["stages.encode_prompt.views", "list"]),
-    ("prompt: a red cube\nstages:\n  encode_prompt:\n    enabled: maybe\n", [], ["stages.encode_prompt.enabled", "boolean"]),
+    (
+        "prompt: a red cube\nstages:\n  encode_prompt:\n    enabled: maybe\n",
+        [],
+        ["stages.encode_prompt.enabled", "boolean"],
+    ),
     ("prompt: a red cube\nstages: [encode_prompt]\n", [], ["'stages'"]),
     ("prompt: a red cube\ncamera:\n  fov_deg: 200\n", [], ["camera.fov_deg", "less than 180"]),
     ("prompt: a red cube\ncamera:\n  radus: 2\n", [], ["camera.radus", "did you mean 'radius'"]),
     ("prompt: a red cube\nseed: [1, 2]\n", [], ["'seed'"]),
     ("- a red cube\n- a blue cone\n", [], ["top level must be a mapping"]),
-    ("prompt: a red cube\n", ["stages.encode_prompt.viewz=[front]"], ["stages.encode_prompt.viewz", "did you mean 'views'"]),
+    (
+        "prompt: a red cube\n",
+        ["stages.encode_prompt.viewz=[front]"],
+        ["stages.encode_prompt.viewz", "did you mean 'views'"],
+    ),
     ("prompt: a red cube\n", ["seed=x1"], ["'seed'", "'x1'"]),
     ("prompt: a red cube\n", ["prompt.text=x"], ["--set prompt.text=x", "prompt is a value"]),
     ("prompt: a red cube\n", ["seed"], ["--set 'seed'", "KEY=VALUE"]),

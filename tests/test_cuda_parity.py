@@ -15,15 +15,37 @@ import numpy as np
 import pytest
 import torch
 
-from t3d.render.cameras import make_cameras
 from t3d.fields.hashgrid import DEFAULT_CPU_CONFIG, TcnnHashGrid, TorchHashGrid, make_hash_grid, n_params
-from t3d.render.raster import TorchRasterContext, antialias, interpolate, make_raster_context, mvp_matrices, rasterize, texture
+from t3d.render.cameras import make_cameras
+from t3d.render.raster import (
+    TorchRasterContext,
+    antialias,
+    interpolate,
+    make_raster_context,
+    mvp_matrices,
+    rasterize,
+    texture,
+)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 # The GPU config of bench/sds_step.py --sd21 (Instant-NGP's): 16 levels, 2^19 entries per level.
-GPU_GRID = {"otype": "HashGrid", "n_levels": 16, "n_features_per_level": 2, "log2_hashmap_size": 19, "base_resolution": 16, "per_level_scale": 1.447269237440378}
-SMALL_GRID = {"otype": "HashGrid", "n_levels": 4, "n_features_per_level": 4, "log2_hashmap_size": 12, "base_resolution": 4, "per_level_scale": 2.0}
+GPU_GRID = {
+    "otype": "HashGrid",
+    "n_levels": 16,
+    "n_features_per_level": 2,
+    "log2_hashmap_size": 19,
+    "base_resolution": 16,
+    "per_level_scale": 1.447269237440378,
+}
+SMALL_GRID = {
+    "otype": "HashGrid",
+    "n_levels": 4,
+    "n_features_per_level": 4,
+    "log2_hashmap_size": 12,
+    "base_resolution": 4,
+    "per_level_scale": 2.0,
+}
 
 
 def report(name: str, **numbers) -> None:
@@ -180,7 +202,9 @@ def tcnn():
     return tinycudann
 
 
-@pytest.mark.parametrize("name,config", [("cpu_default", DEFAULT_CPU_CONFIG), ("small_f4", SMALL_GRID), ("gpu_sd21", GPU_GRID)])
+@pytest.mark.parametrize(
+    "name,config", [("cpu_default", DEFAULT_CPU_CONFIG), ("small_f4", SMALL_GRID), ("gpu_sd21", GPU_GRID)]
+)
 def test_tcnn_hashgrid_matches_torch_twin(tcnn, name, config):
     torch.manual_seed(0)
     twin = TorchHashGrid(3, config).cuda()
@@ -251,5 +275,7 @@ def test_twin_speed_against_tcnn(tcnn):
         end.record()
         torch.cuda.synchronize()
         times[f"{key}_fwd_bwd_ms"] = start.elapsed_time(end) / 5
-    report("hashgrid_speed_262k_points", **times, speedup=times["torch_fwd_bwd_ms"] / max(times["tcnn_fwd_bwd_ms"], 1e-9))
+    report(
+        "hashgrid_speed_262k_points", **times, speedup=times["torch_fwd_bwd_ms"] / max(times["tcnn_fwd_bwd_ms"], 1e-9)
+    )
     assert np.isfinite(list(times.values())).all()

@@ -59,7 +59,7 @@ def test_marching_tets_empty_and_gradient_sign(grid):
     g = sdf.grad
     # raising the SDF anywhere near the surface moves it inward: the volume can only shrink
     assert (g <= 1e-9).all() and (g < 0).sum() > 100
-    near = ((verts.norm(dim=-1) - 0.5).abs() < SPACING[0])
+    near = (verts.norm(dim=-1) - 0.5).abs() < SPACING[0]
     assert (g[~near] == 0).all() or (g[~near].abs().max() < g[near].abs().max())
 
 
@@ -116,8 +116,16 @@ def test_extract_mesh_stage_refines_geometry_and_resumes(tmp_path):
     enc.run(ectx)
     stage = reg["extract_mesh"]
     params = stage.params(
-        resolution=32, texture_size=64, max_faces=1500, preview_size=32, preview_frames=4,
-        geometry_steps=4, geometry_resolution=24, geometry_render_size=32, geometry_batch_size=1, checkpoint_every=2,
+        resolution=32,
+        texture_size=64,
+        max_faces=1500,
+        preview_size=32,
+        preview_frames=4,
+        geometry_steps=4,
+        geometry_resolution=24,
+        geometry_render_size=32,
+        geometry_batch_size=1,
+        checkpoint_every=2,
     )
     ctx = _ctx(stage, params, {"coarse": coarse, "encode_prompt": ectx.out}, tmp_path / "mesh")
     stage.run(ctx)

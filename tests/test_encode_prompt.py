@@ -13,7 +13,9 @@ from t3d.stages.encode_prompt import load_embeddings
 
 def test_encode_prompt_writes_view_embeddings_and_is_cached(tmp_path, monkeypatch):
     reg = StageRegistry([default_registry()["encode_prompt"]])
-    cfg = validate({"prompt": "a red cube", "negative_prompt": "blurry", "prior": "tiny-pixel", "store": str(tmp_path)}, reg)
+    cfg = validate(
+        {"prompt": "a red cube", "negative_prompt": "blurry", "prior": "tiny-pixel", "store": str(tmp_path)}, reg
+    )
     first = run_prompt(cfg, cfg.prompt, reg, use_prefect=False, show_progress=False)
     assert first.state == "completed", first.error
     emb = load_embeddings(first.results[0].path)

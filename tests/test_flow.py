@@ -33,7 +33,9 @@ def calls(tmp_path, monkeypatch):
 
 
 def cfg_for(tmp_path, prior, **stages):
-    return validate({"prompt": "a red cube", "seed": 1, "store": str(tmp_path / "store"), "prior": prior, "stages": stages}, REG)
+    return validate(
+        {"prompt": "a red cube", "seed": 1, "store": str(tmp_path / "store"), "prior": prior, "stages": stages}, REG
+    )
 
 
 def value_of(result, stage):
@@ -83,7 +85,9 @@ def test_editing_only_last_params_reruns_only_last(tmp_path, calls, identity_pri
     result = run_prompt(edited, edited.prompt, REG, use_prefect=False, show_progress=False)
     assert calls() == ["c"] and value_of(result, "c") == 13
     other_prompt = run_prompt(cfg, "a blue cone", REG, use_prefect=False, show_progress=False)
-    assert [r.state for r in other_prompt.results] == ["computed"] * 3, "the prompt is in the first key, so everything downstream changes"
+    assert [r.state for r in other_prompt.results] == ["computed"] * 3, (
+        "the prompt is in the first key, so everything downstream changes"
+    )
 
 
 def test_tampered_upstream_is_recomputed(tmp_path, calls, identity_prior):
@@ -103,21 +107,30 @@ def test_disabled_dependency_is_a_clear_error(tmp_path, identity_prior):
 
 
 def _cli(args, env, cwd):
-    return subprocess.run([sys.executable, "-m", "t3d.cli.main", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "t3d.cli.main", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600
+    )
 
 
 @pytest.mark.slow
 def test_cli_exit_codes_and_prefect_temporary_server(tmp_path, identity_prior):
     """The user's path: `t3d run` against Prefect's temporary server; exit 1, then 0, then 2."""
     flow = tmp_path / "flow.yaml"
-    flow.write_text(textwrap.dedent(f"""
+    flow.write_text(
+        textwrap.dedent(f"""
         prompt: a red cube
         prior: {identity_prior}
         store: ./store
-        """))
+        """)
+    )
     marker = tmp_path / "fail-once"
     marker.write_text("")
-    env = {**os.environ, "T3D_STAGE_REGISTRY": "tests.flowstages:REGISTRY", "T3D_TEST_FAIL_ONCE": str(marker), "PYTHONPATH": str(Path(__file__).parents[1])}
+    env = {
+        **os.environ,
+        "T3D_STAGE_REGISTRY": "tests.flowstages:REGISTRY",
+        "T3D_TEST_FAIL_ONCE": str(marker),
+        "PYTHONPATH": str(Path(__file__).parents[1]),
+    }
     env.pop("PREFECT_API_URL", None)
     failed = _cli(["run", str(flow)], env, tmp_path)
     assert failed.returncode == 1, failed.stdout + failed.stderr

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from t3d.render.cameras import CameraParams, sample_cameras
+from t3d.fields.nerf import FieldParams, NeRFField
 from t3d.guidance.sds import (
     anneal_t_range,
     emptiness_loss,
@@ -20,11 +20,18 @@ from t3d.guidance.sds import (
     sds_weight,
     sjc_loss,
 )
-from t3d.fields.nerf import FieldParams, NeRFField
 from t3d.priors import build_tiny_prior
+from t3d.render.cameras import CameraParams, sample_cameras
 from t3d.render.volume import render
 
-SMALL_GRID = {"otype": "HashGrid", "n_levels": 4, "n_features_per_level": 2, "log2_hashmap_size": 12, "base_resolution": 8, "per_level_scale": 1.6}
+SMALL_GRID = {
+    "otype": "HashGrid",
+    "n_levels": 4,
+    "n_features_per_level": 2,
+    "log2_hashmap_size": 12,
+    "base_resolution": 8,
+    "per_level_scale": 1.6,
+}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +49,9 @@ def test_sds_gradient_reaches_field_not_unet(tiny):
         field = NeRFField(FieldParams(grid=SMALL_GRID))
         cams = sample_cameras(CameraParams(), 2, torch.Generator().manual_seed(0))
         out = render(field, cams, 16, n_samples=16, shading="lambertian", perturb=True)
-        loss, info = sds_loss(prior, out["rgb"], cond, uncond, guidance_scale=7.5, generator=torch.Generator().manual_seed(0))
+        loss, info = sds_loss(
+            prior, out["rgb"], cond, uncond, guidance_scale=7.5, generator=torch.Generator().manual_seed(0)
+        )
         loss.backward()
         assert field.encoding.params.grad.abs().sum() > 0 and field.mlp[0].weight.grad.abs().sum() > 0
         assert all(p.grad is None for p in prior.unet.parameters())
@@ -63,7 +72,9 @@ def test_sds_gradient_is_weighted_noise_residual(tiny):
     with torch.no_grad():
         x = rgb * 2 - 1
         a = prior.alphas_cumprod[t].view(-1, 1, 1, 1)
-        eps = prior.predict_noise(a.sqrt() * x + (1 - a).sqrt() * noise, t, cond.expand(2, -1, -1), uncond.expand(2, -1, -1), 5.0)
+        eps = prior.predict_noise(
+            a.sqrt() * x + (1 - a).sqrt() * noise, t, cond.expand(2, -1, -1), uncond.expand(2, -1, -1), 5.0
+        )
         expected = (1 - a) * (eps - noise) / 2 * 2  # d loss/dx = w (eps_hat - eps) / B; dx/drgb = 2
     torch.testing.assert_close(rgb.grad, expected, atol=1e-5, rtol=1e-4)
 
@@ -72,7 +83,9 @@ def test_sjc_shape_and_equivalence_to_uniform_sds(tiny):
     prior, cond, uncond = tiny
     rgb = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
     t = torch.tensor([50, 600])
-    loss, info = sjc_loss(prior, rgb, cond, uncond, guidance_scale=5.0, t=t, n_noise=1, generator=torch.Generator().manual_seed(7))
+    loss, info = sjc_loss(
+        prior, rgb, cond, uncond, guidance_scale=5.0, t=t, n_noise=1, generator=torch.Generator().manual_seed(7)
+    )
     loss.backward()
     g_sjc = rgb.grad.clone()
     assert g_sjc.shape == rgb.shape and torch.isfinite(g_sjc).all()
@@ -81,7 +94,16 @@ def test_sjc_shape_and_equivalence_to_uniform_sds(tiny):
     # With one noise draw the variance-reduced PAAS gradient (D - x)/sigma is eps_hat - eps:
     # SDS with uniform weighting on the same draw.
     rgb.grad = None
-    loss2, _ = sds_loss(prior, rgb, cond, uncond, guidance_scale=5.0, t=t, weighting="uniform", generator=torch.Generator().manual_seed(7))
+    loss2, _ = sds_loss(
+        prior,
+        rgb,
+        cond,
+        uncond,
+        guidance_scale=5.0,
+        t=t,
+        weighting="uniform",
+        generator=torch.Generator().manual_seed(7),
+    )
     loss2.backward()
     torch.testing.assert_close(g_sjc, rgb.grad, atol=1e-4, rtol=1e-4)
     # Averaging several draws lowers the variance of the gradient.
@@ -97,7 +119,9 @@ def test_dispatch_and_latent_prior():
     rgb = torch.rand(1, 3, 16, 16).requires_grad_(True)
     for method in ("sds", "sjc"):
         rgb.grad = None
-        loss, info = guidance_loss(method, prior, rgb, emb[:1], emb[1:], guidance_scale=3.0, grad_clip=1.0, n_noise=2, weighting="sds")
+        loss, info = guidance_loss(
+            method, prior, rgb, emb[:1], emb[1:], guidance_scale=3.0, grad_clip=1.0, n_noise=2, weighting="sds"
+        )
         loss.backward()
         assert rgb.grad.abs().sum() > 0 and torch.isfinite(rgb.grad).all()
     with pytest.raises(ValueError):
@@ -143,8 +167,8 @@ def test_short_sds_run_against_the_embedded_prior_improves_silhouette():
     """80 SDS steps (batch 2, 32 px) on "a red sphere": silhouette IoU vs the true primitive rises."""
     from t3d.priors import PriorNotFoundError, load_prior
     from t3d.stages.coarse import CoarseParams, CoarseTrainer
-    from t3d.toy.metrics import evaluate_field as evaluate_toy
     from t3d.stages.encode_prompt import PromptEmbeddings
+    from t3d.toy.metrics import evaluate_field as evaluate_toy
 
     try:
         prior = load_prior("embedded")
@@ -162,7 +186,10 @@ def test_short_sds_run_against_the_embedded_prior_improves_silhouette():
     while trainer.step_idx < p.steps:
         trainer.step()
     last = evaluate_toy(trainer.field, prompt, CameraParams(), n_views=4)
-    print(f"IoU {first['iou']:.3f} -> {last['iou']:.3f}, colour error {first['color_err']:.3f} -> {last['color_err']:.3f} in {time.time() - start:.1f} s")
+    print(
+        f"IoU {first['iou']:.3f} -> {last['iou']:.3f}, colour error {first['color_err']:.3f} -> "
+        f"{last['color_err']:.3f} in {time.time() - start:.1f} s"
+    )
     assert last["iou"] > first["iou"] and last["iou"] > 0.6
 
 
@@ -173,7 +200,17 @@ def test_coarse_trainer_checkpoint_resume_is_exact(tiny):
 
     prior, cond, uncond = tiny
     emb = PromptEmbeddings(cond, uncond, {"front": cond, "side": cond, "back": cond, "overhead": cond}, {})
-    p = CoarseParams(steps=4, resolution=8, n_samples=8, batch_size=1, occupancy_res=8, occupancy_every=2, albedo_warmup=0.25, lambda_orient=0.1, lambda_sparsity=0.01)
+    p = CoarseParams(
+        steps=4,
+        resolution=8,
+        n_samples=8,
+        batch_size=1,
+        occupancy_res=8,
+        occupancy_every=2,
+        albedo_warmup=0.25,
+        lambda_orient=0.1,
+        lambda_sparsity=0.01,
+    )
     p = p.model_copy(update={"field": p.field.model_copy(update={"grid": SMALL_GRID})})
     straight = CoarseTrainer(p, prior, emb, CameraParams(), "cpu", seed=3)
     for _ in range(4):
@@ -197,8 +234,8 @@ def test_guidance_scale_convention_is_diffusers_form_and_documented():
     from t3d.priors import build_tiny_prior
     from t3d.stages.coarse import CoarseParams
     from t3d.stages.extract_mesh import ExtractMeshParams
-    from t3d.stages.texture import TextureParams
     from t3d.stages.refine import RefineParams
+    from t3d.stages.texture import TextureParams
 
     prior = build_tiny_prior("pixel", seed=0, image_size=16)
     g = torch.Generator().manual_seed(0)
@@ -213,5 +250,10 @@ def test_guidance_scale_convention_is_diffusers_form_and_documented():
     threestudio_w = s - 1
     assert torch.allclose(ours, eps_c + threestudio_w * (eps_c - eps_u), atol=1e-5)
     assert not torch.allclose(ours, eps_c + s * (eps_c - eps_u), atol=1e-3)
-    for model, key in ((CoarseParams, "guidance_scale"), (RefineParams, "guidance_scale"), (TextureParams, "guidance_scale"), (ExtractMeshParams, "geometry_guidance_scale")):
+    for model, key in (
+        (CoarseParams, "guidance_scale"),
+        (RefineParams, "guidance_scale"),
+        (TextureParams, "guidance_scale"),
+        (ExtractMeshParams, "geometry_guidance_scale"),
+    ):
         assert CFG_CONVENTION in (model.model_fields[key].description or ""), model.__name__

@@ -11,7 +11,14 @@ from t3d.fields.hashgrid import DEFAULT_CPU_CONFIG, TorchHashGrid, level_layout,
 
 # Level 0: scale 3*1-1 = 2, resolution 3, 27 entries -> table 32 (multiple of 8): dense.
 # Level 1: scale 3*4-1 = 11, resolution 12, 1728 entries > 2^6: hashed, table 64.
-TINY = {"otype": "HashGrid", "n_levels": 2, "n_features_per_level": 1, "log2_hashmap_size": 6, "base_resolution": 3, "per_level_scale": 4.0}
+TINY = {
+    "otype": "HashGrid",
+    "n_levels": 2,
+    "n_features_per_level": 1,
+    "log2_hashmap_size": 6,
+    "base_resolution": 3,
+    "per_level_scale": 4.0,
+}
 
 
 def _grid_with_index_values(config=TINY) -> TorchHashGrid:
@@ -24,7 +31,7 @@ def _grid_with_index_values(config=TINY) -> TorchHashGrid:
 
 def test_tiny_layout_by_hand():
     lv = level_layout(TINY)
-    assert [(l["scale"], l["resolution"], l["size"], l["offset"], l["dense"]) for l in lv] == [
+    assert [(lvl["scale"], lvl["resolution"], lvl["size"], lvl["offset"], lvl["dense"]) for lvl in lv] == [
         (2.0, 3, 32, 0, True),
         (11.0, 12, 64, 32, False),
     ]
@@ -71,8 +78,14 @@ def _reference(grid: TorchHashGrid, x: torch.Tensor) -> torch.Tensor:
     primes = (1, 2654435761, 805459861)
     out = torch.zeros(x.shape[0], grid.n_output_dims, dtype=torch.float64)
     for i in range(x.shape[0]):
-        for l, lv in enumerate(grid.levels):
-            pos = [float(torch.tensor(x[i, d].item(), dtype=torch.float32) * torch.tensor(lv["scale"], dtype=torch.float32) + 0.5) for d in range(3)]
+        for li, lv in enumerate(grid.levels):
+            pos = [
+                float(
+                    torch.tensor(x[i, d].item(), dtype=torch.float32) * torch.tensor(lv["scale"], dtype=torch.float32)
+                    + 0.5
+                )
+                for d in range(3)
+            ]
             cell = [math.floor(p) for p in pos]
             frac = [p - c for p, c in zip(pos, cell)]
             for k in range(8):
@@ -85,12 +98,19 @@ def _reference(grid: TorchHashGrid, x: torch.Tensor) -> torch.Tensor:
                     for d in range(3):
                         index ^= (c[d] * primes[d]) % 2**32
                 row = lv["offset"] + index % lv["size"]
-                out[i, l * grid.n_features_per_level : (l + 1) * grid.n_features_per_level] += w * table[row]
+                out[i, li * grid.n_features_per_level : (li + 1) * grid.n_features_per_level] += w * table[row]
     return out
 
 
 def test_random_points_match_scalar_reference():
-    cfg = {"otype": "HashGrid", "n_levels": 4, "n_features_per_level": 2, "log2_hashmap_size": 9, "base_resolution": 4, "per_level_scale": 1.9}
+    cfg = {
+        "otype": "HashGrid",
+        "n_levels": 4,
+        "n_features_per_level": 2,
+        "log2_hashmap_size": 9,
+        "base_resolution": 4,
+        "per_level_scale": 1.9,
+    }
     grid = TorchHashGrid(3, cfg, seed=3)
     with torch.no_grad():
         grid.params.normal_(generator=torch.Generator().manual_seed(1))
@@ -115,8 +135,22 @@ def _tcnn_n_params(config: dict) -> int:
     "config",
     [
         DEFAULT_CPU_CONFIG,
-        {"otype": "HashGrid", "n_levels": 16, "n_features_per_level": 2, "log2_hashmap_size": 19, "base_resolution": 16, "per_level_scale": 1.447269237440378},
-        {"otype": "HashGrid", "n_levels": 5, "n_features_per_level": 4, "log2_hashmap_size": 12, "base_resolution": 3, "per_level_scale": 2.0},
+        {
+            "otype": "HashGrid",
+            "n_levels": 16,
+            "n_features_per_level": 2,
+            "log2_hashmap_size": 19,
+            "base_resolution": 16,
+            "per_level_scale": 1.447269237440378,
+        },
+        {
+            "otype": "HashGrid",
+            "n_levels": 5,
+            "n_features_per_level": 4,
+            "log2_hashmap_size": 12,
+            "base_resolution": 3,
+            "per_level_scale": 2.0,
+        },
     ],
 )
 def test_flat_parameter_count_matches_tinycudann_formula(config):
@@ -159,7 +193,9 @@ def test_gradients_reach_table_and_inputs():
     torch.testing.assert_close(grid.params.grad, table.grad)
     # Input gradient against central differences.
     eps = 1e-3
-    fd = torch.stack([((grid(x.detach() + e) - grid(x.detach() - e)) * v).sum(1) / (2 * eps) for e in torch.eye(3) * eps], 1)
+    fd = torch.stack(
+        [((grid(x.detach() + e) - grid(x.detach() - e)) * v).sum(1) / (2 * eps) for e in torch.eye(3) * eps], 1
+    )
     torch.testing.assert_close(x.grad, fd, atol=2e-2, rtol=2e-3)
 
 
@@ -195,7 +231,7 @@ def test_backend_switch_on_cpu():
 def test_tcnn_import_failure_is_handled():
     try:
         import tinycudann  # noqa: F401
-    except (ImportError, EnvironmentError, OSError):
+    except (ImportError, OSError):
         pass
     else:  # pragma: no cover - only on a CUDA machine with tinycudann
         pytest.skip("tinycudann is importable here")

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -37,7 +37,9 @@ def flow_with(extra: str, *sets: str) -> Callable[[Path], list[str]]:
     return setup
 
 
-def args(*argv: str, files: dict[str, bytes | str] | None = None, dirs: tuple[str, ...] = ()) -> Callable[[Path], list[str]]:
+def args(
+    *argv: str, files: dict[str, bytes | str] | None = None, dirs: tuple[str, ...] = ()
+) -> Callable[[Path], list[str]]:
     def setup(tmp: Path) -> list[str]:
         for d in dirs:
             (tmp / d).mkdir(parents=True, exist_ok=True)
@@ -76,7 +78,11 @@ def artifact_store(tamper: Callable[[Path, dict], None], command: str = "show") 
         manifest = json.loads(manifest_path.read_text())
         tamper(tmp / "store", manifest)
         manifest_path.write_text(json.dumps(manifest))
-        return [command, "0123456789", "--store", str(tmp / "store")] if command == "show" else [command, "--store", str(tmp / "store")]
+        return (
+            [command, "0123456789", "--store", str(tmp / "store")]
+            if command == "show"
+            else [command, "--store", str(tmp / "store")]
+        )
 
     return setup
 
@@ -125,7 +131,11 @@ CASES = [
     Case("empty prompt", flow("prompt: '  '\nprior: tiny-pixel\n"), ("prompt is empty",)),
     Case("prompt and prompts", flow("prompt: a\nprompts: [b]\nprior: tiny-pixel\n"), ("not both",)),
     Case("misspelt top-level key", flow(FLOW + "sed: 3\n"), ("unknown key 'sed'", "did you mean 'seed'")),
-    Case("misspelt stage key", flow_with("stages: {coarse: {stepz: 3}}\n"), ("stages.coarse.stepz", "did you mean 'steps'")),
+    Case(
+        "misspelt stage key",
+        flow_with("stages: {coarse: {stepz: 3}}\n"),
+        ("stages.coarse.stepz", "did you mean 'steps'"),
+    ),
     Case("unknown stage", flow_with("stages: {nosuch: {}}\n"), ("stages.nosuch",)),
     Case("seed not a number", flow_with("", "seed=abc"), ("'seed'",)),
     Case("negative seed", flow_with("", "seed=-1"), ("'seed'", "greater than or equal")),
@@ -136,31 +146,89 @@ CASES = [
     Case("name with a NUL byte", flow('prompt: a\nprior: tiny-pixel\nname: "a\\0b"\n'), ("'name'", "slug-safe")),
     Case("store empty", flow_with("", "store="), ("'store'", "is empty")),
     Case("store with an unknown protocol", flow_with("", "store=foo://bar"), ("'foo'", "Use a folder or one of")),
-    Case("store is a file", args("run", "flow.yaml", files={"flow.yaml": "prompt: a\nprior: tiny-pixel\nstore: ./afile\n", "afile": "x"}), ("is a file, not a folder",)),
-    Case("store under a file", args("run", "flow.yaml", files={"flow.yaml": "prompt: a\nprior: tiny-pixel\nstore: ./afile/store\n", "afile": "x"}), ("is a file, not a folder",)),
+    Case(
+        "store is a file",
+        args("run", "flow.yaml", files={"flow.yaml": "prompt: a\nprior: tiny-pixel\nstore: ./afile\n", "afile": "x"}),
+        ("is a file, not a folder",),
+    ),
+    Case(
+        "store under a file",
+        args(
+            "run",
+            "flow.yaml",
+            files={"flow.yaml": "prompt: a\nprior: tiny-pixel\nstore: ./afile/store\n", "afile": "x"},
+        ),
+        ("is a file, not a folder",),
+    ),
     Case("store with a NUL byte", flow('prompt: a\nprior: tiny-pixel\nstore: "a\\0b"\n'), ("'store'", "NUL")),
-    Case("executor with an unknown key", flow_with("executor: {pool: gpu, x: 1}\n"), ("executor.x", "Valid keys in executor: pool")),
+    Case(
+        "executor with an unknown key",
+        flow_with("executor: {pool: gpu, x: 1}\n"),
+        ("executor.x", "Valid keys in executor: pool"),
+    ),
     Case("executor pool with spaces", flow_with("executor: {pool: 'a b'}\n"), ("executor.pool",)),
     Case("t_range reversed", flow_with("", "stages.coarse.t_range=[0.9, 0.1]"), ("t_range", "low < high")),
     Case("t_range above 1", flow_with("", "stages.texture.t_range=[0.1, 1.5]"), ("t_range", "low < high")),
     Case("t_range not a pair", flow_with("", "stages.coarse.t_range=0.5"), ("t_range",)),
     Case("--set without =", flow_with("", "seed"), ("expected KEY=VALUE",)),
     Case("--set into a value", flow_with("", "prompt.x=1"), ("prompt is a value, not a section",)),
-    Case("--from unknown stage", lambda tmp: flow()(tmp) + ["--from", "nosuch"], ("--from nosuch", "not an enabled stage")),
-    Case("disabled stage that others need", flow_with("stages: {coarse: {enabled: false}}\n"), ("needs stage(s) coarse", "enabled: true")),
+    Case(
+        "--from unknown stage",
+        lambda tmp: flow()(tmp) + ["--from", "nosuch"],
+        ("--from nosuch", "not an enabled stage"),
+    ),
+    Case(
+        "disabled stage that others need",
+        flow_with("stages: {coarse: {enabled: false}}\n"),
+        ("needs stage(s) coarse", "enabled: true"),
+    ),
     # -- priors ----------------------------------------------------------------------------
     Case("missing prior folder", flow_with("", "prior=./no/such/prior"), ("'prior'", "does not exist")),
-    Case("prior is a file", args("run", "flow.yaml", files={"flow.yaml": "prompt: a\nprior: ./p.bin\n", "p.bin": "x"}), ("'prior'", "is a file")),
+    Case(
+        "prior is a file",
+        args("run", "flow.yaml", files={"flow.yaml": "prompt: a\nprior: ./p.bin\n", "p.bin": "x"}),
+        ("'prior'", "is a file"),
+    ),
     Case("prior folder that is no model", prior_folder(None, unet=False), ("not a diffusers model folder",)),
     Case("prior index not UTF-8", prior_folder(b"\xff\xfe\x00garbage"), ("model_index.json", "not UTF-8")),
     Case("prior index not JSON", prior_folder("{this is not json"), ("model_index.json", "not valid JSON")),
-    Case("prior index naming os.system", prior_folder('{"_class_name": "StableDiffusionPipeline", "text_encoder": ["os", "system"]}'), ("model_index.json", "os.system", "allowed")),
-    Case("prior index naming a planted module", prior_folder('{"_class_name": "StableDiffusionPipeline", "tokenizer": ["evil_module", "Tok"]}'), ("evil_module.Tok", "allowed")),
+    Case(
+        "prior index naming os.system",
+        prior_folder('{"_class_name": "StableDiffusionPipeline", "text_encoder": ["os", "system"]}'),
+        ("model_index.json", "os.system", "allowed"),
+    ),
+    Case(
+        "prior index naming a planted module",
+        prior_folder('{"_class_name": "StableDiffusionPipeline", "tokenizer": ["evil_module", "Tok"]}'),
+        ("evil_module.Tok", "allowed"),
+    ),
     # -- prompt files ----------------------------------------------------------------------
-    Case("batch: missing prompts file", args("batch", "nope.txt", "--flow", "flow.yaml", files={"flow.yaml": FLOW}), ("no such prompts file",)),
-    Case("batch: binary prompts file", args("batch", "p.txt", "--flow", "flow.yaml", files={"flow.yaml": FLOW, "p.txt": b"\x7fELF\x02\x01\x01\x00\x00\xff\xfe"}), ("p.txt",)),
-    Case("batch: only comments", args("batch", "p.txt", "--flow", "flow.yaml", files={"flow.yaml": FLOW, "p.txt": "# nothing\n\n"}), ("no prompts in the file",)),
-    Case("batch: bad base flow", args("batch", "p.txt", "--flow", "flow.yaml", files={"flow.yaml": "promt: x\n", "p.txt": "a red cube\n"}), ("did you mean 'prompt'",)),
+    Case(
+        "batch: missing prompts file",
+        args("batch", "nope.txt", "--flow", "flow.yaml", files={"flow.yaml": FLOW}),
+        ("no such prompts file",),
+    ),
+    Case(
+        "batch: binary prompts file",
+        args(
+            "batch",
+            "p.txt",
+            "--flow",
+            "flow.yaml",
+            files={"flow.yaml": FLOW, "p.txt": b"\x7fELF\x02\x01\x01\x00\x00\xff\xfe"},
+        ),
+        ("p.txt",),
+    ),
+    Case(
+        "batch: only comments",
+        args("batch", "p.txt", "--flow", "flow.yaml", files={"flow.yaml": FLOW, "p.txt": "# nothing\n\n"}),
+        ("no prompts in the file",),
+    ),
+    Case(
+        "batch: bad base flow",
+        args("batch", "p.txt", "--flow", "flow.yaml", files={"flow.yaml": "promt: x\n", "p.txt": "a red cube\n"}),
+        ("did you mean 'prompt'",),
+    ),
     # -- store commands --------------------------------------------------------------------
     Case("ls: mistyped store", args("ls", "--store", "artifactz"), ("no store at artifactz",)),
     Case("gc: mistyped store", args("gc", "--store", "artifactz"), ("no store at artifactz",)),
@@ -170,10 +238,19 @@ CASES = [
     Case("show: no such artifact", args("show", "beef", "--store", "store", dirs=("store/objects",)), ("no artifact",)),
     # -- damaged artifacts -----------------------------------------------------------------
     Case("manifest entry escaping with ..", artifact_store(_escape), ("corrupt", "../../../../escaped.txt"), code=1),
-    Case("manifest entry with an absolute path", artifact_store(_absolute), ("corrupt", "/tmp/t3d-hostile-abs.txt"), code=1),
+    Case(
+        "manifest entry with an absolute path",
+        artifact_store(_absolute),
+        ("corrupt", "/tmp/t3d-hostile-abs.txt"),
+        code=1,
+    ),
     Case("manifest emptied to files: {}", artifact_store(_emptied), ("corrupt",), code=1),
     Case("artifact file edited", artifact_store(_tampered), ("corrupt", "sha256"), code=1),
-    Case("gc with a corrupt run record", artifact_store(_corrupt_run_record, "gc"), ("gc stopped, nothing deleted", "broken.json")),
+    Case(
+        "gc with a corrupt run record",
+        artifact_store(_corrupt_run_record, "gc"),
+        ("gc stopped, nothing deleted", "broken.json"),
+    ),
 ]
 
 

@@ -50,7 +50,17 @@ def _wait_gone(data_dir: Path, seconds: float = 60) -> list[int]:
 def test_concurrent_runs_share_one_server_and_leave_nothing_running(tmp_path):
     flow = _flow(tmp_path)
     env = _env(tmp_path)
-    runs = [subprocess.Popen([*CLI, "run", str(flow), "--set", f"seed={s}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path) for s in (1, 2)]
+    runs = [
+        subprocess.Popen(
+            [*CLI, "run", str(flow), "--set", f"seed={s}"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+        )
+        for s in (1, 2)
+    ]
     outputs = [p.communicate(timeout=600) for p in runs]
     for p, (stdout, stderr) in zip(runs, outputs):
         assert p.returncode == 0, stdout + stderr
@@ -69,7 +79,9 @@ def test_concurrent_runs_share_one_server_and_leave_nothing_running(tmp_path):
 def test_kill_9_of_a_run_leaves_no_server_and_the_rerun_resumes(tmp_path):
     flow = _flow(tmp_path)
     env = _env(tmp_path, T3D_TEST_SLEEP="120")
-    proc = subprocess.Popen([*CLI, "run", str(flow)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    proc = subprocess.Popen(
+        [*CLI, "run", str(flow)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path
+    )
     deadline = time.monotonic() + 300
     for line in proc.stderr:  # wait until stage a is running inside Prefect
         if "a: started" in line or time.monotonic() > deadline:
@@ -78,7 +90,9 @@ def test_kill_9_of_a_run_leaves_no_server_and_the_rerun_resumes(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
     assert _wait_gone(tmp_path / "prefect") == []
-    again = subprocess.run([*CLI, "run", str(flow)], env=_env(tmp_path), capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    again = subprocess.run(
+        [*CLI, "run", str(flow)], env=_env(tmp_path), capture_output=True, text=True, cwd=tmp_path, timeout=600
+    )
     assert again.returncode == 0, again.stdout + again.stderr
     assert "a: done in" in again.stderr and "c: done in" in again.stderr
     assert _wait_gone(tmp_path / "prefect") == []
@@ -87,7 +101,13 @@ def test_kill_9_of_a_run_leaves_no_server_and_the_rerun_resumes(tmp_path):
 def test_sigterm_stops_t3d_server(tmp_path):
     env = _env(tmp_path)
     port = __import__("t3d.flows.server", fromlist=["free_port"]).free_port()
-    proc = subprocess.Popen([*CLI, "server", "--port", str(port), "--data", str(tmp_path / "prefect")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [*CLI, "server", "--port", str(port), "--data", str(tmp_path / "prefect")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     api = f"http://127.0.0.1:{port}/api"
     deadline = time.monotonic() + 300
     while not healthy(api) and time.monotonic() < deadline:
@@ -103,8 +123,14 @@ def test_sigterm_stops_t3d_server(tmp_path):
 @pytest.mark.parametrize("how", ["start budget missed", "configured API down"])
 def test_run_without_reachable_prefect_runs_locally_with_one_warning(tmp_path, how):
     flow = _flow(tmp_path)
-    extra = {"T3D_PREFECT_START_TIMEOUT": "0.2"} if how == "start budget missed" else {"PREFECT_API_URL": "http://127.0.0.1:9/api"}
-    res = subprocess.run([*CLI, "run", str(flow)], env=_env(tmp_path, **extra), capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    extra = (
+        {"T3D_PREFECT_START_TIMEOUT": "0.2"}
+        if how == "start budget missed"
+        else {"PREFECT_API_URL": "http://127.0.0.1:9/api"}
+    )
+    res = subprocess.run(
+        [*CLI, "run", str(flow)], env=_env(tmp_path, **extra), capture_output=True, text=True, cwd=tmp_path, timeout=600
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     warnings = [line for line in res.stderr.splitlines() if "not in Prefect" in line]
     assert len(warnings) == 1, res.stderr

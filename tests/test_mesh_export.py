@@ -22,8 +22,8 @@ from t3d.mesh.export import (
     turntable,
     unwrap,
 )
-from tests.gltf_check import assert_valid_glb
 from t3d.mesh.extract import auto_threshold, decimate, extract_mesh, largest_component, orient_outward
+from tests.gltf_check import assert_valid_glb
 
 REPO = Path(__file__).resolve().parents[1]
 CENTER = torch.tensor([0.1, -0.05, 0.0])
@@ -213,8 +213,17 @@ def _ctx(stage, params, inputs, out, prompt="a red cube"):
 
     out.mkdir(parents=True, exist_ok=True)
     return StageContext(
-        stage=stage.name, key="test", params=params, seed=0, prompt=prompt, negative_prompt="", prior_source="embedded",
-        device=torch.device("cpu"), inputs=inputs, out=out, checkpoint_dir=out.parent / f"{stage.name}.ckpt",
+        stage=stage.name,
+        key="test",
+        params=params,
+        seed=0,
+        prompt=prompt,
+        negative_prompt="",
+        prior_source="embedded",
+        device=torch.device("cpu"),
+        inputs=inputs,
+        out=out,
+        checkpoint_dir=out.parent / f"{stage.name}.ckpt",
     )
 
 
@@ -231,7 +240,9 @@ def test_extract_mesh_and_export_stages(tmp_path):
     save_field(NeRFField(_default_field()), coarse)  # untrained: the blob, a grey ball of radius ~0.25
 
     stage = reg["extract_mesh"]
-    params = stage.params(resolution=48, texture_size=128, max_faces=2000, preview_size=48, preview_frames=4, geometry_steps=0)
+    params = stage.params(
+        resolution=48, texture_size=128, max_faces=2000, preview_size=48, preview_frames=4, geometry_steps=0
+    )
     ctx = _ctx(stage, params, {"coarse": coarse}, tmp_path / "mesh")
     stage.run(ctx)
     assert {"mesh.glb", "texture.png", "turntable.gif", "turntable.png"} <= {p.name for p in ctx.out.iterdir()}
@@ -243,10 +254,23 @@ def test_extract_mesh_and_export_stages(tmp_path):
     assert np.abs(tm.texture.astype(int) - 127).max() < 40  # sigmoid of a near-zero albedo head: grey
 
     stage = reg["export"]
-    ctx2 = _ctx(stage, stage.params(turntable_size=32, turntable_frames=4), {"extract_mesh": ctx.out}, tmp_path / "export", prompt="A Red Cube!")
+    ctx2 = _ctx(
+        stage,
+        stage.params(turntable_size=32, turntable_frames=4),
+        {"extract_mesh": ctx.out},
+        tmp_path / "export",
+        prompt="A Red Cube!",
+    )
     stage.run(ctx2)
     names = {p.name for p in ctx2.out.iterdir()}
-    assert {"a-red-cube.glb", "a-red-cube.obj", "a-red-cube.mtl", "a-red-cube.png", "turntable.gif", "turntable.png"} <= names
+    assert {
+        "a-red-cube.glb",
+        "a-red-cube.obj",
+        "a-red-cube.mtl",
+        "a-red-cube.png",
+        "turntable.gif",
+        "turntable.png",
+    } <= names
     mat = glb_json(ctx2.out / "a-red-cube.glb")["materials"][0]["pbrMetallicRoughness"]
     assert mat["metallicFactor"] == 0.0 and mat["roughnessFactor"] == 1.0
     with pytest.raises(ValueError):

@@ -9,12 +9,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from t3d.render.cameras import CameraParams, make_cameras, sample_cameras
 from t3d.fields.nerf import FieldParams, NeRFField
-from t3d.toy.world import sphere_disc_fraction
+from t3d.render.cameras import CameraParams, make_cameras, sample_cameras
 from t3d.render.volume import light_directions, ray_sphere, render
+from t3d.toy.world import sphere_disc_fraction
 
-SMALL_GRID = {"otype": "HashGrid", "n_levels": 4, "n_features_per_level": 2, "log2_hashmap_size": 12, "base_resolution": 8, "per_level_scale": 1.6}
+SMALL_GRID = {
+    "otype": "HashGrid",
+    "n_levels": 4,
+    "n_features_per_level": 2,
+    "log2_hashmap_size": 12,
+    "base_resolution": 8,
+    "per_level_scale": 1.6,
+}
 
 
 class SphereField(torch.nn.Module):
@@ -74,7 +81,9 @@ def test_image_orientation_up_is_top_rows():
     centroid_row = (up.sum(1) * rows).sum() / up.sum()
     assert centroid_row < size / 2 - 4, "an object at +z must appear in the top rows"
     # The camera at azimuth 0 looks down -x; its right is forward x up = (-1,0,0) x (0,0,1) = +y.
-    side = render(SphereField(centre=(0.0, 0.45, 0.0), radius=0.3), _front_camera(), size, n_samples=64)["opacity"][0, 0]
+    side = render(SphereField(centre=(0.0, 0.45, 0.0), radius=0.3), _front_camera(), size, n_samples=64)["opacity"][
+        0, 0
+    ]
     cols = torch.arange(size, dtype=torch.float32)
     centroid_col = (side.sum(0) * cols).sum() / side.sum()
     assert centroid_col > size / 2 + 4
@@ -82,7 +91,16 @@ def test_image_orientation_up_is_top_rows():
 
 def test_lambertian_shading_and_normals():
     field = SphereField(radius=0.5, colour=(1.0, 1.0, 1.0))
-    out = render(field, _front_camera(), 32, n_samples=64, shading="lambertian", light_dir=(0.0, 0.0, 1.0), ambient=0.2, background="black")
+    out = render(
+        field,
+        _front_camera(),
+        32,
+        n_samples=64,
+        shading="lambertian",
+        light_dir=(0.0, 0.0, 1.0),
+        ambient=0.2,
+        background="black",
+    )
     rgb = out["rgb"][0, 0]
     assert rgb[16, 16] > 0.95  # facing the light (which sits at the camera)
     assert out["opacity"][0, 0, 16, 9] > 0.99 and out["opacity"][0, 0, 16, 3] < 1e-3  # disc is ~9 px in radius
@@ -90,7 +108,17 @@ def test_lambertian_shading_and_normals():
     n = out["normal"][0, :, 16, 16]
     torch.testing.assert_close(n / n.norm(), torch.tensor([1.0, 0.0, 0.0]), atol=0.05, rtol=0)
     # Per-sample mode gives the same picture.
-    out_s = render(field, _front_camera(), 32, n_samples=64, shading="lambertian", light_dir=(0.0, 0.0, 1.0), ambient=0.2, background="black", normal_mode="sample")
+    out_s = render(
+        field,
+        _front_camera(),
+        32,
+        n_samples=64,
+        shading="lambertian",
+        light_dir=(0.0, 0.0, 1.0),
+        ambient=0.2,
+        background="black",
+        normal_mode="sample",
+    )
     assert (out_s["rgb"] - out["rgb"]).abs().mean() < 0.02
     # Outward normals facing the camera: no orientation penalty.
     assert out["orientation"].abs().max() < 1e-6
@@ -98,8 +126,8 @@ def test_lambertian_shading_and_normals():
 
 def test_light_directions_follow_the_camera():
     cams = make_cameras([0.0, 90.0], [0.0, 0.0], 2.5, 40.0)
-    l = light_directions(cams, (0.0, 0.0, 1.0))
-    torch.testing.assert_close(l, torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), atol=1e-5, rtol=0)
+    light = light_directions(cams, (0.0, 0.0, 1.0))
+    torch.testing.assert_close(light, torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), atol=1e-5, rtol=0)
     lw = light_directions(cams, (0.0, 0.0, 1.0), light_frame="world")
     torch.testing.assert_close(lw, torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 1.0]]), atol=1e-5, rtol=0)
 
@@ -126,7 +154,9 @@ def test_field_shapes_bounds_and_blob():
 
 @pytest.mark.parametrize("method", ["central", "forward"])
 def test_initial_normals_point_outwards(method):
-    field = NeRFField(FieldParams(grid=SMALL_GRID, normal_method=method, blob="dreamfusion", density_activation="trunc_exp"))
+    field = NeRFField(
+        FieldParams(grid=SMALL_GRID, normal_method=method, blob="dreamfusion", density_activation="trunc_exp")
+    )
     gen = torch.Generator().manual_seed(0)
     dirs = F.normalize(torch.randn(64, 3, generator=gen), dim=-1)
     pts = dirs * (0.2 + 0.6 * torch.rand(64, 1, generator=gen))
@@ -137,7 +167,9 @@ def test_initial_normals_point_outwards(method):
 def test_gradients_reach_grid_and_mlp_through_render():
     field = NeRFField(FieldParams(grid=SMALL_GRID))
     cams = sample_cameras(CameraParams(), 2, torch.Generator().manual_seed(0))
-    out = render(field, cams, 16, n_samples=24, shading="lambertian", perturb=True, generator=torch.Generator().manual_seed(1))
+    out = render(
+        field, cams, 16, n_samples=24, shading="lambertian", perturb=True, generator=torch.Generator().manual_seed(1)
+    )
     loss = (out["rgb"] - 0.3).square().mean() + out["opacity"].mean()
     loss.backward()
     assert field.encoding.params.grad is not None and field.encoding.params.grad.abs().sum() > 0

@@ -9,10 +9,10 @@ import textwrap
 import torch
 import trimesh
 
-from t3d.render.cameras import CameraParams, sample_cameras
+from t3d.fields.nerf import FieldParams, NeRFField
 from t3d.flows.config import load_config
 from t3d.flows.flow import run_prompt
-from t3d.fields.nerf import FieldParams, NeRFField
+from t3d.render.cameras import CameraParams, sample_cameras
 from t3d.render.raster import render_mesh
 from t3d.stages import default_registry
 from t3d.stages.texture import shade_mesh_image
@@ -25,7 +25,8 @@ TINY = textwrap.dedent("""
     stages:
       coarse: {steps: 3, checkpoint_every: 2, preview_frames: 4, preview_size: 32, n_samples: 16}
       refine: {enabled: true, steps: 2, preview_frames: 4, preview_size: 32, n_samples: 16}
-      extract_mesh: {resolution: 32, texture_size: 128, preview_frames: 4, preview_size: 32, geometry_steps: 3, geometry_resolution: 24, geometry_render_size: 32}
+      extract_mesh: {resolution: 32, texture_size: 128, preview_frames: 4, preview_size: 32,
+                     geometry_steps: 3, geometry_resolution: 24, geometry_render_size: 32}
       texture: {steps: 2, guidance: vsd, texture_size: 128, preview_frames: 4, preview_size: 32, resolution: 32}
       export: {turntable_frames: 4, turntable_size: 32}
     """)
@@ -38,7 +39,14 @@ def test_full_pipeline_on_tiny_prior(tmp_path):
     cfg = load_config(flow, registry=reg)
     result = run_prompt(cfg, cfg.prompt, reg, flow_file=str(flow), use_prefect=False, show_progress=False)
     assert result.state == "completed", result.error
-    assert [r.stage for r in result.results] == ["encode_prompt", "coarse", "refine", "extract_mesh", "texture", "export"]
+    assert [r.stage for r in result.results] == [
+        "encode_prompt",
+        "coarse",
+        "refine",
+        "extract_mesh",
+        "texture",
+        "export",
+    ]
     export = result.results[-1]
     glb = tmp_path / "store" / "objects" / export.key / "a-red-cube.glb"
     mesh = trimesh.load(glb, force="mesh")
@@ -54,7 +62,20 @@ def test_full_pipeline_on_tiny_prior(tmp_path):
 
 
 def test_texture_gradients_reach_the_field_through_the_rasterizer():
-    field = NeRFField(FieldParams(grid={"otype": "HashGrid", "n_levels": 4, "n_features_per_level": 2, "log2_hashmap_size": 10, "base_resolution": 4, "per_level_scale": 1.5}, hidden=16, backend="torch"))
+    field = NeRFField(
+        FieldParams(
+            grid={
+                "otype": "HashGrid",
+                "n_levels": 4,
+                "n_features_per_level": 2,
+                "log2_hashmap_size": 10,
+                "base_resolution": 4,
+                "per_level_scale": 1.5,
+            },
+            hidden=16,
+            backend="torch",
+        )
+    )
     box = trimesh.creation.box(extents=(0.8, 0.8, 0.8))
     verts = torch.as_tensor(box.vertices, dtype=torch.float32)
     faces = torch.as_tensor(box.faces, dtype=torch.int64)

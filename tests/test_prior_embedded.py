@@ -72,7 +72,18 @@ def _load_bench():
 def test_small_quality_bench(capsys):
     bench = _load_bench()
     bench.main(
-        ["--n", "4", "--steps", "20", "--guidance", "7.5", "--prompt", "a red cube, front view", "--prompt", "a yellow cone, side view"]
+        [
+            "--n",
+            "4",
+            "--steps",
+            "20",
+            "--guidance",
+            "7.5",
+            "--prompt",
+            "a red cube, front view",
+            "--prompt",
+            "a yellow cone, side view",
+        ]
     )
     last = capsys.readouterr().out.strip().splitlines()[-1]
     res = json.loads(last)
@@ -85,8 +96,8 @@ def test_small_quality_bench(capsys):
 
 def test_quality_metric_on_ground_truth():
     """The benchmark's judge is right on true renders (so low scores mean a bad prior)."""
-    from t3d.render.cameras import CameraParams, sample_cameras, view_names
     from t3d.priors.quality import classify_shapes, dominant_colour
+    from t3d.render.cameras import CameraParams, sample_cameras, view_names
     from t3d.toy.world import COLOURS, SHAPES, render_primitive
 
     cams = sample_cameras(CameraParams(), 6, torch.Generator().manual_seed(3))
@@ -111,7 +122,8 @@ def test_sampling_cli_and_training_function(tmp_path):
     meta = json.loads((out / "t3d_prior.json").read_text())
     assert meta["steps_done"] == 2 and meta["train_config"]["seed"] == 0
     res = CliRunner().invoke(
-        prior_app, ["sample", "a blue cone", "--n", "2", "--steps", "2", "--prior", str(out), "--out", str(tmp_path / "g.png")]
+        prior_app,
+        ["sample", "a blue cone", "--n", "2", "--steps", "2", "--prior", str(out), "--out", str(tmp_path / "g.png")],
     )
     assert res.exit_code == 0, res.output
     assert (tmp_path / "g.png").is_file()

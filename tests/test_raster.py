@@ -239,9 +239,9 @@ def test_interpolate_gradients_reach_attributes_and_positions():
 
 
 def test_barycentric_gradients_match_finite_differences():
-    base = torch.tensor(
-        [[-0.8, -0.7, 0.1, 1.0], [0.9, -0.6, 0.2, 1.3], [0.0, 0.8, -0.1, 0.9]], dtype=torch.float64
-    )[None]
+    base = torch.tensor([[-0.8, -0.7, 0.1, 1.0], [0.9, -0.6, 0.2, 1.3], [0.0, 0.8, -0.1, 0.9]], dtype=torch.float64)[
+        None
+    ]
     attr = torch.tensor([[1.0, 0.2], [0.1, 1.0], [0.5, 0.7]], dtype=torch.float64)
 
     def f(p):
@@ -333,7 +333,11 @@ def test_antialias_coverage_and_position_gradient():
     mask = (rast[..., 3:] > 0).double()
     aa = antialias(mask, rast, pos, TRI)
     x = torch.tensor([[-0.6, -0.5], [0.7, -0.3], [-0.1, 0.6]], dtype=torch.float64)
-    area = 0.5 * abs(float((x[1, 0] - x[0, 0]) * (x[2, 1] - x[0, 1]) - (x[2, 0] - x[0, 0]) * (x[1, 1] - x[0, 1]))) * (res / 2) ** 2
+    area = (
+        0.5
+        * abs(float((x[1, 0] - x[0, 0]) * (x[2, 1] - x[0, 1]) - (x[2, 0] - x[0, 0]) * (x[1, 1] - x[0, 1])))
+        * (res / 2) ** 2
+    )
     # antialiased coverage integrates the triangle's area better than point sampling
     assert abs(aa.sum().item() - area) < 0.5 * abs(mask.sum().item() - area) + 0.2
     assert ((aa >= 0) & (aa <= 1)).all()
@@ -354,8 +358,15 @@ def test_antialias_leaves_interior_edges_alone_and_handles_occlusion():
     inner = slice(3, 13)
     assert torch.equal(aa[0, inner, inner], color[0, inner, inner])
     # a nearer triangle over a farther one: its border against the far surface is blended
-    pos = clip((-0.9, -0.9, 0.5, 1), (0.9, -0.9, 0.5, 1), (0.9, 0.9, 0.5, 1), (-0.9, 0.9, 0.5, 1),
-               (-0.43, -0.37, -0.5, 1), (0.41, -0.33, -0.5, 1), (0.03, 0.47, -0.5, 1))
+    pos = clip(
+        (-0.9, -0.9, 0.5, 1),
+        (0.9, -0.9, 0.5, 1),
+        (0.9, 0.9, 0.5, 1),
+        (-0.9, 0.9, 0.5, 1),
+        (-0.43, -0.37, -0.5, 1),
+        (0.41, -0.33, -0.5, 1),
+        (0.03, 0.47, -0.5, 1),
+    )
     tri = torch.tensor([[0, 1, 2], [0, 2, 3], [4, 5, 6]], dtype=torch.int32)
     rast, _ = rasterize(CTX, pos, tri, (16, 16))
     color = (rast[..., 3:] == 3).float()

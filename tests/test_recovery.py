@@ -22,7 +22,8 @@ FLOW = textwrap.dedent("""
     prior: tiny-pixel
     store: ./store
     stages:
-      coarse: {steps: 8, checkpoint_every: 3, preview_frames: 4, preview_size: 16, n_samples: 8, resolution: 16, eval_views: 2}
+      coarse: {steps: 8, checkpoint_every: 3, preview_frames: 4, preview_size: 16, n_samples: 8, resolution: 16,
+               eval_views: 2}
       extract_mesh: {enabled: false}
       texture: {enabled: false}
       export: {enabled: false}
@@ -35,7 +36,9 @@ def _run(tmp_path, extra: str = ""):
     flow.write_text(FLOW + extra)
     reg = default_registry()
     cfg = load_config(flow, registry=reg)
-    return run_prompt(cfg, cfg.prompt, reg, flow_file=str(flow), use_prefect=False, show_progress=False), tmp_path / "store"
+    return run_prompt(
+        cfg, cfg.prompt, reg, flow_file=str(flow), use_prefect=False, show_progress=False
+    ), tmp_path / "store"
 
 
 def _manifest(store, key):

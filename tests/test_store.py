@@ -35,7 +35,9 @@ def test_key_depends_on_every_ingredient():
 
 @pytest.mark.parametrize("kind", ["local", "file", "memory"])
 def test_round_trip(tmp_path, kind):
-    uri = {"local": str(tmp_path / "a"), "file": f"file://{tmp_path}/b", "memory": f"memory://t3d-{uuid.uuid4().hex}"}[kind]
+    uri = {"local": str(tmp_path / "a"), "file": f"file://{tmp_path}/b", "memory": f"memory://t3d-{uuid.uuid4().hex}"}[
+        kind
+    ]
     store = ArtifactStore(uri, cache_dir=tmp_path / "cache")
     _write(store, "x-1")
     assert store.status("x-1") == "complete" and store.keys() == ["x-1"]
@@ -166,6 +168,8 @@ def test_stale_lock_of_dead_process_is_broken(tmp_path):
     (tmp_path / "locks").mkdir()
     import socket
 
-    (tmp_path / "locks" / "x-1.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead_pid, "token": "t"}))
+    (tmp_path / "locks" / "x-1.lock").write_text(
+        json.dumps({"host": socket.gethostname(), "pid": dead_pid, "token": "t"})
+    )
     with store.claim("x-1", poll_s=0.01, timeout_s=5) as compute:
         assert compute is True

@@ -58,8 +58,28 @@ def _memory_uri() -> str:
 # ---- manifests ----------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "rel",
-    ["/etc/passwd", "../x", "a/../../x", "a/..", "..", "a\\..\\..\\x", "..\\x", "", "a//b", "./a", "a/./b", "a/",
-     "C:/x", "c:x", "memory://x", "x\x00y", "x\ny", "manifest.json", 3, None],
+    [
+        "/etc/passwd",
+        "../x",
+        "a/../../x",
+        "a/..",
+        "..",
+        "a\\..\\..\\x",
+        "..\\x",
+        "",
+        "a//b",
+        "./a",
+        "a/./b",
+        "a/",
+        "C:/x",
+        "c:x",
+        "memory://x",
+        "x\x00y",
+        "x\ny",
+        "manifest.json",
+        3,
+        None,
+    ],
 )
 def test_manifest_path_validator_rejects(rel):
     with pytest.raises(ArtifactCorrupt) as e:
@@ -68,7 +88,9 @@ def test_manifest_path_validator_rejects(rel):
     assert msg.startswith(f"{K1}: manifest entry {rel!r}") and "\n" not in msg
 
 
-@pytest.mark.parametrize("rel", ["field.safetensors", "sub/more.txt", "..hidden", "a..b/c", "particle_0/field.json", "x y.png"])
+@pytest.mark.parametrize(
+    "rel", ["field.safetensors", "sub/more.txt", "..hidden", "a..b/c", "particle_0/field.json", "x y.png"]
+)
 def test_manifest_path_validator_accepts(rel):
     assert check_manifest_path(K1, rel) == rel
 
@@ -101,7 +123,9 @@ def test_remote_manifest_cannot_write_outside_the_store(tmp_path, kind):
         store.get(K1)
     assert store.status(K1).startswith("corrupt:")
     assert not landing.exists()
-    assert [p for p in tmp_path.rglob("escaped.txt") if "r1" not in p.parts] == []  # simplecache: r1/ holds the planted file
+    assert [
+        p for p in tmp_path.rglob("escaped.txt") if "r1" not in p.parts
+    ] == []  # simplecache: r1/ holds the planted file
 
 
 def test_local_store_rejects_escaping_entries_and_symlinks(tmp_path):
@@ -268,7 +292,9 @@ def test_gc_dry_run_lists_exactly_what_a_real_run_deletes(tmp_path):
     assert store.gc() == expected
     for rel in expected:
         assert not (tmp_path / rel).exists(), rel
-    assert (tmp_path / "checkpoints" / K3 / "state.json").exists(), "the resume state of an unfinished referenced key is kept"
+    assert (tmp_path / "checkpoints" / K3 / "state.json").exists(), (
+        "the resume state of an unfinished referenced key is kept"
+    )
     assert fresh.exists() and store.keys() == [K1]
     assert store.gc(dry_run=True) == []
 
@@ -286,7 +312,9 @@ def test_gc_skips_keys_with_a_live_claim(tmp_path):
         assert store.gc(dry_run=True) == [] and store.gc(min_age_s=0) == []
         assert running.exists() and (tmp_path / "checkpoints" / K1).exists() and store.keys() == [K1]
     # A claim whose holder died is not live.
-    (tmp_path / "locks" / f"{K1}.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": _dead_pid(), "token": "t"}))
+    (tmp_path / "locks" / f"{K1}.lock").write_text(
+        json.dumps({"host": socket.gethostname(), "pid": _dead_pid(), "token": "t"})
+    )
     assert not store.claim_is_live(K1)
     assert store.gc() == [f"objects/{K1}", f"checkpoints/{K1}", f".tmp/{K1}-0000aaaa"]
 
@@ -294,7 +322,9 @@ def test_gc_skips_keys_with_a_live_claim(tmp_path):
 def _dead_pid() -> int:
     import subprocess
 
-    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+    return int(
+        subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout
+    )
 
 
 def test_gc_on_a_remote_store_names_store_and_cache_entries(tmp_path):
@@ -307,7 +337,9 @@ def test_gc_on_a_remote_store_names_store_and_cache_entries(tmp_path):
     removed = store.gc()
     assert removed == [f"objects/{K1}", f"checkpoints/{K2}", f"cache:checkpoints/{K2}"]
     assert store.keys() == [] and not store.local_path(K1).exists()
-    assert not store.fs.exists(f"{store.root}/checkpoints/{K2}") and not (store.local_root / "checkpoints" / K2).exists()
+    assert (
+        not store.fs.exists(f"{store.root}/checkpoints/{K2}") and not (store.local_root / "checkpoints" / K2).exists()
+    )
 
 
 # ---- claims on object stores ------------------------------------------------------------------------
@@ -450,8 +482,17 @@ def test_checkpoint_synced_to_a_remote_store_resumes_on_another_machine(tmp_path
     a = ArtifactStore(uri, cache_dir=tmp_path / "machine-a")
     folder = a.checkpoint_dir(K1)
     ctx = StageContext(
-        stage="x", key=K1, params=None, seed=0, prompt="", negative_prompt="", prior_source="tiny-pixel",
-        device=torch.device("cpu"), inputs={}, out=tmp_path / "out", checkpoint_dir=folder,
+        stage="x",
+        key=K1,
+        params=None,
+        seed=0,
+        prompt="",
+        negative_prompt="",
+        prior_source="tiny-pixel",
+        device=torch.device("cpu"),
+        inputs={},
+        out=tmp_path / "out",
+        checkpoint_dir=folder,
         checkpoint_sync=lambda: a.sync_checkpoint(K1),
     )
     ctx.save_checkpoint(4, {"w": torch.arange(3.0)}, {"note": "four"})
@@ -539,14 +580,21 @@ def _run_ck(ctx) -> None:
 
 def test_stage_retried_on_another_worker_resumes_from_the_store(tmp_path, monkeypatch):
     from t3d import runner
-    from t3d.render.cameras import CameraParams
     from t3d.priors.compute import ComputeParams
+    from t3d.render.cameras import CameraParams
     from t3d.stage import RecoveryParams
 
     registry = {"ck": Stage(name="ck", version="1", params=CkParams, inputs=(), run=_run_ck)}
     cfg = SimpleNamespace(
-        enabled_stages=lambda: ["ck"], stages=SimpleNamespace(ck=CkParams()), seed=0, negative_prompt="",
-        prior="tiny-pixel", camera=CameraParams(), device="cpu", recovery=RecoveryParams(), compute=ComputeParams(),
+        enabled_stages=lambda: ["ck"],
+        stages=SimpleNamespace(ck=CkParams()),
+        seed=0,
+        negative_prompt="",
+        prior="tiny-pixel",
+        camera=CameraParams(),
+        device="cpu",
+        recovery=RecoveryParams(),
+        compute=ComputeParams(),
     )
     uri = _memory_uri()
     CALLS.clear()
@@ -572,7 +620,14 @@ def test_field_saved_with_the_cuda_hash_grid_loads_on_the_torch_twin(tmp_path):
     from t3d.fields.nerf import FieldParams, NeRFField
     from t3d.stages.coarse import FIELD_CONFIG, load_field, save_field
 
-    grid = {"otype": "HashGrid", "n_levels": 2, "n_features_per_level": 2, "log2_hashmap_size": 8, "base_resolution": 4, "per_level_scale": 2.0}
+    grid = {
+        "otype": "HashGrid",
+        "n_levels": 2,
+        "n_features_per_level": 2,
+        "log2_hashmap_size": 8,
+        "base_resolution": 4,
+        "per_level_scale": 2.0,
+    }
     field = NeRFField(FieldParams(grid=grid, backend="torch", seed=3))
     with torch.no_grad():
         field.encoding.params.uniform_(-1, 1, generator=torch.Generator().manual_seed(0))
@@ -607,15 +662,19 @@ def test_model_index_cannot_import_a_module_from_the_working_directory(tmp_path,
     from t3d.priors.loading import InvalidPriorError, PriorNotFoundError
 
     marker = tmp_path / "imported.txt"
-    (tmp_path / "t3d_evil_prior_mod.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\nclass CLIPTokenizer: pass\n")
+    (tmp_path / "t3d_evil_prior_mod.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\nclass CLIPTokenizer: pass\n"
+    )
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))  # as under `python -m`: the current directory is importable
-    folder = _prior_folder(tmp_path, {"_class_name": "StableDiffusionPipeline", "tokenizer": ["t3d_evil_prior_mod", "CLIPTokenizer"]})
+    folder = _prior_folder(
+        tmp_path, {"_class_name": "StableDiffusionPipeline", "tokenizer": ["t3d_evil_prior_mod", "CLIPTokenizer"]}
+    )
     with pytest.raises(InvalidPriorError) as e:
         load_prior(str(folder))
     msg = str(e.value)
     assert isinstance(e.value, PriorNotFoundError) and "\n" not in msg
-    assert msg.startswith(f"{folder / 'model_index.json'}: \"tokenizer\" names t3d_evil_prior_mod.CLIPTokenizer")
+    assert msg.startswith(f'{folder / "model_index.json"}: "tokenizer" names t3d_evil_prior_mod.CLIPTokenizer')
     assert "transformers.CLIPTokenizer" in msg and "fix the entry" in msg
     with pytest.raises(InvalidPriorError, match="tokenizer"):
         prior_identity(str(folder))
@@ -624,8 +683,13 @@ def test_model_index_cannot_import_a_module_from_the_working_directory(tmp_path,
 
 @pytest.mark.parametrize(
     "name, entry",
-    [("text_encoder", ["os", "system"]), ("text_encoder", ["transformers", "AutoModel"]), ("unet", ["diffusers", "UNet2DModel"]),
-     ("scheduler", ["builtins", "eval"]), ("vae", "AutoencoderKL")],
+    [
+        ("text_encoder", ["os", "system"]),
+        ("text_encoder", ["transformers", "AutoModel"]),
+        ("unet", ["diffusers", "UNet2DModel"]),
+        ("scheduler", ["builtins", "eval"]),
+        ("vae", "AutoencoderKL"),
+    ],
 )
 def test_model_index_classes_outside_the_allow_list_are_refused(tmp_path, name, entry):
     from t3d.priors import load_prior
@@ -641,12 +705,23 @@ def test_allow_listed_classes_resolve_without_importing_named_modules():
 
     from t3d.priors.loading import _class_from_index
 
-    assert _class_from_index({"tokenizer": ["transformers", "T5TokenizerFast"]}, "tokenizer", "transformers", "CLIPTokenizer") is transformers.T5TokenizerFast
-    assert _class_from_index({"tokenizer": [None, None]}, "tokenizer", "transformers", "CLIPTokenizer") is transformers.CLIPTokenizer
+    assert (
+        _class_from_index(
+            {"tokenizer": ["transformers", "T5TokenizerFast"]}, "tokenizer", "transformers", "CLIPTokenizer"
+        )
+        is transformers.T5TokenizerFast
+    )
+    assert (
+        _class_from_index({"tokenizer": [None, None]}, "tokenizer", "transformers", "CLIPTokenizer")
+        is transformers.CLIPTokenizer
+    )
     assert _class_from_index({}, "text_encoder", "transformers", "T5EncoderModel") is transformers.T5EncoderModel
 
 
-@pytest.mark.parametrize("data, why", [(b"\xff\xfe\x00garbage", "not UTF-8"), (b"{not json", "not valid JSON"), (b"[1, 2]", "expected a JSON object")])
+@pytest.mark.parametrize(
+    "data, why",
+    [(b"\xff\xfe\x00garbage", "not UTF-8"), (b"{not json", "not valid JSON"), (b"[1, 2]", "expected a JSON object")],
+)
 def test_garbage_model_index_names_the_file(tmp_path, data, why):
     from t3d.priors import load_prior, prior_identity
     from t3d.priors.loading import InvalidPriorError
@@ -692,7 +767,8 @@ def _distributions_of(module: str) -> list[str]:
     return [
         dist.metadata["Name"]
         for dist in importlib.metadata.distributions()
-        if origin and any(Path(dist.locate_file(f)).resolve() == origin for f in dist.files or [] if str(f).startswith(module))
+        if origin
+        and any(Path(dist.locate_file(f)).resolve() == origin for f in dist.files or [] if str(f).startswith(module))
     ]
 
 
@@ -700,7 +776,9 @@ def test_every_third_party_import_is_a_declared_dependency():
     declared = _declared_dependencies()
     assert {"torch", "scipy", "fsspec"} <= declared
     undeclared = {}
-    for module in sorted(_imported_top_level_modules() - set(sys.stdlib_module_names) - OPTIONAL - {"t3d", "__future__"}):
+    for module in sorted(
+        _imported_top_level_modules() - set(sys.stdlib_module_names) - OPTIONAL - {"t3d", "__future__"}
+    ):
         provided_by = {re.sub(r"[-_.]+", "-", d).lower() for d in _distributions_of(module)}
         assert provided_by, f"{module} is imported but no installed distribution provides it"
         if not provided_by & declared:

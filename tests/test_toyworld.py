@@ -1,5 +1,4 @@
 import colorsys
-import math
 import time
 
 import pytest
@@ -9,6 +8,7 @@ from t3d.render.cameras import CameraParams, make_cameras, orbit_cameras, sample
 from t3d.toy.world import (
     COLOURS,
     SHAPES,
+    SPHERE_RADIUS,
     parse_prompt,
     render_primitive,
     sdf,
@@ -16,7 +16,6 @@ from t3d.toy.world import (
     split_view,
     toy_prompts,
     toy_prompts_with_views,
-    SPHERE_RADIUS,
 )
 
 

@@ -4,21 +4,35 @@ from __future__ import annotations
 
 import torch
 
-from t3d.render.cameras import CameraParams
 from t3d.fields.nerf import FieldParams, NeRFField
+from t3d.guidance.vsd import camera_condition, lora_state, make_lora_unet
 from t3d.priors import build_tiny_prior
+from t3d.render.cameras import CameraParams
 from t3d.stage import load_checkpoint, save_checkpoint
 from t3d.stages.coarse import save_field
-from t3d.stages.refine import RefineParams, VSDTrainer, particle_distance
 from t3d.stages.encode_prompt import PromptEmbeddings
-from t3d.guidance.vsd import camera_condition, lora_state, make_lora_unet
+from t3d.stages.refine import RefineParams, VSDTrainer, particle_distance
 
-SMALL_GRID = {"otype": "HashGrid", "n_levels": 4, "n_features_per_level": 2, "log2_hashmap_size": 10, "base_resolution": 4, "per_level_scale": 1.5}
+SMALL_GRID = {
+    "otype": "HashGrid",
+    "n_levels": 4,
+    "n_features_per_level": 2,
+    "log2_hashmap_size": 10,
+    "base_resolution": 4,
+    "per_level_scale": 1.5,
+}
 
 
 def _setup(tmp_path, particles=1):
     prior = build_tiny_prior("pixel", seed=0, image_size=16)
-    texts = ["a red cube", "", "a red cube, front view", "a red cube, side view", "a red cube, back view", "a red cube, overhead view"]
+    texts = [
+        "a red cube",
+        "",
+        "a red cube, front view",
+        "a red cube, side view",
+        "a red cube, back view",
+        "a red cube, overhead view",
+    ]
     e = prior.encode_text(texts).float()
     emb = PromptEmbeddings(e[0:1], e[1:2], {"front": e[2:3], "side": e[3:4], "back": e[4:5], "overhead": e[5:6]}, {})
     field = NeRFField(FieldParams(grid=SMALL_GRID, hidden=16, backend="torch"))
@@ -107,7 +121,7 @@ def test_lora_warm_up_moves_only_the_lora(tmp_path):
     lora_before = {k: v.clone() for k, v in lora_state(trainer.lora).items()}
     calls = []
     losses = trainer.warm_up_lora(3, update=lambda n, **kw: calls.append(kw["lora"]))
-    assert len(losses) == 3 and calls == losses and all(l > 0 for l in losses)
+    assert len(losses) == 3 and calls == losses and all(x > 0 for x in losses)
     assert all(torch.equal(v, field_before[k]) for k, v in trainer.fields[0].state_dict().items())
     assert any(not torch.equal(v, lora_before[k]) for k, v in lora_state(trainer.lora).items())
     assert trainer.step_idx == 0 and trainer.history == []

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -63,12 +62,21 @@ def test_batch_on_a_work_pool(tmp_path, monkeypatch):
         )
         monkeypatch.setenv("PREFECT_API_URL", server.api_url)
         cli = [sys.executable, "-m", "t3d.cli.main"]
-        deployed = subprocess.run([*cli, "deploy", "--pool", POOL], env=env, capture_output=True, text=True, timeout=300)
+        deployed = subprocess.run(
+            [*cli, "deploy", "--pool", POOL], env=env, capture_output=True, text=True, timeout=300
+        )
         assert deployed.returncode == 0, deployed.stdout + deployed.stderr
         assert f"t3d-prompt/{POOL}" in deployed.stdout and f"t3d-stage/{POOL}" in deployed.stdout
 
         log = open(tmp_path / "worker.log", "wb")
-        worker = subprocess.Popen([*cli, "worker", "--pool", POOL, "--limit", "2"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
+        worker = subprocess.Popen(
+            [*cli, "worker", "--pool", POOL, "--limit", "2"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+            start_new_session=True,
+        )
         try:
             batch = [*cli, "batch", str(prompts), "--flow", str(flow), "-j", "3", "--summary", str(tmp_path / "sum")]
             first = subprocess.run(batch, env=env, capture_output=True, text=True, timeout=600)

@@ -24,7 +24,6 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from t3d.backends import BackendChoice, choose_backend
 
@@ -72,7 +71,9 @@ def level_layout(config: dict, n_input_dims: int = 3) -> list[dict]:
     levels, offset = [], 0
     max_params = np.iinfo(np.uint32).max // 2
     for level in range(cfg["n_levels"]):
-        scale = np.float32(np.exp2(np.float32(level) * log2_scale) * np.float32(cfg["base_resolution"]) - np.float32(1.0))
+        scale = np.float32(
+            np.exp2(np.float32(level) * log2_scale) * np.float32(cfg["base_resolution"]) - np.float32(1.0)
+        )
         res = int(math.ceil(float(scale))) + 1
         dense_size = res**n_input_dims
         size = max_params if float(res) ** n_input_dims > max_params else dense_size
@@ -291,7 +292,14 @@ class TcnnHashGrid(nn.Module):
 def _tcnn_smoke(device: torch.device) -> None:
     import tinycudann as tcnn
 
-    cfg = {"otype": "HashGrid", "n_levels": 2, "n_features_per_level": 2, "log2_hashmap_size": 10, "base_resolution": 4, "per_level_scale": 8.0}
+    cfg = {
+        "otype": "HashGrid",
+        "n_levels": 2,
+        "n_features_per_level": 2,
+        "log2_hashmap_size": 10,
+        "base_resolution": 4,
+        "per_level_scale": 8.0,
+    }
     enc = tcnn.Encoding(3, cfg, dtype=torch.float32).to(device)
     x = torch.rand(256, 3, device=device)
     y = enc(x)

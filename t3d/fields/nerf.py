@@ -42,7 +42,7 @@ class FieldParams(BaseModel):
     seed: int = 0
 
     @classmethod
-    def from_saved(cls, config: dict, backend: Literal["auto", "cuda-library", "torch"] | None = None) -> "FieldParams":
+    def from_saved(cls, config: dict, backend: Literal["auto", "cuda-library", "torch"] | None = None) -> FieldParams:
         """FieldParams for loading a saved field.json on this machine.
 
         A saved backend request is never re-applied: a field trained with tinycudann loads on a CPU

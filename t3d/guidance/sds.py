@@ -17,7 +17,8 @@ The regularizers take plain tensors (volume.render's outputs).
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal, Sequence
+from collections.abc import Sequence
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,9 @@ CFG_CONVENTION = (
 def _check_t_range(value: tuple[float, float]) -> tuple[float, float]:
     lo, hi = value
     if not 0.0 <= lo < hi <= 1.0:
-        raise ValueError(f"a timestep range is [low, high] with 0 <= low < high <= 1, e.g. [0.02, 0.98]; got [{lo}, {hi}]")
+        raise ValueError(
+            f"a timestep range is [low, high] with 0 <= low < high <= 1, e.g. [0.02, 0.98]; got [{lo}, {hi}]"
+        )
     return value
 
 
@@ -170,7 +173,12 @@ def sjc_loss(
             score_sigma = ((denoised - z) / sigma[None]).mean(0)
         grad = _clip(-score_sigma, grad_clip)  # descent direction on x
     loss = _reparam_loss(x, grad)
-    return loss, {"t": t.detach().cpu(), "sigma": sigma.flatten().cpu(), "grad_norm": float(grad.norm()), "guidance_scale": float(scale)}
+    return loss, {
+        "t": t.detach().cpu(),
+        "sigma": sigma.flatten().cpu(),
+        "grad_norm": float(grad.norm()),
+        "guidance_scale": float(scale),
+    }
 
 
 def guidance_loss(method: Literal["sds", "sjc"], prior, rgb, cond, uncond, **kwargs) -> tuple[torch.Tensor, dict]:
@@ -187,7 +195,9 @@ def guidance_loss(method: Literal["sds", "sjc"], prior, rgb, cond, uncond, **kwa
 # ---- regularizers ---------------------------------------------------------------------------
 
 
-def orientation_loss(weights: torch.Tensor, normals: torch.Tensor, ray_dirs: torch.Tensor, n_rays: int | None = None) -> torch.Tensor:
+def orientation_loss(
+    weights: torch.Tensor, normals: torch.Tensor, ray_dirs: torch.Tensor, n_rays: int | None = None
+) -> torch.Tensor:
     """DreamFusion's orientation penalty: sum_i sg(w_i) max(0, n_i . d)^2, averaged over rays.
 
     weights [R,S], normals [R,S,3] (outward), ray_dirs [R,3] (from the camera): a visible normal

@@ -53,7 +53,9 @@ def make_lora_unet(unet: nn.Module, rank: int = 4, alpha: float | None = None, c
     shared = {id(p): p for p in unet.parameters() if not p.requires_grad}
     lora = copy.deepcopy(unet, memo=shared)
     lora.requires_grad_(False)
-    lora.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    lora.add_adapter(
+        LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
+    )
     if camera:
         time_dim = lora.time_embedding.linear_2.out_features
         lora.class_embedding = CameraEmbedding(time_dim).to(next(unet.parameters()).device)
@@ -114,9 +116,17 @@ def vsd_loss(
     camera = camera_condition(c2w).to(x.device)
     with torch.no_grad():
         x_t = alphas.sqrt() * x.detach() + (1 - alphas).sqrt() * noise
-        eps_pretrained = prior.predict_noise(x_t, t, _expand(cond, b), _expand(uncond, b), guidance_scale=guidance_scale).float()
+        eps_pretrained = prior.predict_noise(
+            x_t, t, _expand(cond, b), _expand(uncond, b), guidance_scale=guidance_scale
+        ).float()
         eps_lora = prior.predict_noise(
-            x_t, t, _expand(cond, b), _expand(uncond, b), guidance_scale=lora_guidance_scale, unet=lora_unet, class_labels=camera.to(prior.dtype)
+            x_t,
+            t,
+            _expand(cond, b),
+            _expand(uncond, b),
+            guidance_scale=lora_guidance_scale,
+            unet=lora_unet,
+            class_labels=camera.to(prior.dtype),
         ).float()
         grad = _clip(sds_weight(alphas, weighting) * (eps_pretrained - eps_lora), grad_clip)
     return _reparam_loss(x, grad), x.detach(), {"t": t.cpu(), "grad_norm": float(grad.norm())}
@@ -139,5 +149,7 @@ def lora_loss(
     x_t = prior.add_noise(x0, noise, t)
     camera = camera_condition(c2w).to(x0.device)
     keep = (torch.rand(b, generator=generator) >= camera_dropout).to(x0.device, camera.dtype).view(-1, 1)
-    pred = prior.predict_noise(x_t, t, _expand(cond, b), None, unet=lora_unet, class_labels=(camera * keep).to(prior.dtype)).float()
+    pred = prior.predict_noise(
+        x_t, t, _expand(cond, b), None, unet=lora_unet, class_labels=(camera * keep).to(prior.dtype)
+    ).float()
     return F.mse_loss(pred, noise)

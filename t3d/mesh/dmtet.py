@@ -22,13 +22,21 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
 
-__all__ = ["tet_grid", "sdf_from_density", "marching_tets", "laplacian_loss", "render_shaded", "GeometrySettings", "refine_geometry"]
+__all__ = [
+    "tet_grid",
+    "sdf_from_density",
+    "marching_tets",
+    "laplacian_loss",
+    "render_shaded",
+    "GeometrySettings",
+    "refine_geometry",
+]
 
 
 def tet_grid(resolution: int, lo, spacing, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,12 +130,16 @@ def laplacian_loss(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     e = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
     e = torch.cat([e, e.flip(1)])
     nsum = torch.zeros_like(verts).index_add(0, e[:, 0], verts[e[:, 1]])
-    deg = torch.zeros(verts.shape[0], device=verts.device, dtype=verts.dtype).index_add(0, e[:, 0], torch.ones_like(e[:, 0], dtype=verts.dtype))
+    deg = torch.zeros(verts.shape[0], device=verts.device, dtype=verts.dtype).index_add(
+        0, e[:, 0], torch.ones_like(e[:, 0], dtype=verts.dtype)
+    )
     lap = nsum / deg.clamp_min(1)[:, None] - verts
     return lap.square().sum(-1).mean()
 
 
-def render_shaded(verts, faces, cameras, size: int, albedo_fn: Callable, ctx=None, ambient: float = 0.35) -> tuple[torch.Tensor, torch.Tensor]:
+def render_shaded(
+    verts, faces, cameras, size: int, albedo_fn: Callable, ctx=None, ambient: float = 0.35
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Lambertian render under the toy world's camera-fixed light, on white, antialiased so the
     silhouette moves with the vertices: (rgb [B,3,H,W], coverage [B,1,H,W]), row 0 at the top."""
     from t3d.render.raster import antialias, interpolate, mvp_matrices, rasterize, vertex_normals
@@ -192,8 +204,8 @@ def refine_geometry(
     """SDS on the SDF grid made from `sigma`; returns the final surface (vertices, faces) and the
     loss history. `resume` is a checkpoint (step, tensors, meta) written from `on_step(step,
     tensors, meta)`, which is called after every step."""
-    from t3d.render.cameras import sample_cameras, view_names
     from t3d.guidance.sds import guidance_loss
+    from t3d.render.cameras import sample_cameras, view_names
     from t3d.stage import flatten_optimizer, restore_optimizer
 
     res = sigma.shape[0]
@@ -226,15 +238,33 @@ def refine_geometry(
             raise FloatingPointError(f"geometry refinement lost the surface at step {step}; lower geometry_lr")
         cams = sample_cameras(camera_params, settings.batch_size, generator).to(device)
         rgb, _ = render_shaded(mverts, faces, cams, settings.render_size, albedo_fn, raster_ctx, settings.ambient)
-        cond, uncond = embeddings.for_views(view_names(cams, camera_params)), embeddings.uncond_batch(settings.batch_size)
-        l_sds, info = guidance_loss("sds", prior, rgb.to(prior.dtype), cond, uncond, guidance_scale=settings.guidance_scale, t_range=settings.t_range, generator=generator)
+        cond, uncond = (
+            embeddings.for_views(view_names(cams, camera_params)),
+            embeddings.uncond_batch(settings.batch_size),
+        )
+        l_sds, info = guidance_loss(
+            "sds",
+            prior,
+            rgb.to(prior.dtype),
+            cond,
+            uncond,
+            guidance_scale=settings.guidance_scale,
+            t_range=settings.t_range,
+            generator=generator,
+        )
         l_lap = laplacian_loss(mverts, faces) / voxel**2  # in voxels^2: the same weight at any resolution
         l_anchor = (sdf - sdf0)[band].square().mean() / voxel**2
         loss = l_sds + settings.laplacian_weight * l_lap + settings.anchor_weight * l_anchor
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        rec = {"step": step, "loss": float(l_sds.detach()), "laplacian": float(l_lap.detach()), "anchor": float(l_anchor.detach()), "faces": int(faces.shape[0])}
+        rec = {
+            "step": step,
+            "loss": float(l_sds.detach()),
+            "laplacian": float(l_lap.detach()),
+            "anchor": float(l_anchor.detach()),
+            "faces": int(faces.shape[0]),
+        }
         if not math.isfinite(rec["loss"]):
             raise FloatingPointError(f"geometry refinement: loss is {rec['loss']} at step {step}; lower geometry_lr")
         history.append(rec)
@@ -243,7 +273,11 @@ def refine_geometry(
             progress(1, loss=rec["loss"])
         if on_step is not None:
             opt_t, opt_meta = flatten_optimizer(opt)
-            on_step(step, {"delta": delta.detach(), "rng": generator.get_state(), **opt_t}, {"opt": opt_meta, "history": history})
+            on_step(
+                step,
+                {"delta": delta.detach(), "rng": generator.get_state(), **opt_t},
+                {"opt": opt_meta, "history": history},
+            )
     with torch.no_grad():
         mverts, faces = marching_tets(verts, tets, current_sdf())
     return mverts.detach(), faces, history

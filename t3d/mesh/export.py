@@ -17,9 +17,9 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -113,7 +113,7 @@ def unwrap(
     decimates first: xatlas takes ~10 s on 55k faces, ~0.7 s on 10k). `padding` is in texels of a
     `texture_size` texture; charts are packed for bilinear sampling.
     """
-    import xatlas  # noqa: PLC0415
+    import xatlas
 
     if max_faces is not None and len(mesh.faces) > max_faces:
         mesh = decimate(mesh, max_faces)
@@ -302,7 +302,9 @@ def turntable(
     v = torch.as_tensor(tm.verts, dtype=torch.float32, device=device)
     f = torch.as_tensor(tm.faces, dtype=torch.int32, device=device)
     uv = torch.as_tensor(tm.uvs, dtype=torch.float32, device=device)
-    tex = torch.as_tensor(np.ascontiguousarray(tm.texture[::-1, :, :3]), device=device).float() / 255.0  # GL orientation
+    tex = (
+        torch.as_tensor(np.ascontiguousarray(tm.texture[::-1, :, :3]), device=device).float() / 255.0
+    )  # GL orientation
     az = [start_deg + i * 360.0 / n_frames for i in range(n_frames)]
     frames = []
     for s in range(0, n_frames, batch):
@@ -322,7 +324,9 @@ def turntable(
     path_gif = Path(path_gif)
     path_gif.parent.mkdir(parents=True, exist_ok=True)
     images = [Image.fromarray(fr) for fr in arr]
-    images[0].save(path_gif, save_all=True, append_images=images[1:], duration=int(round(1000 / fps)), loop=0, optimize=False)
+    images[0].save(
+        path_gif, save_all=True, append_images=images[1:], duration=int(round(1000 / fps)), loop=0, optimize=False
+    )
     if strip_path is not None:
         k = min(strip_frames, n_frames)
         idx = [int(math.floor(i * n_frames / k)) for i in range(k)]

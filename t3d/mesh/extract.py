@@ -27,7 +27,7 @@ radius for peak densities 20..200.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import mcubes
 import numpy as np
@@ -36,7 +36,15 @@ import trimesh
 
 log = logging.getLogger(__name__)
 
-__all__ = ["extract_mesh", "sample_grid", "auto_threshold", "clean_mesh", "largest_component", "decimate", "orient_outward"]
+__all__ = [
+    "extract_mesh",
+    "sample_grid",
+    "auto_threshold",
+    "clean_mesh",
+    "largest_component",
+    "decimate",
+    "orient_outward",
+]
 
 DensityFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -75,7 +83,9 @@ def sample_grid(
     slab = max(1, chunk // (res * res))  # x-slices per chunk
     for x0 in range(0, res, slab):
         xs = axes[0][x0 : x0 + slab]
-        pts = torch.cat([xs[:, None, None].expand(-1, yz.shape[0], 1), yz[None].expand(xs.shape[0], -1, -1)], -1).reshape(-1, 3)
+        pts = torch.cat(
+            [xs[:, None, None].expand(-1, yz.shape[0], 1), yz[None].expand(xs.shape[0], -1, -1)], -1
+        ).reshape(-1, 3)
         out = []
         for s in range(0, pts.shape[0], chunk):
             d = density_fn(pts[s : s + chunk])
@@ -127,7 +137,9 @@ def auto_threshold(sigma: np.ndarray, spacing: Sequence[float] | float, interior
     tau = min(tau_depth, cap)
     if not tau > 0:
         tau = 0.5 * smax
-    log.info("auto threshold %.4g (level at rendered depth %.4g, interior cap %.4g, max %.4g)", tau, tau_depth, cap, smax)
+    log.info(
+        "auto threshold %.4g (level at rendered depth %.4g, interior cap %.4g, max %.4g)", tau, tau_depth, cap, smax
+    )
     return tau
 
 
@@ -221,7 +233,13 @@ def extract_mesh(
         raise ValueError("marching cubes produced no faces")
     verts = lo[None] + (verts - 1.0) * spacing[None]
     mesh = clean_mesh(verts, faces, keep_largest=keep_largest, max_faces=max_faces)
-    mesh.metadata.update({"threshold": tau, "resolution": int(resolution), "bound": [lo.tolist(), (lo + spacing * (int(resolution) - 1)).tolist()]})
+    mesh.metadata.update(
+        {
+            "threshold": tau,
+            "resolution": int(resolution),
+            "bound": [lo.tolist(), (lo + spacing * (int(resolution) - 1)).tolist()],
+        }
+    )
     return mesh
 
 

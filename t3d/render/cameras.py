@@ -53,9 +53,13 @@ class CameraBatch:
     def __len__(self) -> int:
         return self.c2w.shape[0]
 
-    def to(self, device) -> "CameraBatch":
+    def to(self, device) -> CameraBatch:
         return CameraBatch(
-            self.azimuth.to(device), self.elevation.to(device), self.radius.to(device), self.fov_deg, self.c2w.to(device)
+            self.azimuth.to(device),
+            self.elevation.to(device),
+            self.radius.to(device),
+            self.fov_deg,
+            self.c2w.to(device),
         )
 
 
@@ -70,7 +74,11 @@ def look_at_origin(azimuth_deg: torch.Tensor, elevation_deg: torch.Tensor, radiu
     right = torch.linalg.cross(forward, up_world, dim=-1)
     # Straight overhead the cross product vanishes; fall back to +y as the world "up" there.
     degenerate = right.norm(dim=-1, keepdim=True) < 1e-8
-    right = torch.where(degenerate, torch.linalg.cross(forward, torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64).expand_as(forward), dim=-1), right)
+    right = torch.where(
+        degenerate,
+        torch.linalg.cross(forward, torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64).expand_as(forward), dim=-1),
+        right,
+    )
     right = right / right.norm(dim=-1, keepdim=True)
     up = torch.linalg.cross(right, forward, dim=-1)
     c2w = torch.zeros(eye.shape[0], 4, 4, dtype=torch.float64)

@@ -89,7 +89,17 @@ class TorchRasterContext:
     def interpolate(self, attr, rast, tri, rast_db=None, diff_attrs=None):
         return interpolate(attr, rast, tri, rast_db, diff_attrs, ctx=self)
 
-    def texture(self, tex, uv, uv_da=None, mip_level_bias=None, mip=None, filter_mode="auto", boundary_mode="wrap", max_mip_level=None):
+    def texture(
+        self,
+        tex,
+        uv,
+        uv_da=None,
+        mip_level_bias=None,
+        mip=None,
+        filter_mode="auto",
+        boundary_mode="wrap",
+        max_mip_level=None,
+    ):
         return texture(tex, uv, uv_da, mip_level_bias, mip, filter_mode, boundary_mode, max_mip_level, ctx=self)
 
     def antialias(self, color, rast, pos, tri, topology_hash=None, pos_gradient_boost=1.0):
@@ -107,7 +117,7 @@ def import_nvdiffrast():
     that module nor puts its build folder on sys.path, so every first use failed with
     ModuleNotFoundError: nvdiffrast_plugin_... Here the built module is registered under its name.
     """
-    import nvdiffrast.torch as dr  # noqa: PLC0415 (only imported when chosen)
+    import nvdiffrast.torch as dr
 
     ops = sys.modules.get("nvdiffrast.torch.ops")
     get_plugin = getattr(ops, "_get_plugin", None)
@@ -119,7 +129,7 @@ def import_nvdiffrast():
         name = getattr(exc, "name", None) or ""
         if not name.startswith("nvdiffrast_plugin"):
             raise
-        from torch.utils import cpp_extension  # noqa: PLC0415
+        from torch.utils import cpp_extension
 
         build_dir = cpp_extension._get_build_directory(name, False)
         sys.modules[name] = cpp_extension._import_module_from_library(name, build_dir, True)
@@ -148,7 +158,9 @@ def _nvdiffrast_smoke(device: torch.device) -> None:
     dr = import_nvdiffrast()
 
     ctx = dr.RasterizeCudaContext(device=device)
-    pos = torch.tensor([[[-0.8, -0.8, 0.0, 1.0], [0.8, -0.8, 0.0, 1.0], [0.0, 0.8, 0.0, 1.0]]], device=device, requires_grad=True)
+    pos = torch.tensor(
+        [[[-0.8, -0.8, 0.0, 1.0], [0.8, -0.8, 0.0, 1.0], [0.0, 0.8, 0.0, 1.0]]], device=device, requires_grad=True
+    )
     tri = torch.tensor([[0, 1, 2]], dtype=torch.int32, device=device)
     rast, _ = dr.rasterize(ctx, pos, tri, (16, 16))
     out, _ = dr.interpolate(pos[..., :2].contiguous(), rast, tri)
@@ -229,9 +241,17 @@ def _visibility(pos: torch.Tensor, tri: torch.Tensor, height: int, width: int, m
     sy = (((y / ws) + 1.0) * (height / 2.0) - 0.5).clamp(-big, big)
     eps = 1e-3
     i0 = torch.where(front, (sx.amin(-1) - eps).ceil(), torch.zeros_like(sx[..., 0])).clamp_min(0).long()
-    i1 = torch.where(front, (sx.amax(-1) + eps).floor(), torch.full_like(sx[..., 0], width - 1)).clamp_max(width - 1).long()
+    i1 = (
+        torch.where(front, (sx.amax(-1) + eps).floor(), torch.full_like(sx[..., 0], width - 1))
+        .clamp_max(width - 1)
+        .long()
+    )
     j0 = torch.where(front, (sy.amin(-1) - eps).ceil(), torch.zeros_like(sy[..., 0])).clamp_min(0).long()
-    j1 = torch.where(front, (sy.amax(-1) + eps).floor(), torch.full_like(sy[..., 0], height - 1)).clamp_max(height - 1).long()
+    j1 = (
+        torch.where(front, (sy.amax(-1) + eps).floor(), torch.full_like(sy[..., 0], height - 1))
+        .clamp_max(height - 1)
+        .long()
+    )
     bw = (i1 - i0 + 1).clamp_min(0)
     bh = (j1 - j0 + 1).clamp_min(0)
     counts = (bw * bh).masked_fill(reject, 0).reshape(-1)  # [B*F]
@@ -306,7 +326,9 @@ def _torch_rasterize(ctx: TorchRasterContext, pos: torch.Tensor, tri: torch.Tens
         raise ValueError(f"pos must be [B,V,4] clip-space positions, got {tuple(pos.shape)}")
     if tri.dim() != 2 or tri.shape[-1] != 3:
         raise ValueError(f"tri must be [F,3], got {tuple(tri.shape)}")
-    height, width = (int(resolution), int(resolution)) if isinstance(resolution, int) else (int(resolution[0]), int(resolution[1]))
+    height, width = (
+        (int(resolution), int(resolution)) if isinstance(resolution, int) else (int(resolution[0]), int(resolution[1]))
+    )
     tri = tri.to(device=pos.device, dtype=torch.long)
     bsz = pos.shape[0]
     max_pairs = getattr(ctx, "max_pairs", 1 << 20)
@@ -420,8 +442,14 @@ def texture(
     global _warned_mip
     if _is_nvdiffrast(ctx):
         return ctx.dr.texture(
-            tex.float().contiguous(), uv.float().contiguous(), uv_da=uv_da, mip_level_bias=mip_level_bias, mip=mip,
-            filter_mode=filter_mode, boundary_mode=boundary_mode, max_mip_level=max_mip_level,
+            tex.float().contiguous(),
+            uv.float().contiguous(),
+            uv_da=uv_da,
+            mip_level_bias=mip_level_bias,
+            mip=mip,
+            filter_mode=filter_mode,
+            boundary_mode=boundary_mode,
+            max_mip_level=max_mip_level,
         )
     if tex.dim() != 4 or uv.dim() != 4 or uv.shape[-1] != 2:
         raise ValueError(f"tex must be [B,Ht,Wt,C] and uv [B,H,W,2]; got {tuple(tex.shape)}, {tuple(uv.shape)}")
@@ -506,7 +534,9 @@ def _silhouette_edges(pos: torch.Tensor, tri: torch.Tensor) -> tuple[torch.Tenso
 _AA_MAX_WALK = 8  # triangles followed along a pixel pair's segment
 
 
-def _torch_antialias(color: torch.Tensor, rast: torch.Tensor, pos: torch.Tensor, tri: torch.Tensor, pos_gradient_boost: float) -> torch.Tensor:
+def _torch_antialias(
+    color: torch.Tensor, rast: torch.Tensor, pos: torch.Tensor, tri: torch.Tensor, pos_gradient_boost: float
+) -> torch.Tensor:
     """Analytic silhouette blend between 4-neighbour pixels (the twin's own design, see antialias)."""
     bsz, height, width, ch = color.shape
     if pos.dim() == 2:
@@ -526,7 +556,10 @@ def _torch_antialias(color: torch.Tensor, rast: torch.Tensor, pos: torch.Tensor,
     # neighbour pairs (P, Q) where P shows triangle A in front of what Q shows (nothing, or a
     # farther surface): left/right then bottom/top, each in both roles
     p_list, q_list, h_list = [], [], []
-    for horizontal, (lo, hi) in ((True, (np.s_[:, :, :-1], np.s_[:, :, 1:])), (False, (np.s_[:, :-1, :], np.s_[:, 1:, :]))):
+    for horizontal, (lo, hi) in (
+        (True, (np.s_[:, :, :-1], np.s_[:, :, 1:])),
+        (False, (np.s_[:, :-1, :], np.s_[:, 1:, :])),
+    ):
         id_lo, id_hi, d_lo, d_hi = ids[lo], ids[hi], depth[lo], depth[hi]
         differ = id_lo != id_hi
         for id_q, d_p, d_q, near_p, pa, pb in (
@@ -596,8 +629,16 @@ def _torch_antialias(color: torch.Tensor, rast: torch.Tensor, pos: torch.Tensor,
     flat = color.reshape(-1, ch)
     c_p, c_q = flat[p_idx], flat[q_idx]
     n_pix = flat.shape[0]
-    delta = torch.zeros_like(flat).index_add(0, q_idx, w_q[:, None] * (c_p - c_q)).index_add(0, p_idx, w_p[:, None] * (c_q - c_p))
-    weight = torch.zeros(n_pix, dtype=flat.dtype, device=flat.device).index_add(0, q_idx, w_q.detach()).index_add(0, p_idx, w_p.detach())
+    delta = (
+        torch.zeros_like(flat)
+        .index_add(0, q_idx, w_q[:, None] * (c_p - c_q))
+        .index_add(0, p_idx, w_p[:, None] * (c_q - c_p))
+    )
+    weight = (
+        torch.zeros(n_pix, dtype=flat.dtype, device=flat.device)
+        .index_add(0, q_idx, w_q.detach())
+        .index_add(0, p_idx, w_p.detach())
+    )
     delta = delta / weight.clamp_min(1.0)[:, None]  # a pixel never moves past its neighbours' colours
     return (flat + delta).reshape(bsz, height, width, ch)
 
@@ -614,14 +655,19 @@ def antialias(color, rast, pos, tri, topology_hash=None, pos_gradient_boost: flo
     if that is at t in [0, 1) along the segment, then Q takes (t - 0.5) of P's colour when t > 0.5, and P takes
     (0.5 - t) of Q's colour when t < 0.5 (1D coverage of each pixel), weighted by the squared
     component of the edge's screen normal along the pair's axis (horizontal and vertical pairs
-    share each edge). Deltas add up per pixel, normalised when their weights exceed 1. Interior edges are left alone. `topology_hash` is
+    share each edge). Deltas add up per pixel, normalised when their weights exceed 1. Interior
+    edges are left alone. `topology_hash` is
     accepted for signature compatibility and ignored; `pos_gradient_boost` scales the position
     gradients.
     """
     if _is_nvdiffrast(ctx):
         return ctx.dr.antialias(
-            color.contiguous(), rast, pos.float().contiguous(), tri.to(torch.int32).contiguous(),
-            topology_hash=topology_hash, pos_gradient_boost=pos_gradient_boost,
+            color.contiguous(),
+            rast,
+            pos.float().contiguous(),
+            tri.to(torch.int32).contiguous(),
+            topology_hash=topology_hash,
+            pos_gradient_boost=pos_gradient_boost,
         )
     return _torch_antialias(color, rast, pos, tri, pos_gradient_boost)
 
@@ -690,7 +736,11 @@ def render_mesh(
     mask = (rast[..., 3:] > 0).to(verts.dtype)
     view = torch.linalg.inv(cameras.c2w.to(device).float()).to(verts.dtype)
     cam_z = -torch.einsum("bj,vj->bv", view[:, 2], vh)[..., None]  # [B,V,1] distance along view axis
-    attrs = [verts[None].expand(pos.shape[0], -1, -1), vertex_normals(verts, faces_i)[None].expand(pos.shape[0], -1, -1), cam_z]
+    attrs = [
+        verts[None].expand(pos.shape[0], -1, -1),
+        vertex_normals(verts, faces_i)[None].expand(pos.shape[0], -1, -1),
+        cam_z,
+    ]
     sizes = [3, 3, 1]
     if uvs is not None:
         attrs.append(uvs.to(verts.dtype)[None].expand(pos.shape[0], -1, -1))
@@ -711,7 +761,12 @@ def render_mesh(
         out["uv"] = uv_img
         if tex is not None:
             t = tex if tex.dim() == 4 else tex[None]
-            rgb = texture(t.to(verts.dtype), uv_img.contiguous(), filter_mode="linear", boundary_mode=boundary_mode, ctx=ctx) * mask
+            rgb = (
+                texture(
+                    t.to(verts.dtype), uv_img.contiguous(), filter_mode="linear", boundary_mode=boundary_mode, ctx=ctx
+                )
+                * mask
+            )
     if vertex_colors is not None:
         rgb = parts[k] if rgb is None else rgb
     if rgb is not None:

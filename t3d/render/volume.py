@@ -11,7 +11,8 @@ at samples whose weight matters (they cost 3-6 extra density queries each).
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,9 @@ DEFAULT_LIGHT_CAM = (-0.45, 0.55, 0.70)
 Shading = Literal["albedo", "lambertian", "textureless"]
 
 
-def ray_sphere(origins: torch.Tensor, dirs: torch.Tensor, radius: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def ray_sphere(
+    origins: torch.Tensor, dirs: torch.Tensor, radius: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Entry/exit distances of unit rays [R,3] through the origin-centred sphere; hit mask [R]."""
     b = (origins * dirs).sum(-1)
     c = origins.square().sum(-1) - radius**2
@@ -62,7 +65,9 @@ def light_directions(
     return torch.einsum("bij,bj->bi", c2w[:, :3, :3], base)
 
 
-def _background(field, dirs: torch.Tensor, background, batch_index: torch.Tensor, n_views: int, generator) -> torch.Tensor:
+def _background(
+    field, dirs: torch.Tensor, background, batch_index: torch.Tensor, n_views: int, generator
+) -> torch.Tensor:
     if background is None:
         return field.background(dirs)
     if isinstance(background, str):
@@ -90,8 +95,15 @@ class OccupancyGrid:
     """
 
     def __init__(self, bound: float, resolution: int = 32, threshold: float = 0.01, decay: float = 0.6, device="cpu"):
-        self.bound, self.resolution, self.threshold, self.decay = float(bound), int(resolution), float(threshold), float(decay)
-        self.density = torch.full((self.resolution,) * 3, float("inf"), device=device)  # everything occupied until updated
+        self.bound, self.resolution, self.threshold, self.decay = (
+            float(bound),
+            int(resolution),
+            float(threshold),
+            float(decay),
+        )
+        self.density = torch.full(
+            (self.resolution,) * 3, float("inf"), device=device
+        )  # everything occupied until updated
         self.grid = torch.ones((self.resolution,) * 3, dtype=torch.bool, device=device)
 
     @torch.no_grad()
@@ -178,15 +190,34 @@ def render(
     near, far, hit = ray_sphere(o, d, field.params.bound)
     ray_index = hit.nonzero(as_tuple=True)[0]
     batch_index = ray_index // pix_per_view
-    lights = light_directions(cameras, light_dir, light_frame, random_light, light_jitter, generator) if need_normals else None
+    lights = (
+        light_directions(cameras, light_dir, light_frame, random_light, light_jitter, generator)
+        if need_normals
+        else None
+    )
 
     chunks = [ray_index] if not chunk_rays else list(ray_index.split(chunk_rays))
     parts = []
     for idx in chunks:
         parts.append(
             _march(
-                field, o[idx], d[idx], near[idx], far[idx], idx // pix_per_view, n_samples, shading, lights,
-                ambient, diffuse, perturb, generator, need_normals, normal_mode, normal_weight_threshold, occupancy,
+                field,
+                o[idx],
+                d[idx],
+                near[idx],
+                far[idx],
+                idx // pix_per_view,
+                n_samples,
+                shading,
+                lights,
+                ambient,
+                diffuse,
+                perturb,
+                generator,
+                need_normals,
+                normal_mode,
+                normal_weight_threshold,
+                occupancy,
             )
         )
     per_ray = {k: torch.cat([p[k] for p in parts]) if parts[0][k] is not None else None for k in parts[0]}
@@ -236,8 +267,23 @@ def _shade(albedo, normals, light, shading, ambient, diffuse):
 
 
 def _march(
-    field, o, d, near, far, view_idx, n_samples, shading, lights, ambient, diffuse, perturb, generator,
-    need_normals, normal_mode, threshold, occupancy=None,
+    field,
+    o,
+    d,
+    near,
+    far,
+    view_idx,
+    n_samples,
+    shading,
+    lights,
+    ambient,
+    diffuse,
+    perturb,
+    generator,
+    need_normals,
+    normal_mode,
+    threshold,
+    occupancy=None,
 ) -> dict:
     n = o.shape[0]
     s = n_samples
@@ -285,7 +331,9 @@ def _march(
         if sel.numel():
             p_surf = o[sel] + surf_t[sel, None] * d[sel]
             normals = normals.index_copy(0, sel, field.normals(p_surf))
-        colour = _shade(albedo_ray / opacity.clamp_min(1e-6)[:, None], normals, lights[view_idx], shading, ambient, diffuse)
+        colour = _shade(
+            albedo_ray / opacity.clamp_min(1e-6)[:, None], normals, lights[view_idx], shading, ambient, diffuse
+        )
         rgb = opacity[:, None] * colour
         out.update(orient_weights=opacity[:, None], orient_normals=normals[:, None, :])
         out["normal"] = opacity[:, None] * normals

@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from t3d.toy import world as toyworld
 from t3d.render.cameras import CameraParams, orbit_cameras
 from t3d.render.volume import light_directions
+from t3d.toy import world as toyworld
 
 
 def eval_cameras(camera: CameraParams, n_views: int = 8):
@@ -38,7 +38,17 @@ def evaluate_field(field, prompt: str, camera: CameraParams, n_views: int = 8, s
     except ValueError:
         return {}
     cams = eval_cameras(camera, n_views)
-    out = render(field, cams, size, n_samples=64, shading="lambertian", light_dir=toyworld.DEFAULT_LIGHT, ambient=toyworld.AMBIENT, diffuse=toyworld.DIFFUSE, background="white")
+    out = render(
+        field,
+        cams,
+        size,
+        n_samples=64,
+        shading="lambertian",
+        light_dir=toyworld.DEFAULT_LIGHT,
+        ambient=toyworld.AMBIENT,
+        diffuse=toyworld.DIFFUSE,
+        background="white",
+    )
     true_rgb, true_mask = toyworld.render_primitive(shape, colour, cams.to(field.device), size)
     return score(out["rgb"], out["opacity"], true_rgb, true_mask)
 
@@ -52,8 +62,14 @@ def render_textured_mesh(tmesh, cams, size: int, raster_ctx=None, device="cpu") 
     tex = torch.as_tensor(np.array(tmesh.texture), device=device)  # copy: read-only PNG buffers
     tex = tex.float().div(255).flip(0)  # PNG rows -> GL rows (row 0 = v 0)
     out = render_mesh(
-        torch.as_tensor(tmesh.verts, device=device), torch.as_tensor(tmesh.faces, device=device), cams, size,
-        ctx=raster_ctx, uvs=torch.as_tensor(tmesh.uvs, device=device), tex=tex[..., :3], background=1.0,
+        torch.as_tensor(tmesh.verts, device=device),
+        torch.as_tensor(tmesh.faces, device=device),
+        cams,
+        size,
+        ctx=raster_ctx,
+        uvs=torch.as_tensor(tmesh.uvs, device=device),
+        tex=tex[..., :3],
+        background=1.0,
     )
     light = light_directions(cams)
     lam = (out["normal"] * light[:, None, None, :]).sum(-1, keepdim=True).clamp_min(0)
@@ -62,7 +78,9 @@ def render_textured_mesh(tmesh, cams, size: int, raster_ctx=None, device="cpu") 
     return rgb.permute(0, 3, 1, 2).clamp(0, 1), out["mask"].permute(0, 3, 1, 2)
 
 
-def evaluate_mesh(tmesh, prompt: str, camera: CameraParams, n_views: int = 8, size: int = 32, raster_ctx=None, device="cpu") -> dict:
+def evaluate_mesh(
+    tmesh, prompt: str, camera: CameraParams, n_views: int = 8, size: int = 32, raster_ctx=None, device="cpu"
+) -> dict:
     """{} for prompts outside the toy world."""
     try:
         shape, colour = toyworld.parse_prompt(prompt)
