@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -10,6 +13,11 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 # (Prefect server, workers, batch siblings) on 2 cores; spinning OpenMP threads cost 5-30x.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("T3D_TORCH_THREADS", "1")
+# Remote (fsspec) stores keep a local cache under T3D_CACHE, ~/.cache/t3d by default: tests use
+# their own, removed at exit, so a test run leaves nothing in the user's home.
+if "T3D_CACHE" not in os.environ:
+    os.environ["T3D_CACHE"] = tempfile.mkdtemp(prefix="t3d-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["T3D_CACHE"], True)
 
 import torch
 
