@@ -176,14 +176,3 @@ class DiffusionPrior:
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         a = self.alphas_cumprod[t.long()].view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
-
-    def describe(self) -> dict:
-        """Small JSON-able summary for manifests."""
-        return {
-            "identity": self.identity,
-            "space": self.space,
-            "image_size": self.image_size,
-            "device": str(self.device),
-            "dtype": str(self.dtype).replace("torch.", ""),
-            **({"compute": self.compute} if self.compute else {}),
-        }

@@ -209,12 +209,6 @@ def render_primitive(
     return rgb.clamp(0, 1), mask
 
 
-def silhouette_area_fraction(shape: str, cameras: CameraBatch, size: int) -> torch.Tensor:
-    """Fraction of each image covered by the shape (handy for tests and sanity checks)."""
-    _, mask = render_primitive(shape, "red", cameras, size)
-    return mask.mean(dim=(1, 2, 3))
-
-
 def sphere_disc_fraction(radius: float, distance: float, fov_deg: float) -> float:
     """Analytic image fraction covered by a sphere seen from `distance` with a square `fov_deg` image."""
     half_angle = math.asin(radius / distance)
