@@ -178,9 +178,7 @@ def flow_yaml(kind: str, prior: Path, store: Path, steps: int, refine: bool) -> 
             "checkpoint_every": 1000,
         },
         "extract_mesh": {
-            "geometry_steps": steps,
-            "geometry_batch_size": 1,
-            "geometry_render_size": 64,
+            "geometry": {"steps": steps, "batch_size": 1, "render_size": 64},
             "checkpoint_every": 1000,
         },
         "texture": {"steps": steps, "batch_size": 1, "resolution": 64, "guidance": "sds", "checkpoint_every": 1000},

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
         save_png(image_grid(res.pop("images"), nrow=args.n), args.grid, upscale=2)
     for prompt, r in res["per_prompt"].items():
         print(
-            f"{prompt:40s} colour {r['color_acc']:.2f}  shape {r['shape_acc']:.2f}  shapes={r['shapes']}",
+            f"{prompt:40s} color {r['color_acc']:.2f}  shape {r['shape_acc']:.2f}  shapes={r['shapes']}",
             file=sys.stderr,
         )
     print(

@@ -11,7 +11,7 @@ Goals (issues 4-6): coarse SDS IoU >= 0.80 and colour error <= 0.15 for >= 8/10 
 flow <= 10 min per prompt; refine's IoU not more than 0.02 below coarse's.
 
 Last output: one JSON object {"results": [...], "controls": [...], "summary": {...}}.
-Usage: python bench/quality.py [--prompt "a red cube" ...] [--upto coarse] [--set stages.coarse.method=sjc] [--jobs 2]
+Usage: python bench/quality.py [--prompt "a red cube" ...] [--upto coarse] [--set stages.coarse.guidance=sjc] [--jobs 2]
 
 --jobs N runs the prompts in N single-threaded child processes on one store first; the main
 process then reads every stage back from the store (seconds are the manifests' compute times).
@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--upto", default="export", help="last stage to run")
     parser.add_argument("--flow", default=str(ROOT / "examples" / "sds_red_cube.yaml"))
     parser.add_argument(
-        "--set", dest="sets", action="append", default=[], help="flow overrides, e.g. stages.coarse.method=sjc"
+        "--set", dest="sets", action="append", default=[], help="flow overrides, e.g. stages.coarse.guidance=sjc"
     )
     parser.add_argument("--store", default=None, help="artifact store (default: a temporary folder)")
     parser.add_argument("--seed", type=int, default=0)

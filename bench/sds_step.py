@@ -230,7 +230,7 @@ def main(argv=None) -> dict:
                 prior, embeddings, params, device, args.warmup, args.steps, 1 if method == "vsd1" else None
             )
         else:
-            p = params.model_copy(update={"method": method, "albedo_warmup": 0.0, "steps": 10_000})
+            p = params.model_copy(update={"guidance": method, "albedo_warmup": 0.0, "steps": 10_000})
             trainer = CoarseTrainer(p, prior, embeddings, CameraParams(), device, seed=0)
             for _ in range(args.warmup):
                 trainer.step()

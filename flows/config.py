@@ -153,10 +153,34 @@ def _unwrap_optional(annotation: Any) -> Any:
     return models[0] if models else annotation
 
 
+# Keys an earlier flow.yaml used -> the key that replaced them, so an old flow gets the new name
+# rather than a did-you-mean.
+RENAMED_KEYS = {
+    "stages.coarse.method": "stages.coarse.guidance",
+    **{
+        f"stages.extract_mesh.geometry_{old}": f"stages.extract_mesh.geometry.{new}"
+        for old, new in (
+            ("steps", "steps"),
+            ("resolution", "resolution"),
+            ("correction_resolution", "correction_resolution"),
+            ("lr", "lr"),
+            ("render_size", "render_size"),
+            ("batch_size", "batch_size"),
+            ("guidance_scale", "guidance_scale"),
+            ("t_range", "t_range"),
+            ("laplacian", "lambda_laplacian"),
+            ("anchor", "lambda_anchor"),
+        )
+    },
+}
+
+
 def _format_error(err: dict, model: type[BaseModel], source: str) -> str:
     loc = tuple(err["loc"])
     path = ".".join(str(p) for p in loc) or "(top level)"
     kind = err["type"]
+    if kind == "extra_forbidden" and path in RENAMED_KEYS:
+        return f"{source}: {path}: renamed to {RENAMED_KEYS[path]}"
     if kind == "extra_forbidden":
         allowed = _allowed_keys(model, loc)
         hint = _suggest(str(loc[-1]), allowed)

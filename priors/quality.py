@@ -133,7 +133,7 @@ def evaluate_prior(
         s_ok = sum(s == shape for s in shapes)
         c_ok_all += c_ok
         s_ok_all += s_ok
-        per_prompt[prompt] = {"color_acc": c_ok / n, "shape_acc": s_ok / n, "colours": colours, "shapes": shapes}
+        per_prompt[prompt] = {"color_acc": c_ok / n, "shape_acc": s_ok / n, "colors": colours, "shapes": shapes}
     total = max(1, len(prompts) * n)
     result = {
         "color_acc": c_ok_all / total,

@@ -28,6 +28,7 @@ from t3d.fields.nerf import FieldParams, NeRFField
 from t3d.guidance.sds import (
     CFG_CONVENTION,
     TRange,
+    Weighting,
     anneal_t_range,
     guidance_loss,
     opacity_entropy,
@@ -56,7 +57,7 @@ def _default_field() -> FieldParams:
 
 
 class CoarseParams(StageParams):
-    method: Literal["sds", "sjc"] = "sds"
+    guidance: Literal["sds", "sjc"] = Field("sds", description="the score distillation method: SDS or SJC (PAAS)")
     steps: int = Field(400, ge=1)
     batch_size: int = Field(4, ge=1)
     resolution: int = Field(32, ge=8, description="render size; the prior resizes to its own")
@@ -77,7 +78,7 @@ class CoarseParams(StageParams):
     t_range: TRange = (0.02, 0.98)
     t_range_end: TRange | None = Field((0.02, 0.6), description="annealed to this by the last step; None: fixed")
     t_anneal: Literal["linear", "sqrt", "none"] = "linear"
-    weighting: Literal["sds", "uniform", "fantasia"] = "sds"
+    weighting: Weighting = Field("sds", description="SDS's w(t); SJC has none")
     grad_clip: float | None = None
     sjc_n_noise: int = Field(1, ge=1, description="SJC: noise draws averaged per score (PAAS)")
     sjc_var_red: bool = True
@@ -100,6 +101,16 @@ class CoarseParams(StageParams):
     preview_size: int = Field(64, ge=16)
     preview_frames: int = Field(24, ge=4)
     eval_views: int = Field(8, ge=1)
+
+    def key_params(self) -> dict:
+        """Leave out what changes nothing: the options of the guidance method not chosen
+        (guidance_loss drops them) and, without a learned background, its MLP's size and rate."""
+        params = super().key_params()
+        unused = ["sjc_n_noise", "sjc_var_red"] if self.guidance == "sds" else ["weighting"]
+        if self.field.background != "learned":
+            unused.append("lr_bg")
+            del params["field"]["bg_hidden"]
+        return {k: v for k, v in params.items() if k not in unused}
 
 
 # ---- the optimisation loop (also used by bench/sds_step.py) --------------------------------
@@ -182,7 +193,7 @@ class CoarseTrainer:
         t1 = time.perf_counter()
         t_range = anneal_t_range(self.step_idx, p.steps, p.t_range, p.t_range_end, p.t_anneal)
         loss_g, info = guidance_loss(
-            p.method,
+            p.guidance,
             self.prior,
             out["rgb"],
             cond,
@@ -372,7 +383,7 @@ def run(ctx: StageContext) -> None:
             split[k] += rec[k]
         return {"loss": rec["loss"], "opacity": rec["opacity"]}
 
-    optimise(ctx, trainer, p.steps, p.checkpoint_every, f"coarse ({p.method})", postfix)
+    optimise(ctx, trainer, p.steps, p.checkpoint_every, f"coarse ({p.guidance})", postfix)
     ctx.timings.update({k: round(v, 3) for k, v in split.items()})
 
     save_field(trainer.field, ctx.out)

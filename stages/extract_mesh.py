@@ -3,7 +3,7 @@
 Reads the coarse stage's field (field.safetensors + field.json), samples its density on a grid,
 extracts the iso-surface (automatic threshold unless given; t3d.mesh.extract explains the rule), keeps the
 largest piece, decimates to a face budget, unwraps UVs with xatlas, and bakes the field's albedo
-into a texture by rasterizing the UV layout. With geometry_steps > 0 the surface is first refined
+into a texture by rasterizing the UV layout. With geometry.steps > 0 the surface is first refined
 with SDS on a signed-distance grid through the rasterizer (t3d.mesh.dmtet, Magic3D's DMTet step).
 Writes:
   mesh.glb                 the textured mesh (y-up glTF; read it back with `load_mesh`)
@@ -21,8 +21,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from t3d.guidance.sds import CFG_CONVENTION, TRange
-from t3d.mesh.dmtet import GeometrySettings, refine_geometry
+from t3d.mesh.dmtet import GeometryParams, refine_geometry
 from t3d.mesh.export import TexturedMesh, bake_texture, export_glb, load_textured, turntable, unwrap
 from t3d.mesh.extract import auto_threshold, clean_mesh, extract_mesh, sample_grid
 from t3d.render.raster import make_raster_context
@@ -36,7 +35,12 @@ TEXTURE_FILE = "texture.png"
 
 
 class ExtractMeshParams(StageParams):
-    resolution: int = Field(96, ge=16, le=512, description="density grid samples per side")
+    resolution: int = Field(
+        96,
+        ge=16,
+        le=512,
+        description="marching-cubes grid samples per side; unused (and out of the key) while geometry.steps > 0",
+    )
     threshold: float | None = Field(
         None, gt=0, description="density iso-level; None: automatic (level at the rendered surface)"
     )
@@ -49,26 +53,22 @@ class ExtractMeshParams(StageParams):
     raster_backend: str = Field("auto", pattern="^(auto|cuda-library|torch)$")
     preview_size: int = Field(128, ge=16)
     preview_frames: int = Field(24, ge=4)
-    geometry_steps: int = Field(
-        200,
-        ge=0,
-        description=(
-            "SDS steps refining the surface on an SDF grid (0: plain marching cubes); ~50 s on a CPU "
-            "core, cubes get their corners back"
-        ),
+    geometry: GeometryParams = Field(
+        default_factory=GeometryParams, description="SDS refinement of the surface on an SDF grid (t3d.mesh.dmtet)"
     )
-    geometry_resolution: int = Field(64, ge=16, le=256, description="SDF grid samples per side")
-    geometry_correction_resolution: int = Field(
-        16, ge=2, le=256, description="the SDF changes by a trilinear correction grid this coarse (smooth surfaces)"
-    )
-    geometry_lr: float = Field(2e-3, gt=0, description="Adam step on the SDF values (world units)")
-    geometry_render_size: int = Field(64, ge=16)
-    geometry_batch_size: int = Field(2, ge=1)
-    geometry_guidance_scale: float = Field(7.5, gt=0, description=CFG_CONVENTION)
-    geometry_t_range: TRange = (0.02, 0.5)
-    geometry_laplacian: float = Field(0.5, ge=0, description="weight of mesh smoothness (Laplacian, in voxels^2)")
-    geometry_anchor: float = Field(10.0, ge=0, description="weight of the pull towards the coarse SDF (in voxels^2)")
-    checkpoint_every: int = Field(50, ge=1)
+    checkpoint_every: int = Field(50, ge=1, description="geometry refinement's checkpoint interval")
+
+    def key_params(self) -> dict:
+        """Leave out what the chosen path never reads: with geometry refinement on, the SDF grid
+        (geometry.resolution) samples the field and `resolution` is unused; with it off, the
+        geometry block and the checkpoint interval are."""
+        params = super().key_params()
+        if self.geometry.steps > 0:
+            del params["resolution"]
+        else:
+            params["geometry"] = {"steps": 0}
+            del params["checkpoint_every"]
+        return params
 
 
 def load_mesh(folder: Path) -> TexturedMesh:
@@ -82,34 +82,22 @@ def _refined_surface(ctx: StageContext, field, raster_ctx):
     prior = ctx.load_prior()
     emb = load_embeddings(ctx.inputs["encode_prompt"]).to(prior.device, prior.dtype)
     with torch.no_grad():
-        sigma, lo, spacing = sample_grid(field.density, p.geometry_resolution, field.params.bound, device=ctx.device)
+        sigma, lo, spacing = sample_grid(field.density, p.geometry.resolution, field.params.bound, device=ctx.device)
     sigma = np.nan_to_num(sigma, nan=0.0, posinf=np.float32(3e38)).clip(min=0.0)
     tau = auto_threshold(sigma, spacing) if p.threshold is None else float(p.threshold)
-    settings = GeometrySettings(
-        steps=p.geometry_steps,
-        resolution=p.geometry_resolution,
-        render_size=p.geometry_render_size,
-        batch_size=p.geometry_batch_size,
-        lr=p.geometry_lr,
-        guidance_scale=p.geometry_guidance_scale,
-        t_range=tuple(p.geometry_t_range),
-        laplacian_weight=p.geometry_laplacian,
-        anchor_weight=p.geometry_anchor,
-        correction_resolution=p.geometry_correction_resolution,
-    )
     gen = torch.Generator().manual_seed(int(ctx.seed) * 7919 + 5)
     resume = ctx.load_checkpoint()
     if resume is not None:
         ctx.metrics["resumed_from"] = int(resume[0])
 
     def checkpoint(step: int, tensors: dict, meta: dict) -> None:
-        if step % p.checkpoint_every == 0 and step < p.geometry_steps:
+        if step % p.checkpoint_every == 0 and step < p.geometry.steps:
             ctx.save_checkpoint(step, tensors, meta)
 
     def albedo(points: torch.Tensor) -> torch.Tensor:
         return field.query(points.to(field.device))[1]
 
-    with ctx.progress(p.geometry_steps, "geometry (sds on sdf)", initial=resume[0] if resume else 0) as update:
+    with ctx.progress(p.geometry.steps, "geometry (sds on sdf)", initial=resume[0] if resume else 0) as update:
         verts, faces, history = refine_geometry(
             sigma,
             lo,
@@ -119,7 +107,7 @@ def _refined_surface(ctx: StageContext, field, raster_ctx):
             prior,
             emb,
             ctx.camera,
-            settings,
+            p.geometry,
             gen,
             raster_ctx=raster_ctx,
             device=ctx.device,
@@ -128,7 +116,7 @@ def _refined_surface(ctx: StageContext, field, raster_ctx):
             on_step=checkpoint,
         )
     mesh = clean_mesh(verts.cpu().numpy(), faces.cpu().numpy(), keep_largest=p.keep_largest, max_faces=p.max_faces)
-    mesh.metadata.update({"threshold": tau, "resolution": int(p.geometry_resolution)})
+    mesh.metadata.update({"threshold": tau, "resolution": int(p.geometry.resolution)})
     return mesh, history
 
 
@@ -142,7 +130,7 @@ def run(ctx: StageContext) -> None:
     raster_ctx, choice = make_raster_context(p.raster_backend, ctx.device)
     ctx.backend["raster"] = choice.as_dict()
 
-    if p.geometry_steps:
+    if p.geometry.steps:
         mesh, history = _refined_surface(ctx, field, raster_ctx)
         timings["geometry_s"] = time.perf_counter() - t0
         (ctx.out / "geometry_losses.json").write_text(json.dumps(history))

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Literal
 
 import torch
 from pydantic import Field
 
-from t3d.guidance.sds import CFG_CONVENTION, TRange, anneal_t_range, opacity_entropy
+from t3d.guidance.sds import CFG_CONVENTION, TRange, Weighting, anneal_t_range, opacity_entropy
 from t3d.guidance.vsd import load_lora_state, lora_loss, lora_state, make_lora_unet, trainable_parameters, vsd_loss
 from t3d.render.cameras import CameraParams, orbit_cameras, sample_cameras, view_names
 from t3d.render.volume import render
@@ -72,12 +73,11 @@ class RefineParams(StageParams):
     )
     t_range: TRange = (0.02, 0.7)
     t_range_end: TRange | None = (0.02, 0.5)
-    weighting: str = "sds"
+    weighting: Weighting = "sds"
     grad_clip: float | None = None
     lambda_entropy: float = 1e-3
-    shading: str = Field(
+    shading: Literal["lambertian", "albedo"] = Field(
         "lambertian",
-        pattern="^(albedo|lambertian)$",
         description="lambertian: the prior was trained on lit images (albedo renders gave higher colour error)",
     )
     ambient: float = Field(0.35, ge=0, le=1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -31,8 +32,8 @@ from t3d.toy.metrics import evaluate_mesh
 
 class TextureParams(StageParams):
     steps: int = Field(150, ge=1)
-    guidance: str = Field(
-        "sds", pattern="^(sds|vsd)$", description="vsd uses a camera-conditioned LoRA as the refine stage does"
+    guidance: Literal["sds", "vsd"] = Field(
+        "sds", description="vsd uses a camera-conditioned LoRA as the refine stage does"
     )
     batch_size: int = Field(2, ge=1)
     resolution: int = Field(64, ge=16, description="raster size (the coarse stage renders 32)")
@@ -41,17 +42,24 @@ class TextureParams(StageParams):
     guidance_scale: float | None = Field(None, description="None: the prior's default (vsd: 7.5). " + CFG_CONVENTION)
     t_range: TRange = (0.02, 0.5)
     t_range_end: TRange | None = (0.02, 0.3)
-    shading: str = Field("lambertian", pattern="^(albedo|lambertian)$")
+    shading: Literal["lambertian", "albedo"] = "lambertian"
     albedo_prob: float = Field(0.3, ge=0, le=1, description="fraction of steps rendered with albedo only")
     ambient: float = Field(0.35, ge=0, le=1)
-    lora_rank: int = Field(4, ge=1)
-    lora_lr: float = Field(1e-3, gt=0)
+    lora_rank: int = Field(4, ge=1, description="vsd only")
+    lora_lr: float = Field(1e-3, gt=0, description="vsd only")
     texture_size: int = Field(512, ge=64, le=4096)
     texture_padding: int = Field(8, ge=0)
     raster_backend: str = Field("auto", pattern="^(auto|cuda-library|torch)$")
     checkpoint_every: int = Field(50, ge=1)
     preview_size: int = Field(128, ge=16)
     preview_frames: int = Field(24, ge=4)
+
+    def key_params(self) -> dict:
+        """SDS trains no LoRA: its rank and learning rate change nothing then."""
+        params = super().key_params()
+        if self.guidance == "sds":
+            del params["lora_rank"], params["lora_lr"]
+        return params
 
 
 def shade_mesh_image(field, raster: dict, cameras: CameraBatch, shading: str, ambient: float) -> torch.Tensor:

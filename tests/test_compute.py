@@ -31,23 +31,24 @@ EXACT_REL = 1e-5
 BF16_REL_NORM, FP16_REL_NORM = 0.08, 0.02
 
 # Planned keys recorded at commit 347f25e, before `compute:` existed: a flow without the block
-# must keep them (every artifact already in a store stays reusable).
+# must keep them (every artifact already in a store stays reusable). Re-recorded when coarse.method
+# became coarse.guidance and extract_mesh's geometry_* keys a geometry block (issue 13).
 TINY_FLOW = {"prompt": "a red cube", "prior": "tiny-pixel", "stages": {"refine": {"enabled": True}}}
 TINY_KEYS = {
     "encode_prompt": "encode_prompt-68ffb64f0ec4aa9b7d9d",
-    "coarse": "coarse-3f34ea077832b71fc2b4",
-    "refine": "refine-262a55c58f04a3d2949f",
-    "extract_mesh": "extract_mesh-9be918f1e558392a1d91",
-    "texture": "texture-a549ad8af1963d515bf2",
-    "export": "export-5421addaf7a3f8d61a14",
+    "coarse": "coarse-15cddd77ba8001ac59cf",
+    "refine": "refine-38b7ff5baf9f8e283a9e",
+    "extract_mesh": "extract_mesh-e670002ae68ae5031dea",
+    "texture": "texture-d4cfc0347c704954174a",
+    "export": "export-5b0c897dc45460dc3a2e",
 }
 LATENT_FLOW = {"prompt": "a red cube", "prior": "tiny-latent"}
 LATENT_KEYS = {
     "encode_prompt": "encode_prompt-4306cdb9323ec486ff21",
-    "coarse": "coarse-ae11601ecf0a89ded69f",
-    "extract_mesh": "extract_mesh-fe29c277f25ccfd054c3",
-    "texture": "texture-099a231a7835fdd2b3e8",
-    "export": "export-921a2b7f2980b3d26c5b",
+    "coarse": "coarse-cba69fa8556a38568c43",
+    "extract_mesh": "extract_mesh-a8476d7a579f4f4f35eb",
+    "texture": "texture-fa10d978026a4de08665",
+    "export": "export-601b3f224360f8755ee8",
 }
 
 

@@ -89,6 +89,21 @@ MALFORMED = [
     ("prompt: a red cube\n", ["seed=x1"], ["'seed'", "'x1'"]),
     ("prompt: a red cube\n", ["prompt.text=x"], ["--set prompt.text=x", "prompt is a value"]),
     ("prompt: a red cube\n", ["seed"], ["--set 'seed'", "KEY=VALUE"]),
+    (
+        "prompt: a red cube\nstages:\n  coarse: {method: sjc}\n",
+        [],
+        ["stages.coarse.method: renamed to stages.coarse.guidance"],
+    ),
+    (
+        "prompt: a red cube\nstages:\n  extract_mesh: {geometry_laplacian: 1.0}\n",
+        [],
+        ["stages.extract_mesh.geometry_laplacian: renamed to stages.extract_mesh.geometry.lambda_laplacian"],
+    ),
+    (
+        "prompt: a red cube\n",
+        ["stages.extract_mesh.geometry_steps=0"],
+        ["stages.extract_mesh.geometry_steps: renamed to stages.extract_mesh.geometry.steps"],
+    ),
 ]
 
 
@@ -132,3 +147,33 @@ def test_empty_file_says_prompt_is_required(tmp_path):
 def test_override_into_missing_section_creates_it():
     data = apply_overrides({"prompt": "x"}, ["stages.encode_prompt.views=[front]"])
     assert data["stages"]["encode_prompt"]["views"] == ["front"]
+
+
+def test_nested_geometry_block_reaches_the_stage(tmp_path):
+    cfg = load_config(
+        write(tmp_path, GOOD + "  extract_mesh: {geometry: {steps: 0, lambda_anchor: 2.0}}\n"),
+        ["stages.extract_mesh.geometry.resolution=32"],
+        registry=REG,
+    )
+    geometry = cfg.stages.extract_mesh.geometry
+    assert (geometry.steps, geometry.lambda_anchor, geometry.resolution, geometry.lr) == (0, 2.0, 32, 2e-3)
+
+
+def test_renamed_key_is_one_error_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from t3d.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "prompt: a red cube\nprior: tiny-pixel\nstages:\n  extract_mesh: {geometry_steps: 50}\n")
+    monkeypatch.setattr(sys, "argv", ["t3d", "run", "flow.yaml", "--no-prefect"])
+    try:
+        code = main()
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    errors = [line for line in (out + err).splitlines() if line.startswith("error:")]
+    assert code == 2 and "Traceback" not in out + err
+    assert errors == [
+        "error: flow.yaml: stages.extract_mesh.geometry_steps: renamed to stages.extract_mesh.geometry.steps"
+    ]

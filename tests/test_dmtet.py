@@ -121,10 +121,7 @@ def test_extract_mesh_stage_refines_geometry_and_resumes(tmp_path):
         max_faces=1500,
         preview_size=32,
         preview_frames=4,
-        geometry_steps=4,
-        geometry_resolution=24,
-        geometry_render_size=32,
-        geometry_batch_size=1,
+        geometry={"steps": 4, "resolution": 24, "render_size": 32, "batch_size": 1},
         checkpoint_every=2,
     )
     ctx = _ctx(stage, params, {"coarse": coarse, "encode_prompt": ectx.out}, tmp_path / "mesh")

@@ -231,9 +231,9 @@ def test_coarse_trainer_checkpoint_resume_is_exact(tiny):
 def test_guidance_scale_convention_is_diffusers_form_and_documented():
     """t3d's s is threestudio's/DreamFusion's w + 1: eps_u + s (eps_c - eps_u) == eps_c + (s - 1) (eps_c - eps_u)."""
     from t3d.guidance.sds import CFG_CONVENTION
+    from t3d.mesh.dmtet import GeometryParams
     from t3d.priors import build_tiny_prior
     from t3d.stages.coarse import CoarseParams
-    from t3d.stages.extract_mesh import ExtractMeshParams
     from t3d.stages.refine import RefineParams
     from t3d.stages.texture import TextureParams
 
@@ -254,6 +254,6 @@ def test_guidance_scale_convention_is_diffusers_form_and_documented():
         (CoarseParams, "guidance_scale"),
         (RefineParams, "guidance_scale"),
         (TextureParams, "guidance_scale"),
-        (ExtractMeshParams, "geometry_guidance_scale"),
+        (GeometryParams, "guidance_scale"),
     ):
         assert CFG_CONVENTION in (model.model_fields[key].description or ""), model.__name__

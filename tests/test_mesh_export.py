@@ -241,7 +241,7 @@ def test_extract_mesh_and_export_stages(tmp_path):
 
     stage = reg["extract_mesh"]
     params = stage.params(
-        resolution=48, texture_size=128, max_faces=2000, preview_size=48, preview_frames=4, geometry_steps=0
+        resolution=48, texture_size=128, max_faces=2000, preview_size=48, preview_frames=4, geometry={"steps": 0}
     )
     ctx = _ctx(stage, params, {"coarse": coarse}, tmp_path / "mesh")
     stage.run(ctx)

@@ -26,7 +26,7 @@ TINY = textwrap.dedent("""
       coarse: {steps: 3, checkpoint_every: 2, preview_frames: 4, preview_size: 32, n_samples: 16}
       refine: {enabled: true, steps: 2, preview_frames: 4, preview_size: 32, n_samples: 16}
       extract_mesh: {resolution: 32, texture_size: 128, preview_frames: 4, preview_size: 32,
-                     geometry_steps: 3, geometry_resolution: 24, geometry_render_size: 32}
+                     geometry: {steps: 3, resolution: 24, render_size: 32}}
       texture: {steps: 2, guidance: vsd, texture_size: 128, preview_frames: 4, preview_size: 32, resolution: 32}
       export: {turntable_frames: 4, turntable_size: 32}
     """)

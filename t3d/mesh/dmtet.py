@@ -23,10 +23,12 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from t3d.guidance.sds import CFG_CONVENTION, TRange
 
 __all__ = [
     "tet_grid",
@@ -34,7 +36,7 @@ __all__ = [
     "marching_tets",
     "laplacian_loss",
     "render_shaded",
-    "GeometrySettings",
+    "GeometryParams",
     "refine_geometry",
 ]
 
@@ -168,20 +170,34 @@ def render_shaded(
     return color[:, :3].clamp(0, 1), color[:, 3:]
 
 
-@dataclass
-class GeometrySettings:
-    steps: int = 200
-    resolution: int = 64
-    render_size: int = 64
-    batch_size: int = 2
-    lr: float = 2e-3
-    guidance_scale: float = 7.5
-    t_range: tuple[float, float] = (0.02, 0.5)
-    laplacian_weight: float = 0.5
-    anchor_weight: float = 10.0
-    band_voxels: float = 4.0
-    correction_resolution: int = 16
-    ambient: float = 0.35
+class GeometryParams(BaseModel):
+    """extract_mesh's `geometry:` block: everything `refine_geometry` takes, one key per setting."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(
+        200,
+        ge=0,
+        description=(
+            "SDS steps refining the surface on an SDF grid (0: plain marching cubes); ~50 s on a CPU "
+            "core, cubes get their corners back"
+        ),
+    )
+    resolution: int = Field(64, ge=16, le=256, description="SDF grid samples per side")
+    correction_resolution: int = Field(
+        16, ge=2, le=256, description="the SDF changes by a trilinear correction grid this coarse (smooth surfaces)"
+    )
+    lr: float = Field(2e-3, gt=0, description="Adam step on the SDF values (world units)")
+    render_size: int = Field(64, ge=16)
+    batch_size: int = Field(2, ge=1)
+    guidance_scale: float = Field(7.5, gt=0, description=CFG_CONVENTION)
+    t_range: TRange = (0.02, 0.5)
+    lambda_laplacian: float = Field(0.5, ge=0, description="weight of mesh smoothness (Laplacian, in voxels^2)")
+    lambda_anchor: float = Field(10.0, ge=0, description="weight of the pull towards the coarse SDF (in voxels^2)")
+    band_voxels: float = Field(
+        4.0, gt=0, description="only tets this many voxels from the initial surface are kept (they can hold it)"
+    )
+    ambient: float = Field(0.35, ge=0, le=1, description="lambertian shading of the renders: light never below this")
 
 
 def refine_geometry(
@@ -193,7 +209,7 @@ def refine_geometry(
     prior,
     embeddings,
     camera_params,
-    settings: GeometrySettings,
+    settings: GeometryParams,
     generator: torch.Generator,
     raster_ctx=None,
     device="cpu",
@@ -235,7 +251,7 @@ def refine_geometry(
         sdf = current_sdf()
         mverts, faces = marching_tets(verts, tets, sdf)
         if faces.shape[0] == 0:
-            raise FloatingPointError(f"geometry refinement lost the surface at step {step}; lower geometry_lr")
+            raise FloatingPointError(f"geometry refinement lost the surface at step {step}; lower geometry.lr")
         cams = sample_cameras(camera_params, settings.batch_size, generator).to(device)
         rgb, _ = render_shaded(mverts, faces, cams, settings.render_size, albedo_fn, raster_ctx, settings.ambient)
         cond, uncond = (
@@ -254,7 +270,7 @@ def refine_geometry(
         )
         l_lap = laplacian_loss(mverts, faces) / voxel**2  # in voxels^2: the same weight at any resolution
         l_anchor = (sdf - sdf0)[band].square().mean() / voxel**2
-        loss = l_sds + settings.laplacian_weight * l_lap + settings.anchor_weight * l_anchor
+        loss = l_sds + settings.lambda_laplacian * l_lap + settings.lambda_anchor * l_anchor
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -266,7 +282,7 @@ def refine_geometry(
             "faces": int(faces.shape[0]),
         }
         if not math.isfinite(rec["loss"]):
-            raise FloatingPointError(f"geometry refinement: loss is {rec['loss']} at step {step}; lower geometry_lr")
+            raise FloatingPointError(f"geometry refinement: loss is {rec['loss']} at step {step}; lower geometry.lr")
         history.append(rec)
         step += 1
         if progress is not None:
