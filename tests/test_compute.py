@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from t3d import runner
+from t3d.backends import Backends, BackendsParams
 from t3d.flows.config import ConfigError, validate
 from t3d.guidance.sds import guidance_loss
 from t3d.priors import load_prior
@@ -332,6 +333,7 @@ def test_stage_context_loads_with_the_flow_options_and_records_them(monkeypatch,
         inputs={},
         out=tmp_path,
         checkpoint_dir=tmp_path / "ckpt",
+        backends=Backends(BackendsParams(), "cpu"),
         compute=ComputeParams(vae="sliced", precision="bf16"),
     )
     prior = ctx.load_prior()
@@ -363,12 +365,20 @@ def test_doctor_names_the_install_command_of_each_missing_piece(monkeypatch):
         assert rows["compute profile"][1].startswith("no GPU")
         if torch.version.cuda is None:
             assert "T3D_CUDA=1 bash scripts/install.sh" in rows["CUDA"][1]
-    for lib, command in (
-        ("nvdiffrast", "pip install diffrp-nvdiffrast"),
-        ("tinycudann", "tiny-cuda-nn/#subdirectory=bindings/torch"),
+    from t3d.fields.hashgrid import choose_hashgrid
+    from t3d.render.raster import choose_raster
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for lib, choose, command in (
+        ("nvdiffrast", choose_raster, "pip install diffrp-nvdiffrast"),
+        ("tinycudann", choose_hashgrid, "tiny-cuda-nn/#subdirectory=bindings/torch"),
     ):
         ok, detail = rows[lib]
         assert ok or command in detail, detail
+        # doctor asks the chooser a run uses (same smoke op, same cache): it reports what a run gets
+        choice = choose("auto", device).choice
+        assert ok == (choice.backend == lib)
+        assert detail == "smoke op passed" if ok else detail.startswith(choice.reason + ";"), detail
     monkeypatch.setattr(doctor, "_try", lambda fn: (False, "ModuleNotFoundError: no module"))
     rows = {name: detail for name, ok, detail in doctor.checks() if name == "xatlas"}
     assert "`bash scripts/install.sh` installs it" in rows["xatlas"]

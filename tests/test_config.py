@@ -89,6 +89,13 @@ MALFORMED = [
     ("prompt: a red cube\n", ["seed=x1"], ["'seed'", "'x1'"]),
     ("prompt: a red cube\n", ["prompt.text=x"], ["--set prompt.text=x", "prompt is a value"]),
     ("prompt: a red cube\n", ["seed"], ["--set 'seed'", "KEY=VALUE"]),
+    ("prompt: a red cube\nbackends: {raster: cuda-library}\n", [], ["'backends.raster'", "'nvdiffrast' or 'torch'"]),
+    ("prompt: a red cube\nbackends: {hashgird: torch}\n", [], ["backends.hashgird", "did you mean 'hashgrid'"]),
+    (
+        "prompt: a red cube\ndevice: cpu\nbackends: {hashgrid: tinycudann}\n",
+        [],
+        ["backends.hashgrid: tinycudann needs CUDA, but device is cpu"],
+    ),
 ]
 
 
@@ -132,3 +139,67 @@ def test_empty_file_says_prompt_is_required(tmp_path):
 def test_override_into_missing_section_creates_it():
     data = apply_overrides({"prompt": "x"}, ["stages.encode_prompt.views=[front]"])
     assert data["stages"]["encode_prompt"]["views"] == ["front"]
+
+
+# ---- backends: one flow-level block, outside the keys --------------------------------------------
+def test_backends_block_defaults_to_auto_and_takes_library_names(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD), registry=REG)
+    assert cfg.backends.model_dump() == {"hashgrid": "auto", "raster": "auto"}
+    cfg = load_config(write(tmp_path, GOOD + "backends: {hashgrid: tinycudann, raster: torch}\n"), registry=REG)
+    assert cfg.backends.hashgrid == "tinycudann" and cfg.backends.raster == "torch"
+
+
+@pytest.mark.parametrize(
+    "text,overrides,expected",
+    [
+        (
+            "stages:\n  texture: {raster_backend: torch}\n",
+            [],
+            "'stages.texture.raster_backend' moved to 'backends.raster' (one choice for the whole flow): "
+            "write `backends: {raster: torch}` at the top level instead",
+        ),
+        (
+            "stages:\n  coarse:\n    field: {backend: cuda-library, hidden: 32}\n",
+            [],
+            "'stages.coarse.field.backend' moved to 'backends.hashgrid' (one choice for the whole flow): "
+            "write `backends: {hashgrid: tinycudann}` at the top level instead",
+        ),
+        (
+            "",
+            ["stages.extract_mesh.raster_backend=cuda-library"],
+            "'stages.extract_mesh.raster_backend' moved to 'backends.raster' (one choice for the whole flow): "
+            "write `backends: {raster: nvdiffrast}` at the top level instead",
+        ),
+    ],
+)
+def test_old_backend_keys_name_their_new_place(tmp_path, text, overrides, expected):
+    path = write(tmp_path, "prompt: a red cube\n" + text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides, registry=REG)
+    assert str(info.value) == f"{path}: {expected}"
+
+
+def test_old_backend_key_exits_2_with_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from t3d.cli.main import app
+
+    path = write(tmp_path, "prompt: a red cube\nstages:\n  export: {raster_backend: auto}\n")
+    res = CliRunner().invoke(app, ["run", str(path), "--no-prefect"])
+    assert res.exit_code == 2, res.output
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "'stages.export.raster_backend' moved to 'backends.raster'" in lines[0], res.output
+
+
+def test_backends_block_is_outside_the_artifact_keys(tmp_path):
+    from t3d.runner import plan
+    from t3d.store import ArtifactStore
+
+    store = ArtifactStore(tmp_path / "store")
+    flow = "prompt: a red cube\ndevice: cuda\nstages: {refine: {enabled: true}}\n"
+    default = load_config(write(tmp_path, flow), registry=REG)
+    other = load_config(
+        write(tmp_path, flow + "backends: {hashgrid: tinycudann, raster: nvdiffrast}\n", "other.yaml"), registry=REG
+    )
+    keys = [{p.name: p.key for p in plan(cfg, "a red cube", REG, store)} for cfg in (default, other)]
+    assert keys[0] == keys[1] and len(keys[0]) == len(REG)
