@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 
 import pytest
 
-from t3d.flows.config import ConfigError, apply_overrides, load_config
+from t3d.flows.config import ConfigError, apply_overrides, load_config, validate
 from t3d.stages import default_registry
 
 REG = default_registry()
@@ -203,3 +204,33 @@ def test_backends_block_is_outside_the_artifact_keys(tmp_path):
     )
     keys = [{p.name: p.key for p in plan(cfg, "a red cube", REG, store)} for cfg in (default, other)]
     assert keys[0] == keys[1] and len(keys[0]) == len(REG)
+
+
+def _record_backends(ctx):
+    """A stage that rasterizes nothing: it reports the backend objects the runner handed it."""
+    ctx.backend.update(hashgrid=ctx.backends.hashgrid.choice.as_dict(), raster=ctx.backends.raster.choice.as_dict())
+    (ctx.out / "devices.txt").write_text(f"{ctx.backends.hashgrid.device} {ctx.backends.raster.device}")
+
+
+def test_runner_hands_the_flow_backends_to_each_stage(tmp_path):
+    from t3d.runner import execute, plan
+    from t3d.stage import Stage, StageParams
+    from t3d.stages import StageRegistry
+    from t3d.store import ArtifactStore
+
+    registry = StageRegistry([Stage("probe", "1", StageParams, (), _record_backends, uses_prior=False)])
+    store = ArtifactStore(tmp_path / "store")
+    manifests = {}
+    for request in ("torch", "auto"):
+        data = {"prompt": "a red cube", "device": "cpu", "backends": {"hashgrid": request, "raster": request}}
+        cfg = validate(data, registry)
+        (step,) = plan(cfg, cfg.prompt, registry, store)
+        step.forced = True  # same key for both requests: run it again
+        result = execute(cfg, cfg.prompt, step, registry, store, show_progress=False)
+        manifests[request] = store.get(result.key).manifest["backend"]
+        assert (Path(result.path) / "devices.txt").read_text() == "cpu cpu"
+    assert manifests["torch"] == {
+        "hashgrid": {"library": "tinycudann", "backend": "torch", "reason": "requested"},
+        "raster": {"library": "nvdiffrast", "backend": "torch", "reason": "requested"},
+    }
+    assert manifests["auto"]["raster"] == {"library": "nvdiffrast", "backend": "torch", "reason": "device is cpu"}

@@ -250,6 +250,31 @@ def test_tcnn_is_chosen_on_cuda(tcnn):
     assert isinstance(hashgrid.encoding(SMALL_GRID), TcnnHashGrid)
 
 
+def test_tcnn_field_loads_on_the_torch_twin_and_back(tcnn, tmp_path):
+    """Artifacts never pin a backend: a field saved with tinycudann loads on the torch twin (a CPU
+    worker's case, here on the GPU to compare outputs), and one saved with the twin loads on tinycudann."""
+    from t3d.fields.nerf import FieldParams, NeRFField
+    from t3d.stages.coarse import load_field, save_field
+
+    fast = choose_hashgrid("auto", "cuda")
+    if fast.choice.backend != "tinycudann":
+        pytest.skip(f"tinycudann unusable here: {fast.choice.reason}")
+    twin = choose_hashgrid("torch", "cuda")
+    x = torch.rand(4096, 3, device="cuda") * 1.6 - 0.8
+    diffs = {}
+    for name, write, read in (("tcnn_to_torch", fast, twin), ("torch_to_tcnn", twin, fast)):
+        field = NeRFField(FieldParams(grid=SMALL_GRID, bound=1.0), write)
+        with torch.no_grad():
+            field.encoding.params.uniform_(-1.0, 1.0)
+        save_field(field, tmp_path / name)
+        loaded = load_field(tmp_path / name, read)
+        assert loaded.backend == read.choice and type(loaded.encoding) is not type(field.encoding)
+        with torch.no_grad():
+            diffs[name] = max(max_abs(a, b) for a, b in zip(field.query(x), loaded.query(x), strict=True))
+    report("field_across_hashgrid_backends", **diffs)
+    assert max(diffs.values()) < 1e-3  # the grid agrees to 1e-4 (above); the MLP adds float error
+
+
 def test_twin_speed_against_tcnn(tcnn):
     """Forward+backward time of each on the GPU config (reported, not asserted)."""
     fast = TcnnHashGrid(3, GPU_GRID).cuda()
