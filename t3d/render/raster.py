@@ -3,7 +3,7 @@
 One interface, mirroring nvdiffrast's documented calls (its licence is non-commercial, so the
 torch twin below is written from the documented behaviour only, none of its source):
 
-    raster        = choose_raster("auto", device)                 # a RasterBackend, chosen once
+    raster        = choose_raster("auto", device)        # a RasterBackend, chosen once per device
     rast, rast_db = raster.rasterize(pos, tri, (H, W))   # pos [B,V,4] clip space, tri [F,3] int32
     out, _        = raster.interpolate(attr, rast, tri)  # attr [B,V,C], [1,V,C] or [V,C]
     color         = raster.texture(tex, uv, filter_mode="linear", boundary_mode="wrap")
