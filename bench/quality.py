@@ -44,21 +44,24 @@ SCORED = ("coarse", "refine", "texture", "export", "extract_mesh")
 
 
 def _score_artifact(stage: str, folder: Path, prompt: str, camera) -> dict:
-    """Re-score a finished artifact against the truth of `prompt` (used for the controls)."""
+    """Re-score a finished artifact against the truth of `prompt` (used for the controls), on the CPU."""
+    from t3d.render.raster import choose_raster
     from t3d.toy.metrics import evaluate_mesh
 
+    raster = choose_raster("torch", "cpu")
     if stage in ("coarse", "refine"):
+        from t3d.fields.hashgrid import choose_hashgrid
         from t3d.stages.coarse import load_field
         from t3d.toy.metrics import evaluate_field
 
-        return evaluate_field(load_field(folder), prompt, camera)
+        return evaluate_field(load_field(folder, choose_hashgrid("torch", "cpu")), prompt, camera)
     if stage == "export":
         from t3d.mesh.export import load_textured
 
-        return evaluate_mesh(load_textured(next(folder.glob("*.glb"))), prompt, camera)
+        return evaluate_mesh(load_textured(next(folder.glob("*.glb"))), prompt, camera, raster=raster)
     from t3d.stages.extract_mesh import load_mesh
 
-    return evaluate_mesh(load_mesh(folder), prompt, camera)
+    return evaluate_mesh(load_mesh(folder), prompt, camera, raster=raster)
 
 
 def _manifest_seconds(path: str | None, default: float) -> float:

@@ -30,16 +30,7 @@ import torch
 import trimesh
 
 from t3d.render.cameras import make_cameras
-from t3d.render.raster import (
-    TorchRasterContext,
-    antialias,
-    interpolate,
-    make_raster_context,
-    mvp_matrices,
-    rasterize,
-    texture,
-    vertex_normals,
-)
+from t3d.render.raster import TorchRaster, choose_raster, mvp_matrices, vertex_normals
 
 
 def scene(device, batch):
@@ -59,7 +50,7 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_pipeline(ctx, v, f, uv, cams, tex, size, repeats, device):
+def time_pipeline(raster, v, f, uv, cams, tex, size, repeats, device):
     times = {"rasterize": [], "interpolate": [], "texture": [], "antialias": [], "backward": [], "total": []}
     rast_keep = None
     for i in range(repeats + 1):
@@ -69,17 +60,17 @@ def time_pipeline(ctx, v, f, uv, cams, tex, size, repeats, device):
         t0 = time.perf_counter()
         mvp = mvp_matrices(cams)
         pos = torch.einsum("bij,vj->bvi", mvp, torch.cat([verts, torch.ones_like(verts[:, :1])], -1)).contiguous()
-        rast, _ = rasterize(ctx, pos, f, (size, size))
+        rast, _ = raster.rasterize(pos, f, (size, size))
         sync(device)
         t1 = time.perf_counter()
         attr = torch.cat([uv, vertex_normals(verts, f)], -1).contiguous()
-        out, _ = interpolate(attr, rast, f, ctx=ctx)
+        out, _ = raster.interpolate(attr, rast, f)
         sync(device)
         t2 = time.perf_counter()
-        col = texture(t_ex, out[..., :2].contiguous(), filter_mode="linear", boundary_mode="wrap", ctx=ctx)
+        col = raster.texture(t_ex, out[..., :2].contiguous(), filter_mode="linear", boundary_mode="wrap")
         sync(device)
         t3 = time.perf_counter()
-        col = antialias((col * out[..., 2:5]).contiguous(), rast, pos, f, ctx=ctx)
+        col = raster.antialias((col * out[..., 2:5]).contiguous(), rast, pos, f)
         sync(device)
         t3b = time.perf_counter()
         loss = col.square().mean()
@@ -149,7 +140,7 @@ def main(argv=None):
         torch_cpu = {}
         for threads in sorted({1, default_threads}):
             torch.set_num_threads(threads)
-            t, rast = time_pipeline(TorchRasterContext(cpu), v, f, uv, cams, tex, args.size, args.repeats, cpu)
+            t, rast = time_pipeline(TorchRaster(cpu), v, f, uv, cams, tex, args.size, args.repeats, cpu)
             torch_cpu[f"threads_{threads}"] = t
             print(f"torch cpu, {threads} thread(s): {t}")
         torch.set_num_threads(default_threads)
@@ -160,16 +151,14 @@ def main(argv=None):
         dev = torch.device("cuda", torch.cuda.current_device())
         result["gpu"] = torch.cuda.get_device_name(dev)
         vg, fg, uvg, camsg, texg = scene(dev, args.batch)
-        t_twin, rast_twin = time_pipeline(
-            TorchRasterContext(dev), vg, fg, uvg, camsg, texg, args.size, args.repeats, dev
-        )
+        t_twin, rast_twin = time_pipeline(TorchRaster(dev), vg, fg, uvg, camsg, texg, args.size, args.repeats, dev)
         result["torch_cuda"] = t_twin
         result.setdefault("coverage", round(float((rast_twin[..., 3] > 0).float().mean()), 4))
         print(f"torch twin on cuda: {t_twin}")
-        ctx, choice = make_raster_context("auto", dev)
-        result["nvdiffrast_choice"] = choice.as_dict()
-        if choice.backend == "nvdiffrast":
-            t_nv, rast_nv = time_pipeline(ctx, vg, fg, uvg, camsg, texg, args.size, args.repeats, dev)
+        raster = choose_raster("auto", dev)
+        result["nvdiffrast_choice"] = raster.choice.as_dict()
+        if raster.choice.backend == "nvdiffrast":
+            t_nv, rast_nv = time_pipeline(raster, vg, fg, uvg, camsg, texg, args.size, args.repeats, dev)
             result["nvdiffrast"] = t_nv
             print(f"nvdiffrast: {t_nv}")
             id_a, id_b = rast_twin[..., 3], rast_nv[..., 3]

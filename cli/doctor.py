@@ -37,14 +37,20 @@ def checks() -> list[tuple[str, bool, str]]:
     else:
         rows.append(("compute profile", True, recommend_profile(free)))
 
-    from t3d.backends import choose_backend
+    # the choosers a run uses, with their real smoke ops: what doctor says is what a run gets
+    from t3d.fields.hashgrid import choose_hashgrid
+    from t3d.render.raster import choose_raster
 
     device = torch.device("cuda" if cuda else "cpu")
-    for lib, smoke, cost in (
-        ("tinycudann", _tcnn_smoke, "hash grid falls back to the pure-torch twin (same results, several times slower)"),
-        ("nvdiffrast", _nvdiffrast_smoke, "rasterizer falls back to the pure-torch twin (slower at high resolution)"),
+    for lib, choose, cost in (
+        (
+            "tinycudann",
+            choose_hashgrid,
+            "hash grid falls back to the pure-torch twin (same results, several times slower)",
+        ),
+        ("nvdiffrast", choose_raster, "rasterizer falls back to the pure-torch twin (slower at high resolution)"),
     ):
-        choice = choose_backend(lib, "auto", device, smoke)
+        choice = choose("auto", device).choice
         ok = choice.backend == lib
         fix = f"; install: {INSTALL[lib]}" if cuda else f"; with a GPU and CUDA torch: {INSTALL[lib]}"
         rows.append((lib, ok, "smoke op passed" if ok else f"{choice.reason}; {cost}{fix}"))
@@ -149,38 +155,3 @@ def _embedded_prior() -> str:
     from t3d.priors import prior_identity
 
     return prior_identity("embedded")
-
-
-def _tcnn_smoke(device) -> None:
-    import tinycudann as tcnn
-    import torch
-
-    enc = tcnn.Encoding(
-        3,
-        {
-            "otype": "HashGrid",
-            "n_levels": 2,
-            "n_features_per_level": 2,
-            "log2_hashmap_size": 12,
-            "base_resolution": 4,
-            "per_level_scale": 2.0,
-        },
-    )
-    x = torch.rand(128, 3, device=device, requires_grad=True)
-    enc(x).float().sum().backward()
-    torch.cuda.synchronize()
-
-
-def _nvdiffrast_smoke(device) -> None:
-    import torch
-
-    from t3d.render.raster import import_nvdiffrast
-
-    dr = import_nvdiffrast()
-
-    ctx = dr.RasterizeCudaContext(device=device)
-    pos = torch.tensor([[[-0.5, -0.5, 0, 1], [0.5, -0.5, 0, 1], [0, 0.5, 0, 1]]], device=device, dtype=torch.float32)
-    tri = torch.tensor([[0, 1, 2]], device=device, dtype=torch.int32)
-    rast, _ = dr.rasterize(ctx, pos, tri, resolution=[16, 16])
-    assert rast[..., 3].max() > 0
-    torch.cuda.synchronize()

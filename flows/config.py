@@ -9,6 +9,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
+from t3d.backends import BackendsParams
 from t3d.priors.compute import ComputeParams
 from t3d.render.cameras import CameraParams
 from t3d.stage import ExecutorParams, RecoveryParams
@@ -38,6 +39,9 @@ class FlowBase(BaseModel):
     compute: ComputeParams = Field(
         default_factory=ComputeParams,
         description="precision, attention, VAE, offload, channels_last, compile of the prior",
+    )
+    backends: BackendsParams = Field(
+        default_factory=BackendsParams, description="tinycudann / nvdiffrast or their torch twins (not in keys)"
     )
 
     @field_validator("prompt", "negative_prompt")
@@ -79,6 +83,13 @@ class FlowBase(BaseModel):
             if not isinstance(text, str) or not text.strip():
                 where = "prompt" if self.prompt is not None else f"prompts[{i}]"
                 raise ValueError(f'{where} is empty: write what to generate, e.g. "a red cube"')
+        return self
+
+    @model_validator(mode="after")
+    def _libraries_need_cuda(self):
+        for name, request in self.backends.model_dump().items():
+            if request not in ("auto", "torch") and self.device == "cpu":
+                raise ValueError(f"backends.{name}: {request} needs CUDA, but device is cpu; use auto or torch there")
         return self
 
     def prompt_list(self) -> list[str]:
@@ -195,6 +206,33 @@ def _format_error(err: dict, model: type[BaseModel], source: str) -> str:
     return f"{source}: '{path}': {msg} (got {given!r})."
 
 
+_NEW_REQUEST = {"hashgrid": "tinycudann", "raster": "nvdiffrast"}  # what "cuda-library" asked for
+
+
+def _moved_backend_keys(data: dict) -> list[str]:
+    """One line per backend request still written where it lived before flow.yaml's `backends:`."""
+    stages = data.get("stages")
+    if not isinstance(stages, dict):
+        return []
+    found = []  # (old key path, new key, old value)
+    for name, block in stages.items():
+        if isinstance(block, dict) and "raster_backend" in block:
+            found.append((f"stages.{name}.raster_backend", "raster", block["raster_backend"]))
+    coarse = stages.get("coarse")
+    field = coarse.get("field") if isinstance(coarse, dict) else None
+    if isinstance(field, dict) and "backend" in field:
+        found.append(("stages.coarse.field.backend", "hashgrid", field["backend"]))
+    lines = []
+    for old, new, value in found:
+        value = _NEW_REQUEST[new] if value == "cuda-library" else value
+        value = value if value in ("auto", "torch", _NEW_REQUEST[new]) else "auto"
+        lines.append(
+            f"'{old}' moved to 'backends.{new}' (one choice for the whole flow): write `backends: {{{new}: {value}}}` "
+            "at the top level instead"
+        )
+    return lines
+
+
 def validate(data: Any, registry: StageRegistry | None = None, source: str = "flow") -> FlowBase:
     registry = registry if registry is not None else registry_from_env()
     model = config_model(registry)
@@ -205,6 +243,9 @@ def validate(data: Any, registry: StageRegistry | None = None, source: str = "fl
             f"{source}: the top level must be a mapping of keys (prompt:, seed:, stages: ...), got "
             f"{type(data).__name__}"
         )
+    moved = _moved_backend_keys(data)
+    if moved:
+        raise ConfigError("\n".join(f"{source}: {line}" for line in moved))
     stages = data.get("stages")
     if isinstance(stages, dict):
         for name in stages:

@@ -24,6 +24,7 @@ import torch
 from pydantic import Field
 from safetensors.torch import load_file, save_file
 
+from t3d.fields.hashgrid import HashGridBackend
 from t3d.fields.nerf import FieldParams, NeRFField
 from t3d.guidance.sds import (
     CFG_CONVENTION,
@@ -117,13 +118,15 @@ class CoarseParams(StageParams):
 class CoarseTrainer:
     """One SDS/SJC step at a time on a NeRFField; knows how to save and restore itself."""
 
-    def __init__(self, params: CoarseParams, prior, embeddings, camera: CameraParams, device, seed: int = 0):
+    def __init__(
+        self, params: CoarseParams, prior, embeddings, camera: CameraParams, hashgrid: HashGridBackend, seed: int = 0
+    ):
         self.p = params
         self.prior = prior
         self.emb = embeddings.to(prior.device, prior.dtype)
         self.camera = camera
-        self.device = torch.device(device)
-        self.field = NeRFField(params.field, device=self.device)
+        self.device = hashgrid.device
+        self.field = NeRFField(params.field, hashgrid)
         groups = [
             {
                 "params": list(self.field.encoding.parameters()),
@@ -288,11 +291,12 @@ def save_field(field: NeRFField, folder: Path) -> None:
     (Path(folder) / FIELD_CONFIG).write_text(json.dumps(field.config_dict(), indent=2))
 
 
-def load_field(folder: Path, device: torch.device | str = "cpu", backend: str | None = None) -> NeRFField:
-    """The coarse stage's field, ready to render or to seed the next stage."""
+def load_field(folder: Path, hashgrid: HashGridBackend) -> NeRFField:
+    """The coarse stage's field, ready to render or to seed the next stage, built by `hashgrid`
+    whichever backend wrote it (both keep the same state_dict)."""
     cfg = json.loads((Path(folder) / FIELD_CONFIG).read_text())
-    field = NeRFField(FieldParams.from_saved(cfg, backend), device=device)  # the saved request is not re-applied
-    field.load_state_dict(load_file(str(Path(folder) / FIELD_FILE), device=str(device)))
+    field = NeRFField(FieldParams.from_saved(cfg), hashgrid)
+    field.load_state_dict(load_file(str(Path(folder) / FIELD_FILE), device=str(hashgrid.device)))
     return field
 
 
@@ -367,7 +371,7 @@ def run(ctx: StageContext) -> None:
     emb = load_embeddings(ctx.inputs["encode_prompt"])
     camera = ctx.camera
     torch.manual_seed(int(ctx.seed))
-    trainer = CoarseTrainer(p, prior, emb, camera, ctx.device, seed=ctx.seed)
+    trainer = CoarseTrainer(p, prior, emb, camera, ctx.backends.hashgrid, seed=ctx.seed)
     ctx.backend["hashgrid"] = trainer.field.backend.as_dict()
     ctx.backend["renderer"] = "torch-volume"
     resumed = ctx.load_checkpoint()

@@ -17,7 +17,6 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from t3d.mesh.export import check_name, export_glb, export_obj, turntable
-from t3d.render.raster import make_raster_context
 from t3d.slug import slugify
 from t3d.stage import Stage, StageContext, StageParams
 from t3d.stages.extract_mesh import load_mesh
@@ -32,7 +31,6 @@ class ExportParams(StageParams):
     turntable_frames: int = Field(24, ge=4)
     turntable_size: int = Field(256, ge=16)
     turntable_elevation: float = Field(15.0, ge=-89, le=89)
-    raster_backend: str = Field("auto", pattern="^(auto|cuda-library|torch)$")
 
     @field_validator("name")
     @classmethod
@@ -57,8 +55,8 @@ def run(ctx: StageContext) -> None:
 
     # the turntable renders a file as written (the GLB when there is one), not the in-memory mesh
     t1 = time.perf_counter()
-    raster_ctx, choice = make_raster_context(p.raster_backend, ctx.device)
-    ctx.backend["raster"] = choice.as_dict()
+    raster = ctx.backends.raster
+    ctx.backend["raster"] = raster.choice.as_dict()
     source = ctx.out / (f"{name}.glb" if "glb" in p.formats else f"{name}.obj")
     cam = ctx.camera
     turntable(
@@ -70,7 +68,7 @@ def run(ctx: StageContext) -> None:
         radius=cam.radius,
         fov_deg=cam.fov_deg,
         strip_path=ctx.out / "turntable.png",
-        ctx=raster_ctx,
+        raster=raster,
         device=ctx.device,
         y_up=p.y_up,
     )
@@ -89,7 +87,7 @@ def run(ctx: StageContext) -> None:
     from t3d.toy.metrics import evaluate_mesh
 
     delivered = load_textured(source, y_up=p.y_up) if "glb" in p.formats else tmesh
-    ctx.metrics.update(evaluate_mesh(delivered, ctx.prompt, cam, raster_ctx=raster_ctx, device=ctx.device))
+    ctx.metrics.update(evaluate_mesh(delivered, ctx.prompt, cam, raster=raster, device=ctx.device))
 
 
 STAGE = Stage(

@@ -24,7 +24,7 @@ from pydantic import Field
 from t3d.mesh.dmtet import GeometryParams, refine_geometry
 from t3d.mesh.export import TexturedMesh, bake_texture, export_glb, load_textured, turntable, unwrap
 from t3d.mesh.extract import auto_threshold, clean_mesh, extract_mesh, sample_grid
-from t3d.render.raster import make_raster_context
+from t3d.render.raster import RasterBackend
 from t3d.stage import Stage, StageContext, StageParams
 from t3d.stages.coarse import load_field, write_loss_curve
 from t3d.stages.encode_prompt import load_embeddings
@@ -50,7 +50,6 @@ class ExtractMeshParams(StageParams):
     keep_largest: bool = Field(True, description="drop floaters: keep the largest connected piece")
     texture_size: int = Field(512, ge=64, le=4096)
     texture_padding: int = Field(8, ge=0, description="texels of colour dilation around each UV chart")
-    raster_backend: str = Field("auto", pattern="^(auto|cuda-library|torch)$")
     preview_size: int = Field(128, ge=16)
     preview_frames: int = Field(24, ge=4)
     geometry: GeometryParams = Field(
@@ -76,7 +75,7 @@ def load_mesh(folder: Path) -> TexturedMesh:
     return load_textured(Path(folder) / MESH_FILE)
 
 
-def _refined_surface(ctx: StageContext, field, raster_ctx):
+def _refined_surface(ctx: StageContext, field, raster: RasterBackend):
     """SDS on an SDF grid initialised from the field's occupancy (t3d.mesh.dmtet), then the usual clean-up."""
     p: ExtractMeshParams = ctx.params
     prior = ctx.load_prior()
@@ -109,7 +108,7 @@ def _refined_surface(ctx: StageContext, field, raster_ctx):
             ctx.camera,
             p.geometry,
             gen,
-            raster_ctx=raster_ctx,
+            raster=raster,
             device=ctx.device,
             progress=update,
             resume=resume,
@@ -124,14 +123,13 @@ def run(ctx: StageContext) -> None:
     p: ExtractMeshParams = ctx.params
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    field = load_field(ctx.inputs.get("refine", ctx.inputs["coarse"]), device=ctx.device)
+    field = load_field(ctx.inputs.get("refine", ctx.inputs["coarse"]), ctx.backends.hashgrid)
     field.eval()
-    ctx.backend["hashgrid"] = field.backend.as_dict()
-    raster_ctx, choice = make_raster_context(p.raster_backend, ctx.device)
-    ctx.backend["raster"] = choice.as_dict()
+    raster = ctx.backends.raster
+    ctx.backend.update(hashgrid=field.backend.as_dict(), raster=raster.choice.as_dict())
 
     if p.geometry.steps:
-        mesh, history = _refined_surface(ctx, field, raster_ctx)
+        mesh, history = _refined_surface(ctx, field, raster)
         timings["geometry_s"] = time.perf_counter() - t0
         (ctx.out / "geometry_losses.json").write_text(json.dumps(history))
         write_loss_curve(history, ctx.out / "geometry_loss_curve.png")
@@ -161,7 +159,7 @@ def run(ctx: StageContext) -> None:
         return field.query(points.to(field.device))[1]
 
     texture = bake_texture(
-        verts, faces, uvs, albedo, size=p.texture_size, padding=p.texture_padding, device=ctx.device, ctx=raster_ctx
+        verts, faces, uvs, albedo, size=p.texture_size, padding=p.texture_padding, device=ctx.device, raster=raster
     )
     timings["bake_s"] = time.perf_counter() - t2
     tmesh = TexturedMesh(verts, faces, uvs, texture)
@@ -180,7 +178,7 @@ def run(ctx: StageContext) -> None:
         radius=cam.radius,
         fov_deg=cam.fov_deg,
         strip_path=ctx.out / "turntable.png",
-        ctx=raster_ctx,
+        raster=raster,
         device=ctx.device,
     )
     timings["turntable_s"] = time.perf_counter() - t3
@@ -196,7 +194,7 @@ def run(ctx: StageContext) -> None:
             "extent": [round(float(x), 4) for x in mesh.extents],
         }
     )
-    ctx.metrics.update(evaluate_mesh(tmesh, ctx.prompt, cam, raster_ctx=raster_ctx, device=ctx.device))
+    ctx.metrics.update(evaluate_mesh(tmesh, ctx.prompt, cam, raster=raster, device=ctx.device))
 
 
 STAGE = Stage(

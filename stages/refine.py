@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from t3d.fields.hashgrid import HashGridBackend
 from t3d.guidance.sds import CFG_CONVENTION, TRange, Weighting, anneal_t_range, opacity_entropy
 from t3d.guidance.vsd import load_lora_state, lora_loss, lora_state, make_lora_unet, trainable_parameters, vsd_loss
 from t3d.render.cameras import CameraParams, orbit_cameras, sample_cameras, view_names
@@ -88,10 +89,12 @@ class RefineParams(StageParams):
 
 
 class VSDTrainer:
-    def __init__(self, p: RefineParams, prior, emb, coarse_folder, camera: CameraParams, device, seed: int):
+    def __init__(
+        self, p: RefineParams, prior, emb, coarse_folder, camera: CameraParams, hashgrid: HashGridBackend, seed: int
+    ):
         self.p, self.prior, self.camera = p, prior, camera
         self.emb = emb.to(prior.device, prior.dtype)
-        self.fields = [load_field(coarse_folder, device) for _ in range(p.particles)]
+        self.fields = [load_field(coarse_folder, hashgrid) for _ in range(p.particles)]
         groups = []
         for f in self.fields:
             groups += [
@@ -256,7 +259,7 @@ def run(ctx: StageContext) -> None:
     emb = load_embeddings(ctx.inputs["encode_prompt"])
     camera = ctx.camera
     torch.manual_seed(int(ctx.seed))
-    trainer = VSDTrainer(p, prior, emb, ctx.inputs["coarse"], camera, ctx.device, ctx.seed)
+    trainer = VSDTrainer(p, prior, emb, ctx.inputs["coarse"], camera, ctx.backends.hashgrid, ctx.seed)
     ctx.backend["hashgrid"] = trainer.fields[0].backend.as_dict()
     resumed = ctx.load_checkpoint()
     if resumed is not None:

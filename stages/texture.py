@@ -21,7 +21,7 @@ from pydantic import Field
 from t3d.guidance.sds import CFG_CONVENTION, TRange, anneal_t_range, guidance_loss
 from t3d.mesh.export import TexturedMesh, bake_texture, export_glb, turntable
 from t3d.render.cameras import CameraBatch, sample_cameras, view_names
-from t3d.render.raster import make_raster_context, render_mesh
+from t3d.render.raster import render_mesh
 from t3d.render.volume import light_directions
 from t3d.stage import Stage, StageContext, StageParams, flatten_optimizer, restore_optimizer
 from t3d.stages.coarse import load_field, write_loss_curve
@@ -49,7 +49,6 @@ class TextureParams(StageParams):
     lora_lr: float = Field(1e-3, gt=0, description="vsd only")
     texture_size: int = Field(512, ge=64, le=4096)
     texture_padding: int = Field(8, ge=0)
-    raster_backend: str = Field("auto", pattern="^(auto|cuda-library|torch)$")
     checkpoint_every: int = Field(50, ge=1)
     preview_size: int = Field(128, ge=16)
     preview_frames: int = Field(24, ge=4)
@@ -84,13 +83,13 @@ def run(ctx: StageContext) -> None:
     emb = load_embeddings(ctx.inputs["encode_prompt"]).to(prior.device, prior.dtype)
     camera = ctx.camera
     source = ctx.inputs.get("refine", ctx.inputs["coarse"])
-    field = load_field(source, device=ctx.device)
+    field = load_field(source, ctx.backends.hashgrid)
     field.requires_grad_(True)
     tmesh = load_mesh(ctx.inputs["extract_mesh"])
     verts = torch.as_tensor(tmesh.verts, device=ctx.device)
     faces = torch.as_tensor(tmesh.faces, device=ctx.device)
-    raster_ctx, choice = make_raster_context(p.raster_backend, ctx.device)
-    ctx.backend.update(hashgrid=field.backend.as_dict(), raster=choice.as_dict())
+    raster = ctx.backends.raster
+    ctx.backend.update(hashgrid=field.backend.as_dict(), raster=raster.choice.as_dict())
 
     opt = torch.optim.Adam(
         [
@@ -129,9 +128,9 @@ def run(ctx: StageContext) -> None:
         while step < p.steps:
             cams = sample_cameras(camera, p.batch_size, gen).to(ctx.device)
             with torch.no_grad():
-                raster = render_mesh(verts, faces, cams, p.resolution, ctx=raster_ctx, antialias_rgb=False)
+                rendered = render_mesh(verts, faces, cams, p.resolution, raster=raster, antialias_rgb=False)
             shading = "albedo" if torch.rand(1, generator=gen).item() < p.albedo_prob else p.shading
-            rgb = shade_mesh_image(field, raster, cams, shading, p.ambient)
+            rgb = shade_mesh_image(field, rendered, cams, shading, p.ambient)
             cond, uncond = emb.for_views(view_names(cams, camera)), emb.uncond_batch(p.batch_size)
             t_range = anneal_t_range(step, p.steps, p.t_range, p.t_range_end, "linear")
             record = {"step": step}
@@ -192,7 +191,7 @@ def run(ctx: StageContext) -> None:
             size=p.texture_size,
             padding=p.texture_padding,
             device=ctx.device,
-            ctx=raster_ctx,
+            raster=raster,
         )
     out_mesh = TexturedMesh(tmesh.verts, tmesh.faces, tmesh.uvs, texture)
     export_glb(ctx.out / MESH_FILE, out_mesh)
@@ -207,7 +206,7 @@ def run(ctx: StageContext) -> None:
         radius=camera.radius,
         fov_deg=camera.fov_deg,
         strip_path=ctx.out / "turntable.png",
-        ctx=raster_ctx,
+        raster=raster,
         device=ctx.device,
     )
     (ctx.out / "losses.json").write_text(json.dumps(history))
@@ -215,7 +214,7 @@ def run(ctx: StageContext) -> None:
     ctx.timings["bake_and_preview_s"] = round(time.perf_counter() - started, 3)
     last = history[-min(20, len(history)) :]
     ctx.metrics.update(steps=p.steps, final_loss=round(sum(r["loss"] for r in last) / max(len(last), 1), 6))
-    ctx.metrics.update(evaluate_mesh(out_mesh, ctx.prompt, camera, raster_ctx=raster_ctx, device=ctx.device))
+    ctx.metrics.update(evaluate_mesh(out_mesh, ctx.prompt, camera, raster=raster, device=ctx.device))
 
 
 STAGE = Stage(

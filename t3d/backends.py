@@ -1,8 +1,15 @@
-"""One switch for every CUDA library with a pure-torch twin (tinycudann, nvdiffrast).
+"""One switch per CUDA library with a pure-torch twin: tinycudann (hash grid), nvdiffrast (rasterizer).
 
 The choice is made by running a real smoke op on the device, never by whether an import or nvcc
 exists: a tinycudann wheel can import and still fail on this GPU's architecture. The result is
-cached per (library, device) and recorded in each stage's manifest.
+cached per (library, request, device) and recorded in each stage's manifest.
+
+Each library has one backend object that carries its choice and its operations, built by its own
+building block: `t3d.fields.hashgrid.choose_hashgrid` (constructs encodings) and
+`t3d.render.raster.choose_raster` (rasterize, interpolate, texture, antialias). A run holds both in
+a `Backends`, which the runner builds from flow.yaml's `backends:` block and hands to each stage as
+`ctx.backends`. The block is outside the artifact keys: both twins compute the same function
+(tests/test_cuda_parity.py), and an artifact written under one loads under the other.
 """
 
 from __future__ import annotations
@@ -10,13 +17,32 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from functools import cached_property
+from typing import TYPE_CHECKING, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from t3d.fields.hashgrid import HashGridBackend
+    from t3d.render.raster import RasterBackend
 
 log = logging.getLogger(__name__)
 
-BackendRequest = Literal["auto", "cuda-library", "torch"]
+HashGridRequest = Literal["auto", "tinycudann", "torch"]
+RasterRequest = Literal["auto", "nvdiffrast", "torch"]
+
+
+class BackendsParams(BaseModel):
+    """flow.yaml `backends:`: which library runs each GPU building block. Not in artifact keys.
+
+    auto: the library when its smoke op passes on the run's device, else the torch twin (logged);
+    the library's name: that library or the run fails; torch: never try the library."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hashgrid: HashGridRequest = "auto"
+    raster: RasterRequest = "auto"
 
 
 @dataclass(frozen=True)
@@ -29,30 +55,41 @@ class BackendChoice:
         return {"library": self.library, "backend": self.backend, "reason": self.reason}
 
 
+def normalise_device(device: torch.device | str) -> torch.device:
+    """`cuda` -> `cuda:<current>`, so one GPU has one cache entry however it is named."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 _cache: dict[tuple[str, str, str], BackendChoice] = {}
 
 
 def choose_backend(
     library: str,
-    request: BackendRequest,
+    request: str,
     device: torch.device | str,
     smoke_op: Callable[[torch.device], None],
 ) -> BackendChoice:
     """Pick `library` or its torch twin. `smoke_op(device)` must import and run the library for real.
 
-    request="cuda-library" makes a failing smoke op an error (the user asked for it explicitly);
-    "auto" falls back to torch with the reason logged; "torch" never tries the library.
+    request=`library` makes a failing smoke op an error (the user asked for it by name); "auto"
+    falls back to torch with the reason logged; "torch" never tries the library.
     """
-    device = torch.device(device)
+    if request not in ("auto", "torch", library):
+        raise ValueError(f"backend request {request!r} for {library}: use auto, {library} or torch")
+    device = normalise_device(device)
     key = (library, request, str(device))
     if key in _cache:
         return _cache[key]
     if request == "torch":
         choice = BackendChoice(library, "torch", "requested")
     elif device.type != "cuda":
-        if request == "cuda-library":
+        if request == library:
             raise RuntimeError(
-                f"{library} was requested but the device is {device}: it needs CUDA. Use backend 'auto' or 'torch'."
+                f"{library} was requested (flow.yaml backends:) but the device is {device}: it needs CUDA. "
+                "Request auto or torch."
             )
         choice = BackendChoice(library, "torch", f"device is {device.type}")
     else:
@@ -60,9 +97,37 @@ def choose_backend(
             smoke_op(device)
             choice = BackendChoice(library, library, "smoke op passed")
         except Exception as exc:  # any failure (ImportError, EnvironmentError, CUDA error) means: not usable
-            if request == "cuda-library":
+            if request == library:
                 raise RuntimeError(f"{library} was requested but its smoke op failed: {exc!r}") from exc
             choice = BackendChoice(library, "torch", f"smoke op failed: {type(exc).__name__}: {exc}"[:300])
             log.warning("%s unavailable, using the pure-torch twin (%s)", library, choice.reason)
     _cache[key] = choice
     return choice
+
+
+class Backends:
+    """The backend objects of one run on one device, as flow.yaml's `backends:` asks.
+
+    Each is chosen on first use (and then cached for the process, per device), so a stage that
+    never rasterizes never builds nvdiffrast. The building blocks are imported here, not at the
+    top, as t3d.stage imports the prior: this module stays below them.
+    """
+
+    def __init__(self, params: BackendsParams, device: torch.device | str):
+        self.params = params
+        self.device = normalise_device(device)
+
+    @cached_property
+    def hashgrid(self) -> HashGridBackend:
+        from t3d.fields.hashgrid import choose_hashgrid
+
+        return choose_hashgrid(self.params.hashgrid, self.device)
+
+    @cached_property
+    def raster(self) -> RasterBackend:
+        from t3d.render.raster import choose_raster
+
+        return choose_raster(self.params.raster, self.device)
+
+    def __repr__(self) -> str:
+        return f"Backends(hashgrid={self.params.hashgrid!r}, raster={self.params.raster!r}, device={self.device})"

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from t3d import __version__
+from t3d.backends import Backends
 from t3d.slug import slugify
 from t3d.stage import StageContext
 from t3d.store import ArtifactCorrupt, ArtifactStore, artifact_key, short_id
@@ -223,6 +224,7 @@ def _compute(cfg, prompt, step, registry, store, stage_log, progress_hooks, show
                 inputs=inputs,
                 out=out,
                 checkpoint_dir=checkpoints,
+                backends=Backends(cfg.backends, device),
                 checkpoint_sync=lambda: store.sync_checkpoint(step.key),
                 recovery=cfg.recovery,
                 compute=cfg.compute,

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from t3d.backends import Backends
 from t3d.priors.compute import ComputeParams
 from t3d.render.cameras import CameraParams
 from t3d.store import apply_umask
@@ -94,6 +95,7 @@ class StageContext:
     inputs: dict[str, Path]  # upstream stage name -> local folder of its verified artifact
     out: Path  # write outputs here; committed atomically when run() returns
     checkpoint_dir: Path  # survives failures of this key; mid-stage resume reads it
+    backends: Backends  # flow.yaml `backends:` on this device: ctx.backends.hashgrid, ctx.backends.raster
     camera: CameraParams = field(default_factory=CameraParams)  # the flow's camera distribution
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("t3d.stage"))
     metrics: dict = field(default_factory=dict)

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from t3d import runner
+from t3d.backends import Backends, BackendsParams
 from t3d.flows.config import ConfigError, validate
 from t3d.guidance.sds import guidance_loss
 from t3d.priors import load_prior
@@ -31,24 +32,25 @@ EXACT_REL = 1e-5
 BF16_REL_NORM, FP16_REL_NORM = 0.08, 0.02
 
 # Planned keys recorded at commit 347f25e, before `compute:` existed: a flow without the block
-# must keep them (every artifact already in a store stays reusable). Re-recorded when coarse.method
-# became coarse.guidance and extract_mesh's geometry_* keys a geometry block (issue 13).
+# must keep them (every artifact already in a store stays reusable). Re-recorded once when the
+# backend requests left the stage params for flow.yaml's `backends:` (coarse.field.backend and
+# the raster_backend of extract_mesh, texture and export): encode_prompt's key did not change.
 TINY_FLOW = {"prompt": "a red cube", "prior": "tiny-pixel", "stages": {"refine": {"enabled": True}}}
 TINY_KEYS = {
     "encode_prompt": "encode_prompt-68ffb64f0ec4aa9b7d9d",
-    "coarse": "coarse-15cddd77ba8001ac59cf",
-    "refine": "refine-38b7ff5baf9f8e283a9e",
-    "extract_mesh": "extract_mesh-e670002ae68ae5031dea",
-    "texture": "texture-d4cfc0347c704954174a",
-    "export": "export-5b0c897dc45460dc3a2e",
+    "coarse": "coarse-2e32d0208f75cd37e2b1",
+    "refine": "refine-1f3d1a32564a755ecbdc",
+    "extract_mesh": "extract_mesh-67b5deac4be7a25396a3",
+    "texture": "texture-16a2155f50011cb8e4dd",
+    "export": "export-7b8b125d074e3875f14f",
 }
 LATENT_FLOW = {"prompt": "a red cube", "prior": "tiny-latent"}
 LATENT_KEYS = {
     "encode_prompt": "encode_prompt-4306cdb9323ec486ff21",
-    "coarse": "coarse-cba69fa8556a38568c43",
-    "extract_mesh": "extract_mesh-a8476d7a579f4f4f35eb",
-    "texture": "texture-fa10d978026a4de08665",
-    "export": "export-601b3f224360f8755ee8",
+    "coarse": "coarse-d6602df912977bc5657f",
+    "extract_mesh": "extract_mesh-5b1b8944e3490276844e",
+    "texture": "texture-6ba170b4e78c9b3bf8f5",
+    "export": "export-2f9b98d54ce2da8c0fb0",
 }
 
 
@@ -333,6 +335,7 @@ def test_stage_context_loads_with_the_flow_options_and_records_them(monkeypatch,
         inputs={},
         out=tmp_path,
         checkpoint_dir=tmp_path / "ckpt",
+        backends=Backends(BackendsParams(), "cpu"),
         compute=ComputeParams(vae="sliced", precision="bf16"),
     )
     prior = ctx.load_prior()
@@ -364,12 +367,20 @@ def test_doctor_names_the_install_command_of_each_missing_piece(monkeypatch):
         assert rows["compute profile"][1].startswith("no GPU")
         if torch.version.cuda is None:
             assert "T3D_CUDA=1 bash scripts/install.sh" in rows["CUDA"][1]
-    for lib, command in (
-        ("nvdiffrast", "pip install diffrp-nvdiffrast"),
-        ("tinycudann", "tiny-cuda-nn/#subdirectory=bindings/torch"),
+    from t3d.fields.hashgrid import choose_hashgrid
+    from t3d.render.raster import choose_raster
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for lib, choose, command in (
+        ("nvdiffrast", choose_raster, "pip install diffrp-nvdiffrast"),
+        ("tinycudann", choose_hashgrid, "tiny-cuda-nn/#subdirectory=bindings/torch"),
     ):
         ok, detail = rows[lib]
         assert ok or command in detail, detail
+        # doctor asks the chooser a run uses (same smoke op, same cache): it reports what a run gets
+        choice = choose("auto", device).choice
+        assert ok == (choice.backend == lib)
+        assert detail == "smoke op passed" if ok else detail.startswith(choice.reason + ";"), detail
     monkeypatch.setattr(doctor, "_try", lambda fn: (False, "ModuleNotFoundError: no module"))
     rows = {name: detail for name, ok, detail in doctor.checks() if name == "xatlas"}
     assert "`bash scripts/install.sh` installs it" in rows["xatlas"]

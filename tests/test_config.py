@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 
 import pytest
 
-from t3d.flows.config import ConfigError, apply_overrides, load_config
+from t3d.flows.config import ConfigError, apply_overrides, load_config, validate
 from t3d.stages import default_registry
 
 REG = default_registry()
@@ -104,6 +105,13 @@ MALFORMED = [
         ["stages.extract_mesh.geometry_steps=0"],
         ["stages.extract_mesh.geometry_steps: renamed to stages.extract_mesh.geometry.steps"],
     ),
+    ("prompt: a red cube\nbackends: {raster: cuda-library}\n", [], ["'backends.raster'", "'nvdiffrast' or 'torch'"]),
+    ("prompt: a red cube\nbackends: {hashgird: torch}\n", [], ["backends.hashgird", "did you mean 'hashgrid'"]),
+    (
+        "prompt: a red cube\ndevice: cpu\nbackends: {hashgrid: tinycudann}\n",
+        [],
+        ["backends.hashgrid: tinycudann needs CUDA, but device is cpu"],
+    ),
 ]
 
 
@@ -177,3 +185,97 @@ def test_renamed_key_is_one_error_line_and_exit_2(tmp_path, monkeypatch, capsys)
     assert errors == [
         "error: flow.yaml: stages.extract_mesh.geometry_steps: renamed to stages.extract_mesh.geometry.steps"
     ]
+
+
+# ---- backends: one flow-level block, outside the keys --------------------------------------------
+def test_backends_block_defaults_to_auto_and_takes_library_names(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD), registry=REG)
+    assert cfg.backends.model_dump() == {"hashgrid": "auto", "raster": "auto"}
+    cfg = load_config(write(tmp_path, GOOD + "backends: {hashgrid: tinycudann, raster: torch}\n"), registry=REG)
+    assert cfg.backends.hashgrid == "tinycudann" and cfg.backends.raster == "torch"
+
+
+@pytest.mark.parametrize(
+    "text,overrides,expected",
+    [
+        (
+            "stages:\n  texture: {raster_backend: torch}\n",
+            [],
+            "'stages.texture.raster_backend' moved to 'backends.raster' (one choice for the whole flow): "
+            "write `backends: {raster: torch}` at the top level instead",
+        ),
+        (
+            "stages:\n  coarse:\n    field: {backend: cuda-library, hidden: 32}\n",
+            [],
+            "'stages.coarse.field.backend' moved to 'backends.hashgrid' (one choice for the whole flow): "
+            "write `backends: {hashgrid: tinycudann}` at the top level instead",
+        ),
+        (
+            "",
+            ["stages.extract_mesh.raster_backend=cuda-library"],
+            "'stages.extract_mesh.raster_backend' moved to 'backends.raster' (one choice for the whole flow): "
+            "write `backends: {raster: nvdiffrast}` at the top level instead",
+        ),
+    ],
+)
+def test_old_backend_keys_name_their_new_place(tmp_path, text, overrides, expected):
+    path = write(tmp_path, "prompt: a red cube\n" + text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides, registry=REG)
+    assert str(info.value) == f"{path}: {expected}"
+
+
+def test_old_backend_key_exits_2_with_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from t3d.cli.main import app
+
+    path = write(tmp_path, "prompt: a red cube\nstages:\n  export: {raster_backend: auto}\n")
+    res = CliRunner().invoke(app, ["run", str(path), "--no-prefect"])
+    assert res.exit_code == 2, res.output
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "'stages.export.raster_backend' moved to 'backends.raster'" in lines[0], res.output
+
+
+def test_backends_block_is_outside_the_artifact_keys(tmp_path):
+    from t3d.runner import plan
+    from t3d.store import ArtifactStore
+
+    store = ArtifactStore(tmp_path / "store")
+    flow = "prompt: a red cube\ndevice: cuda\nstages: {refine: {enabled: true}}\n"
+    default = load_config(write(tmp_path, flow), registry=REG)
+    other = load_config(
+        write(tmp_path, flow + "backends: {hashgrid: tinycudann, raster: nvdiffrast}\n", "other.yaml"), registry=REG
+    )
+    keys = [{p.name: p.key for p in plan(cfg, "a red cube", REG, store)} for cfg in (default, other)]
+    assert keys[0] == keys[1] and len(keys[0]) == len(REG)
+
+
+def _record_backends(ctx):
+    """A stage that rasterizes nothing: it reports the backend objects the runner handed it."""
+    ctx.backend.update(hashgrid=ctx.backends.hashgrid.choice.as_dict(), raster=ctx.backends.raster.choice.as_dict())
+    (ctx.out / "devices.txt").write_text(f"{ctx.backends.hashgrid.device} {ctx.backends.raster.device}")
+
+
+def test_runner_hands_the_flow_backends_to_each_stage(tmp_path):
+    from t3d.runner import execute, plan
+    from t3d.stage import Stage, StageParams
+    from t3d.stages import StageRegistry
+    from t3d.store import ArtifactStore
+
+    registry = StageRegistry([Stage("probe", "1", StageParams, (), _record_backends, uses_prior=False)])
+    store = ArtifactStore(tmp_path / "store")
+    manifests = {}
+    for request in ("torch", "auto"):
+        data = {"prompt": "a red cube", "device": "cpu", "backends": {"hashgrid": request, "raster": request}}
+        cfg = validate(data, registry)
+        (step,) = plan(cfg, cfg.prompt, registry, store)
+        step.forced = True  # same key for both requests: run it again
+        result = execute(cfg, cfg.prompt, step, registry, store, show_progress=False)
+        manifests[request] = store.get(result.key).manifest["backend"]
+        assert (Path(result.path) / "devices.txt").read_text() == "cpu cpu"
+    assert manifests["torch"] == {
+        "hashgrid": {"library": "tinycudann", "backend": "torch", "reason": "requested"},
+        "raster": {"library": "nvdiffrast", "backend": "torch", "reason": "requested"},
+    }
+    assert manifests["auto"]["raster"] == {"library": "nvdiffrast", "backend": "torch", "reason": "device is cpu"}

@@ -15,17 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from t3d.fields.hashgrid import DEFAULT_CPU_CONFIG, TcnnHashGrid, TorchHashGrid, make_hash_grid, n_params
+from t3d.fields.hashgrid import DEFAULT_CPU_CONFIG, TcnnHashGrid, TorchHashGrid, choose_hashgrid, n_params
 from t3d.render.cameras import make_cameras
-from t3d.render.raster import (
-    TorchRasterContext,
-    antialias,
-    interpolate,
-    make_raster_context,
-    mvp_matrices,
-    rasterize,
-    texture,
-)
+from t3d.render.raster import NvdiffrastRaster, TorchRaster, choose_raster, mvp_matrices
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -74,12 +66,12 @@ def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.fixture(scope="module")
-def nv_ctx():
+def nv_raster():
     pytest.importorskip("nvdiffrast.torch")
-    ctx, choice = make_raster_context("auto", "cuda")
-    if choice.backend != "nvdiffrast":
-        pytest.skip(f"nvdiffrast unusable here: {choice.reason}")
-    return ctx
+    raster = choose_raster("auto", "cuda")
+    if not isinstance(raster, NvdiffrastRaster):
+        pytest.skip(f"nvdiffrast unusable here: {raster.choice.reason}")
+    return raster
 
 
 def _sphere_clip(batch: int = 2, subdivisions: int = 4):
@@ -94,17 +86,17 @@ def _sphere_clip(batch: int = 2, subdivisions: int = 4):
     return v, f, pos
 
 
-def test_nvdiffrast_rasterize_and_interpolate_match_torch(nv_ctx):
+def test_nvdiffrast_rasterize_and_interpolate_match_torch(nv_raster):
     v, f, pos0 = _sphere_clip()
-    twin = TorchRasterContext("cuda")
+    twin = TorchRaster("cuda")
     g = torch.Generator(device="cuda").manual_seed(0)
     attr = torch.rand(1, v.shape[0], 5, device="cuda", generator=g)
     outs = {}
-    for name, ctx in (("nvdiffrast", nv_ctx), ("torch", twin)):
+    for name, raster in (("nvdiffrast", nv_raster), ("torch", twin)):
         pos = pos0.clone().requires_grad_(True)
         a = attr.clone().requires_grad_(True)
-        rast, _ = rasterize(ctx, pos, f, (192, 192))
-        out, _ = interpolate(a, rast, f, ctx=ctx)
+        rast, _ = raster.rasterize(pos, f, (192, 192))
+        out, _ = raster.interpolate(a, rast, f)
         outs[name] = (pos, a, rast, out)
     pos_n, a_n, rast_n, out_n = outs["nvdiffrast"]
     pos_t, a_t, rast_t, out_t = outs["torch"]
@@ -133,16 +125,16 @@ def test_nvdiffrast_rasterize_and_interpolate_match_torch(nv_ctx):
 
 
 @pytest.mark.parametrize("boundary_mode", ["wrap", "clamp"])
-def test_nvdiffrast_texture_matches_torch(nv_ctx, boundary_mode):
+def test_nvdiffrast_texture_matches_torch(nv_raster, boundary_mode):
     g = torch.Generator(device="cuda").manual_seed(1)
     tex0 = torch.rand(2, 64, 48, 3, device="cuda", generator=g)
     uv0 = torch.rand(2, 96, 96, 2, device="cuda", generator=g) * 1.6 - 0.3  # outside [0,1] too
     w = torch.rand(2, 96, 96, 3, device="cuda", generator=g)
     res = {}
-    for name, ctx in (("nvdiffrast", nv_ctx), ("torch", None)):
+    for name, raster in (("nvdiffrast", nv_raster), ("torch", TorchRaster("cuda"))):
         tex = tex0.clone().requires_grad_(True)
         uv = uv0.clone().requires_grad_(True)
-        out = texture(tex, uv, filter_mode="linear", boundary_mode=boundary_mode, ctx=ctx)
+        out = raster.texture(tex, uv, filter_mode="linear", boundary_mode=boundary_mode)
         (out * w).sum().backward()
         res[name] = (out.detach(), tex.grad, uv.grad)
     (o_n, gt_n, gu_n), (o_t, gt_t, gu_t) = res["nvdiffrast"], res["torch"]
@@ -158,17 +150,17 @@ def test_nvdiffrast_texture_matches_torch(nv_ctx, boundary_mode):
     assert numbers["uv_grad_rel_err"] < 2e-2  # bilinear weights are computed in different float orders
 
 
-def test_nvdiffrast_antialias_close_to_torch(nv_ctx):
+def test_nvdiffrast_antialias_close_to_torch(nv_raster):
     """The twin's antialiasing is its own design: same image away from silhouettes, similar blend
     and position gradient on them (numbers reported; loose bounds)."""
     v, f, pos0 = _sphere_clip(batch=2, subdivisions=3)
-    rast, _ = rasterize(nv_ctx, pos0, f, (128, 128))
+    rast, _ = nv_raster.rasterize(pos0, f, (128, 128))
     g = torch.Generator(device="cuda").manual_seed(2)
     color = (rast[..., 3:] > 0).float() * torch.rand(1, 1, 1, 3, device="cuda", generator=g)
     res = {}
-    for name, ctx in (("nvdiffrast", nv_ctx), ("torch", None)):
+    for name, raster in (("nvdiffrast", nv_raster), ("torch", TorchRaster("cuda"))):
         pos = pos0.clone().requires_grad_(True)
-        out = antialias(color.contiguous(), rast, pos, f, ctx=ctx)
+        out = raster.antialias(color.contiguous(), rast, pos, f)
         out.sum().backward()
         res[name] = (out.detach(), pos.grad)
     (o_n, gp_n), (o_t, gp_t) = res["nvdiffrast"], res["torch"]
@@ -252,10 +244,35 @@ def test_tcnn_state_dict_loads_into_torch_twin(tcnn):
 
 
 def test_tcnn_is_chosen_on_cuda(tcnn):
-    module, choice = make_hash_grid(SMALL_GRID, backend="auto", device="cuda")
-    report("tcnn_backend_choice", **choice.as_dict())
-    assert choice.backend == "tinycudann", choice.reason
-    assert isinstance(module, TcnnHashGrid)
+    hashgrid = choose_hashgrid("auto", "cuda")
+    report("tcnn_backend_choice", **hashgrid.choice.as_dict())
+    assert hashgrid.choice.backend == "tinycudann", hashgrid.choice.reason
+    assert isinstance(hashgrid.encoding(SMALL_GRID), TcnnHashGrid)
+
+
+def test_tcnn_field_loads_on_the_torch_twin_and_back(tcnn, tmp_path):
+    """Artifacts never pin a backend: a field saved with tinycudann loads on the torch twin (a CPU
+    worker's case, here on the GPU to compare outputs), and one saved with the twin loads on tinycudann."""
+    from t3d.fields.nerf import FieldParams, NeRFField
+    from t3d.stages.coarse import load_field, save_field
+
+    fast = choose_hashgrid("auto", "cuda")
+    if fast.choice.backend != "tinycudann":
+        pytest.skip(f"tinycudann unusable here: {fast.choice.reason}")
+    twin = choose_hashgrid("torch", "cuda")
+    x = torch.rand(4096, 3, device="cuda") * 1.6 - 0.8
+    diffs = {}
+    for name, write, read in (("tcnn_to_torch", fast, twin), ("torch_to_tcnn", twin, fast)):
+        field = NeRFField(FieldParams(grid=SMALL_GRID, bound=1.0), write)
+        with torch.no_grad():
+            field.encoding.params.uniform_(-1.0, 1.0)
+        save_field(field, tmp_path / name)
+        loaded = load_field(tmp_path / name, read)
+        assert loaded.backend == read.choice and type(loaded.encoding) is not type(field.encoding)
+        with torch.no_grad():
+            diffs[name] = max(max_abs(a, b) for a, b in zip(field.query(x), loaded.query(x), strict=True))
+    report("field_across_hashgrid_backends", **diffs)
+    assert max(diffs.values()) < 1e-3  # the grid agrees to 1e-4 (above); the MLP adds float error
 
 
 def test_twin_speed_against_tcnn(tcnn):

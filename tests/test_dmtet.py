@@ -8,6 +8,7 @@ import torch
 import trimesh
 
 from t3d.mesh.dmtet import laplacian_loss, marching_tets, render_shaded, sdf_from_density, tet_grid
+from t3d.render.raster import TorchRaster
 
 R = 32
 LO = np.full(3, -1.0)
@@ -91,7 +92,8 @@ def test_render_shaded_moves_the_silhouette_with_the_sdf(grid):
     sdf = (verts.norm(dim=-1) - 0.45).requires_grad_(True)
     mv, faces = marching_tets(verts, tets, sdf)
     cams = orbit_cameras(CameraParams(), 2, elevation_deg=15.0)
-    rgb, cov = render_shaded(mv, faces, cams, 32, lambda p: torch.tensor([0.86, 0.12, 0.1]).expand(len(p), 3))
+    red = torch.tensor([0.86, 0.12, 0.1])
+    rgb, cov = render_shaded(mv, faces, cams, 32, lambda p: red.expand(len(p), 3), TorchRaster("cpu"))
     assert rgb.shape == (2, 3, 32, 32) and cov.shape == (2, 1, 32, 32)
     assert torch.allclose(rgb[:, :, 0, 0], torch.ones(2, 3))  # white background at the corner
     centre = rgb[:, :, 16, 16]
@@ -102,6 +104,7 @@ def test_render_shaded_moves_the_silhouette_with_the_sdf(grid):
 
 
 def test_extract_mesh_stage_refines_geometry_and_resumes(tmp_path):
+    from t3d.fields.hashgrid import choose_hashgrid
     from t3d.fields.nerf import NeRFField
     from t3d.stages import default_registry
     from t3d.stages.coarse import _default_field, save_field
@@ -110,7 +113,7 @@ def test_extract_mesh_stage_refines_geometry_and_resumes(tmp_path):
     reg = default_registry()
     coarse = tmp_path / "coarse"
     coarse.mkdir()
-    save_field(NeRFField(_default_field()), coarse)
+    save_field(NeRFField(_default_field(), choose_hashgrid("torch", "cpu")), coarse)
     enc = reg["encode_prompt"]
     ectx = _ctx(enc, enc.params(), {}, tmp_path / "enc")
     enc.run(ectx)

@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+from t3d.fields.hashgrid import choose_hashgrid
 from t3d.fields.nerf import FieldParams, NeRFField
 from t3d.guidance.sds import (
     anneal_t_range,
@@ -24,6 +25,7 @@ from t3d.priors import build_tiny_prior
 from t3d.render.cameras import CameraParams, sample_cameras
 from t3d.render.volume import render
 
+CPU_GRID = choose_hashgrid("torch", "cpu")
 SMALL_GRID = {
     "otype": "HashGrid",
     "n_levels": 4,
@@ -46,7 +48,7 @@ def test_sds_gradient_reaches_field_not_unet(tiny):
     for p in prior.unet.parameters():
         p.requires_grad_(True)  # even if someone left the UNet trainable, SDS must not touch it
     try:
-        field = NeRFField(FieldParams(grid=SMALL_GRID))
+        field = NeRFField(FieldParams(grid=SMALL_GRID), CPU_GRID)
         cams = sample_cameras(CameraParams(), 2, torch.Generator().manual_seed(0))
         out = render(field, cams, 16, n_samples=16, shading="lambertian", perturb=True)
         loss, info = sds_loss(
@@ -179,7 +181,7 @@ def test_short_sds_run_against_the_embedded_prior_improves_silhouette():
     emb = prior.encode_text([prompt, ""] + [f"{prompt}, {v} view" for v in views]).float()
     embeddings = PromptEmbeddings(emb[:1], emb[1:2], {v: emb[2 + i : 3 + i] for i, v in enumerate(views)}, {})
     p = CoarseParams(steps=80, batch_size=2)
-    trainer = CoarseTrainer(p, prior, embeddings, CameraParams(), "cpu", seed=0)
+    trainer = CoarseTrainer(p, prior, embeddings, CameraParams(), CPU_GRID, seed=0)
     start = time.time()
     trainer.step()
     first = evaluate_toy(trainer.field, prompt, CameraParams(), n_views=4)
@@ -212,14 +214,14 @@ def test_coarse_trainer_checkpoint_resume_is_exact(tiny):
         lambda_sparsity=0.01,
     )
     p = p.model_copy(update={"field": p.field.model_copy(update={"grid": SMALL_GRID})})
-    straight = CoarseTrainer(p, prior, emb, CameraParams(), "cpu", seed=3)
+    straight = CoarseTrainer(p, prior, emb, CameraParams(), CPU_GRID, seed=3)
     for _ in range(4):
         straight.step()
-    first = CoarseTrainer(p, prior, emb, CameraParams(), "cpu", seed=3)
+    first = CoarseTrainer(p, prior, emb, CameraParams(), CPU_GRID, seed=3)
     for _ in range(3):
         first.step()
     tensors, meta = first.state()
-    resumed = CoarseTrainer(p, prior, emb, CameraParams(), "cpu", seed=3)
+    resumed = CoarseTrainer(p, prior, emb, CameraParams(), CPU_GRID, seed=3)
     resumed.load_state(3, {k: v.clone() for k, v in tensors.items()}, meta)
     resumed.step()
     for (k, a), b in zip(straight.field.state_dict().items(), resumed.field.state_dict().values()):

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from t3d.fields.hashgrid import DEFAULT_CPU_CONFIG, TorchHashGrid, level_layout, make_hash_grid, n_params
+from t3d.fields.hashgrid import DEFAULT_CPU_CONFIG, TorchHashGrid, choose_hashgrid, level_layout, n_params
 
 # Level 0: scale 3*1-1 = 2, resolution 3, 27 entries -> table 32 (multiple of 8): dense.
 # Level 1: scale 3*4-1 = 11, resolution 12, 1728 entries > 2^6: hashed, table 64.
@@ -220,12 +220,16 @@ class _LinearProbe:
 
 
 def test_backend_switch_on_cpu():
-    grid, choice = make_hash_grid(TINY, backend="auto", device="cpu")
-    assert isinstance(grid, TorchHashGrid) and choice.backend == "torch"
-    grid, choice = make_hash_grid(TINY, backend="torch", device="cpu")
-    assert choice.backend == "torch" and choice.reason == "requested"
-    with pytest.raises(RuntimeError):
-        make_hash_grid(TINY, backend="cuda-library", device="cpu")
+    auto = choose_hashgrid("auto", "cpu")
+    assert auto.choice.backend == "torch" and auto.choice.reason == "device is cpu"
+    grid = auto.encoding(TINY, seed=3)
+    assert isinstance(grid, TorchHashGrid) and grid.params.device.type == "cpu"
+    assert torch.equal(grid.params, TorchHashGrid(3, TINY, seed=3).params)  # the seed reaches the table
+    assert choose_hashgrid("torch", "cpu").choice.reason == "requested"
+    with pytest.raises(RuntimeError, match="needs CUDA"):
+        choose_hashgrid("tinycudann", "cpu")
+    with pytest.raises(ValueError, match="auto, tinycudann or torch"):
+        choose_hashgrid("cuda-library", "cpu")
 
 
 def test_tcnn_import_failure_is_handled():

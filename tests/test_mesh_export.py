@@ -12,6 +12,8 @@ import torch
 import trimesh
 from PIL import Image
 
+from t3d.backends import Backends, BackendsParams
+from t3d.fields.hashgrid import choose_hashgrid
 from t3d.mesh.export import (
     TexturedMesh,
     bake_texture,
@@ -23,6 +25,7 @@ from t3d.mesh.export import (
     unwrap,
 )
 from t3d.mesh.extract import auto_threshold, decimate, extract_mesh, largest_component, orient_outward
+from t3d.render.raster import TorchRaster
 from tests.gltf_check import assert_valid_glb
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,6 +115,9 @@ def test_orient_outward_fixes_inverted_mesh():
 # ------------------------------------------------------------------------------ unwrap, bake, export
 
 
+RASTER = TorchRaster("cpu")
+
+
 def color_fn(p):
     """Front (+x) red, back (-x) blue, top (+z) green: checks every flip on the way out and back."""
     r = (p[:, 0] > 0.15).float()
@@ -126,7 +132,7 @@ def textured():
     v, f, uv, vmap = unwrap(m, max_faces=800, texture_size=128)
     assert len(f) <= 800 and v.shape[0] == uv.shape[0] == vmap.shape[0]
     assert uv.min() >= 0 and uv.max() <= 1
-    png = bake_texture(v, f, uv, color_fn, size=128, padding=4)
+    png = bake_texture(v, f, uv, color_fn, size=128, padding=4, raster=RASTER)
     return TexturedMesh(v, f, uv, png)
 
 
@@ -192,7 +198,9 @@ def test_names_must_be_slug_safe(textured, tmp_path):
 
 def test_turntable_renders_the_exported_file(textured, tmp_path):
     glb = export_glb(tmp_path / "a.glb", textured)
-    frames = turntable(glb, tmp_path / "a.gif", n_frames=4, size=64, strip_path=tmp_path / "strip.png", shading=0.0)
+    frames = turntable(
+        glb, tmp_path / "a.gif", n_frames=4, size=64, strip_path=tmp_path / "strip.png", shading=0.0, raster=RASTER
+    )
     assert frames.shape == (4, 64, 64, 3)
     gif = Image.open(tmp_path / "a.gif")
     assert gif.n_frames == 4
@@ -224,6 +232,7 @@ def _ctx(stage, params, inputs, out, prompt="a red cube"):
         inputs=inputs,
         out=out,
         checkpoint_dir=out.parent / f"{stage.name}.ckpt",
+        backends=Backends(BackendsParams(), "cpu"),
     )
 
 
@@ -237,7 +246,9 @@ def test_extract_mesh_and_export_stages(tmp_path):
     assert list(reg).index("extract_mesh") < list(reg).index("export")
     coarse = tmp_path / "coarse"
     coarse.mkdir()
-    save_field(NeRFField(_default_field()), coarse)  # untrained: the blob, a grey ball of radius ~0.25
+    save_field(
+        NeRFField(_default_field(), choose_hashgrid("torch", "cpu")), coarse
+    )  # untrained: the blob, a grey ball of radius ~0.25
 
     stage = reg["extract_mesh"]
     params = stage.params(

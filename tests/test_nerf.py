@@ -9,11 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from t3d.fields.hashgrid import choose_hashgrid
 from t3d.fields.nerf import FieldParams, NeRFField
 from t3d.render.cameras import CameraParams, make_cameras, sample_cameras
 from t3d.render.volume import light_directions, ray_sphere, render
 from t3d.toy.world import sphere_disc_fraction
 
+CPU_GRID = choose_hashgrid("torch", "cpu")
 SMALL_GRID = {
     "otype": "HashGrid",
     "n_levels": 4,
@@ -141,7 +143,7 @@ def test_ray_sphere_intersection():
 
 
 def test_field_shapes_bounds_and_blob():
-    field = NeRFField(FieldParams(grid=SMALL_GRID, bound=1.0))
+    field = NeRFField(FieldParams(grid=SMALL_GRID, bound=1.0), CPU_GRID)
     pts = torch.tensor([[0.0, 0.0, 0.0], [0.3, 0.2, -0.1], [0.0, 0.0, 1.2], [2.0, 2.0, 2.0]])
     density, albedo = field(pts)
     assert density.shape == (4,) and albedo.shape == (4, 3)
@@ -155,7 +157,8 @@ def test_field_shapes_bounds_and_blob():
 @pytest.mark.parametrize("method", ["central", "forward"])
 def test_initial_normals_point_outwards(method):
     field = NeRFField(
-        FieldParams(grid=SMALL_GRID, normal_method=method, blob="dreamfusion", density_activation="trunc_exp")
+        FieldParams(grid=SMALL_GRID, normal_method=method, blob="dreamfusion", density_activation="trunc_exp"),
+        CPU_GRID,
     )
     gen = torch.Generator().manual_seed(0)
     dirs = F.normalize(torch.randn(64, 3, generator=gen), dim=-1)
@@ -165,7 +168,7 @@ def test_initial_normals_point_outwards(method):
 
 
 def test_gradients_reach_grid_and_mlp_through_render():
-    field = NeRFField(FieldParams(grid=SMALL_GRID))
+    field = NeRFField(FieldParams(grid=SMALL_GRID), CPU_GRID)
     cams = sample_cameras(CameraParams(), 2, torch.Generator().manual_seed(0))
     out = render(
         field, cams, 16, n_samples=24, shading="lambertian", perturb=True, generator=torch.Generator().manual_seed(1)
@@ -179,7 +182,7 @@ def test_gradients_reach_grid_and_mlp_through_render():
 
 
 def test_learned_background_and_empty_field():
-    field = NeRFField(FieldParams(grid=SMALL_GRID, background="learned", blob="none", density_shift=-20.0))
+    field = NeRFField(FieldParams(grid=SMALL_GRID, background="learned", blob="none", density_shift=-20.0), CPU_GRID)
     out = render(field, _front_camera(), 8, n_samples=8)
     assert out["opacity"].max() < 1e-3
     bg = field.background(torch.tensor([[1.0, 0.0, 0.0]]))
@@ -191,8 +194,8 @@ def test_learned_background_and_empty_field():
 
 
 def test_state_dict_round_trip_and_config():
-    a = NeRFField(FieldParams(grid=SMALL_GRID, seed=1))
-    b = NeRFField(FieldParams.model_validate(a.config_dict()))
+    a = NeRFField(FieldParams(grid=SMALL_GRID, seed=1), CPU_GRID)
+    b = NeRFField(FieldParams.model_validate(a.config_dict()), CPU_GRID)
     b.load_state_dict(a.state_dict())
     pts = torch.rand(32, 3) - 0.5
     torch.testing.assert_close(a(pts)[0], b(pts)[0])
@@ -200,7 +203,7 @@ def test_state_dict_round_trip_and_config():
 
 
 def test_render_is_deterministic_without_perturb_and_chunks_agree():
-    field = NeRFField(FieldParams(grid=SMALL_GRID))
+    field = NeRFField(FieldParams(grid=SMALL_GRID), CPU_GRID)
     cams = sample_cameras(CameraParams(), 2, torch.Generator().manual_seed(3))
     with torch.no_grad():
         a = render(field, cams, 16, n_samples=16, shading="lambertian")

@@ -9,11 +9,12 @@ import textwrap
 import torch
 import trimesh
 
+from t3d.fields.hashgrid import choose_hashgrid
 from t3d.fields.nerf import FieldParams, NeRFField
 from t3d.flows.config import load_config
 from t3d.flows.flow import run_prompt
 from t3d.render.cameras import CameraParams, sample_cameras
-from t3d.render.raster import render_mesh
+from t3d.render.raster import TorchRaster, render_mesh
 from t3d.stages import default_registry
 from t3d.stages.texture import shade_mesh_image
 from tests.gltf_check import assert_valid_glb
@@ -73,17 +74,17 @@ def test_texture_gradients_reach_the_field_through_the_rasterizer():
                 "per_level_scale": 1.5,
             },
             hidden=16,
-            backend="torch",
-        )
+        ),
+        choose_hashgrid("torch", "cpu"),
     )
     box = trimesh.creation.box(extents=(0.8, 0.8, 0.8))
     verts = torch.as_tensor(box.vertices, dtype=torch.float32)
     faces = torch.as_tensor(box.faces, dtype=torch.int64)
     cams = sample_cameras(CameraParams(), 2, torch.Generator().manual_seed(0))
-    raster = render_mesh(verts, faces, cams, 24)
-    img = shade_mesh_image(field, raster, cams, "lambertian", 0.35)
+    rendered = render_mesh(verts, faces, cams, 24, raster=TorchRaster("cpu"))
+    img = shade_mesh_image(field, rendered, cams, "lambertian", 0.35)
     assert img.shape == (2, 3, 24, 24)
-    background = raster["mask"][..., 0] == 0
+    background = rendered["mask"][..., 0] == 0
     assert torch.allclose(img.permute(0, 2, 3, 1)[background], torch.ones(1, 3))
     (img * torch.randn_like(img)).sum().backward()
     grads = [p.grad for p in field.encoding.parameters()] + [p.grad for p in field.mlp.parameters()]

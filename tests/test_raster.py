@@ -8,18 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from t3d.backends import BackendChoice
 from t3d.render.cameras import camera_rays, make_cameras, projection_matrix
-from t3d.render.raster import (
-    TorchRasterContext,
-    antialias,
-    interpolate,
-    make_raster_context,
-    rasterize,
-    render_mesh,
-    texture,
-)
+from t3d.render.raster import NvdiffrastRaster, RasterBackend, TorchRaster, choose_raster, render_mesh
 
-CTX = TorchRasterContext("cpu")
+RASTER = TorchRaster("cpu")
 TRI = torch.tensor([[0, 1, 2]], dtype=torch.int32)
 
 
@@ -39,7 +32,7 @@ def pixel_centres(h, w):
 
 def test_coverage_of_lower_left_half():
     pos = clip((-1, -1, 0, 1), (1, -1, 0, 1), (-1, 1, 0, 1))
-    rast, db = rasterize(CTX, pos, TRI, (4, 4))
+    rast, db = RASTER.rasterize(pos, TRI, (4, 4))
     assert rast.shape == (1, 4, 4, 4) and db is None
     covered = (rast[0, ..., 3] > 0).int()
     # pixel centres at +-0.25, +-0.75; covered iff x + y <= 0 (row 0 = y -0.75, the bottom)
@@ -53,7 +46,7 @@ def test_coverage_matches_point_in_triangle_away_from_edges():
     h, w = 24, 32
     tri2d = np.array([[-0.7, -0.55], [0.8, -0.2], [-0.1, 0.9]])
     pos = clip(*[(x, y, 0.2, 1.0) for x, y in tri2d])
-    rast, _ = rasterize(CTX, pos, TRI, (h, w))
+    rast, _ = RASTER.rasterize(pos, TRI, (h, w))
     gy, gx = pixel_centres(h, w)
     q = np.stack([gx.numpy(), gy.numpy()], -1)
 
@@ -70,7 +63,7 @@ def test_coverage_matches_point_in_triangle_away_from_edges():
 
 def test_barycentrics_at_known_pixel():
     pos = clip((-1, -1, 0, 1), (1, -1, 0, 1), (-1, 1, 0, 1))
-    rast, _ = rasterize(CTX, pos, TRI, (4, 4))
+    rast, _ = RASTER.rasterize(pos, TRI, (4, 4))
     # pixel (row 0, col 0) centre (-0.75, -0.75): weights (0.75, 0.125, 0.125) for vertices 0, 1, 2
     assert torch.allclose(rast[0, 0, 0, :2], torch.tensor([0.75, 0.125]), atol=1e-6)
     # pixel (row 1, col 2) centre (0.25, -0.25): on the hypotenuse, u = 0
@@ -82,8 +75,8 @@ def test_perspective_correct_barycentrics_follow_the_ray():
     cam = torch.tensor([[-0.6, -0.5, -1.5], [0.7, -0.4, -3.5], [0.0, 0.6, -2.5]])
     proj = projection_matrix(60.0, 0.1, 10.0)
     pos = (torch.cat([cam, torch.ones(3, 1)], -1) @ proj.T)[None]
-    rast, _ = rasterize(CTX, pos, TRI, (32, 32))
-    out, _ = interpolate(cam, rast, TRI)
+    rast, _ = RASTER.rasterize(pos, TRI, (32, 32))
+    out, _ = RASTER.interpolate(cam, rast, TRI)
     m = rast[0, ..., 3] > 0
     gy, gx = pixel_centres(32, 32)
     f = 1 / math.tan(math.radians(30))
@@ -105,7 +98,7 @@ def test_nearer_triangle_wins(near_first):
     far = [(-0.9, 0.9, 0.5, 1), (0.9, 0.9, 0.5, 1), (0.0, -0.9, 0.5, 1)]
     pos = clip(*(near + far if near_first else far + near))
     tri = torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32)
-    rast, _ = rasterize(CTX, pos, tri, (16, 16))
+    rast, _ = RASTER.rasterize(pos, tri, (16, 16))
     near_id = 1 if near_first else 2
     # the centre is covered by both: the nearer (smaller z/w) one wins
     assert rast[0, 8, 8, 3].item() == near_id
@@ -117,8 +110,8 @@ def test_nearer_triangle_wins(near_first):
 def test_both_windings_rasterize():
     ccw = clip((-0.8, -0.8, 0, 1), (0.8, -0.8, 0, 1), (0, 0.8, 0, 1))
     cw = ccw[:, [0, 2, 1]]
-    r1, _ = rasterize(CTX, ccw, TRI, (16, 16))
-    r2, _ = rasterize(CTX, cw, TRI, (16, 16))
+    r1, _ = RASTER.rasterize(ccw, TRI, (16, 16))
+    r2, _ = RASTER.rasterize(cw, TRI, (16, 16))
     assert (r1[..., 3] > 0).sum() > 50
     assert torch.equal(r1[..., 3] > 0, r2[..., 3] > 0)
     # same surface point, barycentrics permuted with the vertices
@@ -129,19 +122,19 @@ def test_both_windings_rasterize():
 
 def test_behind_camera_and_beyond_far_are_clipped():
     behind = clip((-0.5, -0.5, 0, -1), (0.5, -0.5, 0, -1), (0, 0.5, 0, -1))
-    rast, _ = rasterize(CTX, behind, TRI, (8, 8))
+    rast, _ = RASTER.rasterize(behind, TRI, (8, 8))
     assert (rast[..., 3] == 0).all()
     beyond = clip((-0.9, -0.9, 1.5, 1), (0.9, -0.9, 1.5, 1), (0, 0.9, 1.5, 1))
-    rast, _ = rasterize(CTX, beyond, TRI, (8, 8))
+    rast, _ = RASTER.rasterize(beyond, TRI, (8, 8))
     assert (rast[..., 3] == 0).all()
     # crossing the camera plane: only the part in front is drawn, and never a mirrored image
     cam = torch.tensor([[-0.3, -0.3, -1.0], [0.3, -0.3, -1.0], [0.0, 0.2, 1.0]])
     proj = projection_matrix(60.0, 0.1, 10.0)
     pos = (torch.cat([cam, torch.ones(3, 1)], -1) @ proj.T)[None]
-    rast, _ = rasterize(CTX, pos, TRI, (32, 32))
+    rast, _ = RASTER.rasterize(pos, TRI, (32, 32))
     m = rast[0, ..., 3] > 0
     assert m.any()
-    out, _ = interpolate(cam, rast, TRI)
+    out, _ = RASTER.interpolate(cam, rast, TRI)
     assert (out[0][m][:, 2] <= -0.1 + 1e-4).all()  # every drawn point is beyond the near plane
 
 
@@ -149,7 +142,7 @@ def test_batch_of_instances():
     a = clip((-1, -1, 0, 1), (1, -1, 0, 1), (-1, 1, 0, 1))
     b = a.clone()
     b[..., 0] *= -1  # mirrored: lower-right half
-    rast, _ = rasterize(CTX, torch.cat([a, b]), TRI, (4, 4))
+    rast, _ = RASTER.rasterize(torch.cat([a, b]), TRI, (4, 4))
     assert rast[0, 0, 0, 3] == 1 and rast[1, 0, 0, 3] == 1
     assert rast[0, 3, 0, 3] == 1 and rast[1, 3, 0, 3] == 0
     assert rast[1, 3, 3, 3] == 1
@@ -160,7 +153,7 @@ def test_batch_of_instances():
 
 def test_raw_output_has_row_zero_at_the_bottom():
     top = clip((-0.5, 0.3, 0, 1), (0.5, 0.3, 0, 1), (0.0, 0.9, 0, 1))  # y > 0: top of clip space
-    rast, _ = rasterize(CTX, top, TRI, (16, 16))
+    rast, _ = RASTER.rasterize(top, TRI, (16, 16))
     rows = (rast[0, ..., 3] > 0).any(-1).nonzero().squeeze(1)
     assert rows.min() >= 8  # the LAST rows of the tensor
 
@@ -177,7 +170,7 @@ def test_render_mesh_is_row_zero_at_top_and_matches_camera_rays():
     # a small sphere above the origin (world +z is up) must land in the FIRST rows
     v, f = _ico(0.25, 2, (0.0, 0.0, 0.45))
     cams = make_cameras([0.0, 90.0], [0.0, 0.0], 2.5, 40.0)
-    out = render_mesh(v, f, cams, 32)
+    out = render_mesh(v, f, cams, 32, raster=RASTER)
     rows = (out["mask"][0, ..., 0] > 0).any(-1).nonzero().squeeze(1)
     assert rows.max() < 16
     # every covered pixel's world point lies on that pixel's camera ray
@@ -201,7 +194,7 @@ def test_render_mesh_outputs_and_texture_lookup():
     uvs = torch.stack([0.5 + 0.4 * v[:, 0], 0.5 + 0.4 * v[:, 2]], -1)
     tex = torch.zeros(8, 8, 3)
     tex[..., 0] = 1.0  # plain red
-    out = render_mesh(v, f, cams, 24, uvs=uvs, tex=tex, background=1.0, antialias_rgb=False)
+    out = render_mesh(v, f, cams, 24, raster=RASTER, uvs=uvs, tex=tex, background=1.0, antialias_rgb=False)
     m = out["mask"][0, ..., 0] > 0
     assert set(out) >= {"mask", "xyz", "normal", "depth", "rgb", "uv", "rast"}
     assert torch.allclose(out["rgb"][0][m], torch.tensor([1.0, 0.0, 0.0]), atol=1e-5)
@@ -212,13 +205,13 @@ def test_render_mesh_outputs_and_texture_lookup():
     d = out["depth"][0, 12, 12, 0]
     assert 1.8 < d.item() < 2.0  # the sphere's front at ~2.5 - 0.6
     # with antialiasing the rim blends towards the white background, the inside stays red
-    aa = render_mesh(v, f, cams, 24, uvs=uvs, tex=tex, background=1.0)["rgb"][0]
+    aa = render_mesh(v, f, cams, 24, raster=RASTER, uvs=uvs, tex=tex, background=1.0)["rgb"][0]
     assert torch.equal(aa[12, 12], out["rgb"][0, 12, 12])
     assert ((aa[..., 1] > 0.01) & (aa[..., 1] < 0.99)).sum() > 10
     # end to end, gradients reach the vertices (shading and silhouettes) and the texture
     vg = v.clone().requires_grad_(True)
     tg = tex.clone().requires_grad_(True)
-    img = render_mesh(vg, f, cams, 24, uvs=uvs, tex=tg, background=1.0)["rgb"]
+    img = render_mesh(vg, f, cams, 24, raster=RASTER, uvs=uvs, tex=tg, background=1.0)["rgb"]
     (img * torch.linspace(0, 1, 24)[None, None, :, None]).sum().backward()
     assert vg.grad.abs().sum() > 0 and tg.grad.abs().sum() > 0
 
@@ -229,8 +222,8 @@ def test_render_mesh_outputs_and_texture_lookup():
 def test_interpolate_gradients_reach_attributes_and_positions():
     pos = clip((-0.8, -0.7, 0.1, 1.0), (0.9, -0.6, 0.2, 1.3), (0.0, 0.8, -0.1, 0.9)).requires_grad_(True)
     attr = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]], requires_grad=True)
-    rast, _ = rasterize(CTX, pos, TRI, (16, 16))
-    out, da = interpolate(attr, rast, TRI)
+    rast, _ = RASTER.rasterize(pos, TRI, (16, 16))
+    out, da = RASTER.interpolate(attr, rast, TRI)
     assert da is None and out.shape == (1, 16, 16, 2)
     w = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
     (out * w).sum().backward()
@@ -245,8 +238,8 @@ def test_barycentric_gradients_match_finite_differences():
     attr = torch.tensor([[1.0, 0.2], [0.1, 1.0], [0.5, 0.7]], dtype=torch.float64)
 
     def f(p):
-        rast, _ = rasterize(CTX, p, TRI, (8, 8))
-        return interpolate(attr, rast, TRI)[0]
+        rast, _ = RASTER.rasterize(p, TRI, (8, 8))
+        return RASTER.interpolate(attr, rast, TRI)[0]
 
     # small steps do not change coverage here (no pixel centre within 1e-6 of an edge)
     assert torch.autograd.gradcheck(f, (base.clone().requires_grad_(True),), eps=1e-7, atol=1e-5)
@@ -254,11 +247,11 @@ def test_barycentric_gradients_match_finite_differences():
 
 def test_vertex_attribute_broadcast_and_batch():
     pos = torch.cat([clip((-1, -1, 0, 1), (1, -1, 0, 1), (-1, 1, 0, 1))] * 2)
-    rast, _ = rasterize(CTX, pos, TRI, (4, 4))
+    rast, _ = RASTER.rasterize(pos, TRI, (4, 4))
     a2 = torch.tensor([[1.0], [2.0], [3.0]])
-    o1, _ = interpolate(a2, rast, TRI)
-    o2, _ = interpolate(a2[None], rast, TRI)
-    o3, _ = interpolate(torch.stack([a2, 2 * a2]), rast, TRI)
+    o1, _ = RASTER.interpolate(a2, rast, TRI)
+    o2, _ = RASTER.interpolate(a2[None], rast, TRI)
+    o3, _ = RASTER.interpolate(torch.stack([a2, 2 * a2]), rast, TRI)
     assert torch.allclose(o1, o2)
     assert torch.allclose(o3[1], 2 * o1[1])
     # pixel (0,0): 0.75*1 + 0.125*2 + 0.125*3
@@ -276,7 +269,7 @@ def tex2x2():
 
 def sample(tex, uvs, **kw):
     uv = torch.tensor(uvs, dtype=torch.float32).reshape(1, 1, -1, 2)
-    return texture(tex, uv, **kw)[0, 0, :, 0]
+    return RASTER.texture(tex, uv, **kw)[0, 0, :, 0]
 
 
 def test_texture_bilinear_on_2x2():
@@ -298,7 +291,7 @@ def test_texture_bilinear_on_2x2():
 def test_texture_gradients_reach_texture_and_uv():
     t = tex2x2().clone().requires_grad_(True)
     uv = torch.tensor([[[[0.5, 0.5]]]], requires_grad=True)
-    texture(t, uv, filter_mode="linear").sum().backward()
+    RASTER.texture(t, uv, filter_mode="linear").sum().backward()
     assert torch.allclose(t.grad, torch.full_like(t, 0.25))
     # d/ds of the bilinear blend at the centre: ((2 + 4) - (1 + 3)) / 2 * Wt
     assert uv.grad[0, 0, 0, 0].item() == pytest.approx(2.0)
@@ -306,13 +299,15 @@ def test_texture_gradients_reach_texture_and_uv():
 
     tex = torch.rand(2, 5, 7, 3, dtype=torch.float64, requires_grad=True)
     uvg = (torch.rand(2, 3, 4, 2, dtype=torch.float64) * 0.9 + 0.05).requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda a, b: texture(a, b, boundary_mode="clamp"), (tex, uvg), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradcheck(
+        lambda a, b: RASTER.texture(a, b, boundary_mode="clamp"), (tex, uvg), eps=1e-6, atol=1e-5
+    )
 
 
 def test_texture_minibatch_broadcast():
     t = tex2x2()
     uv = torch.full((3, 2, 2, 2), 0.25)
-    out = texture(t, uv)
+    out = RASTER.texture(t, uv)
     assert out.shape == (3, 2, 2, 1) and torch.allclose(out, torch.ones_like(out))
 
 
@@ -323,7 +318,7 @@ def _scaled_triangle(scale, res=32):
     base = torch.tensor([[-0.6, -0.5, 0, 1], [0.7, -0.3, 0, 1], [-0.1, 0.6, 0, 1]], dtype=torch.float64)
     s = torch.tensor(scale, dtype=torch.float64, requires_grad=True)
     pos = torch.cat([base[:, :2] * s, base[:, 2:]], -1)[None]
-    rast, _ = rasterize(CTX, pos, TRI, (res, res))
+    rast, _ = RASTER.rasterize(pos, TRI, (res, res))
     return s, pos, rast
 
 
@@ -331,7 +326,7 @@ def test_antialias_coverage_and_position_gradient():
     res = 32
     s, pos, rast = _scaled_triangle(1.0, res)
     mask = (rast[..., 3:] > 0).double()
-    aa = antialias(mask, rast, pos, TRI)
+    aa = RASTER.antialias(mask, rast, pos, TRI)
     x = torch.tensor([[-0.6, -0.5], [0.7, -0.3], [-0.1, 0.6]], dtype=torch.float64)
     area = (
         0.5
@@ -352,9 +347,9 @@ def test_antialias_leaves_interior_edges_alone_and_handles_occlusion():
     # a quad of two front-facing triangles: their shared diagonal is not a silhouette
     pos = clip((-0.7, -0.7, 0, 1), (0.7, -0.7, 0, 1), (0.7, 0.7, 0, 1), (-0.7, 0.7, 0, 1))
     tri = torch.tensor([[0, 1, 2], [0, 2, 3]], dtype=torch.int32)
-    rast, _ = rasterize(CTX, pos, tri, (16, 16))
+    rast, _ = RASTER.rasterize(pos, tri, (16, 16))
     color = (rast[..., 3:] == 1).float()  # a colour step along the diagonal
-    aa = antialias(color, rast, pos, tri)
+    aa = RASTER.antialias(color, rast, pos, tri)
     inner = slice(3, 13)
     assert torch.equal(aa[0, inner, inner], color[0, inner, inner])
     # a nearer triangle over a farther one: its border against the far surface is blended
@@ -368,21 +363,48 @@ def test_antialias_leaves_interior_edges_alone_and_handles_occlusion():
         (0.03, 0.47, -0.5, 1),
     )
     tri = torch.tensor([[0, 1, 2], [0, 2, 3], [4, 5, 6]], dtype=torch.int32)
-    rast, _ = rasterize(CTX, pos, tri, (16, 16))
+    rast, _ = RASTER.rasterize(pos, tri, (16, 16))
     color = (rast[..., 3:] == 3).float()
-    aa = antialias(color, rast, pos, tri)
+    aa = RASTER.antialias(color, rast, pos, tri)
     changed = (aa != color)[0, ..., 0]
     assert changed.sum() >= 4
     assert ((aa > 0) & (aa < 1)).sum() >= 4
 
 
 def test_backend_switch_on_cpu():
-    ctx, choice = make_raster_context("auto", "cpu")
-    assert choice.backend == "torch" and isinstance(ctx, TorchRasterContext)
-    ctx, choice = make_raster_context("torch", "cpu")
-    assert choice.backend == "torch"
-    with pytest.raises(RuntimeError):
-        make_raster_context("cuda-library", "cpu")
+    auto = choose_raster("auto", "cpu")
+    assert isinstance(auto, TorchRaster) and auto.choice == BackendChoice("nvdiffrast", "torch", "device is cpu")
+    assert choose_raster("auto", "cpu") is auto  # one object per (request, device): chosen once
+    assert choose_raster("torch", "cpu").choice.reason == "requested"
+    with pytest.raises(RuntimeError, match="needs CUDA"):
+        choose_raster("nvdiffrast", "cpu")
+    with pytest.raises(ValueError, match="auto, nvdiffrast or torch"):
+        choose_raster("cuda-library", "cpu")  # the old request word is no longer understood
+
+
+def test_every_rasterizing_function_requires_the_backend():
+    """No default stands for the torch twin: leaving the backend out is an error, never a silent choice."""
+    import inspect
+
+    from t3d.mesh.dmtet import refine_geometry, render_shaded
+    from t3d.mesh.export import bake_texture, turntable
+    from t3d.toy.metrics import evaluate_mesh, render_textured_mesh
+
+    for fn in (
+        render_mesh,
+        render_shaded,
+        refine_geometry,
+        bake_texture,
+        turntable,
+        render_textured_mesh,
+        evaluate_mesh,
+    ):
+        param = inspect.signature(fn).parameters["raster"]
+        assert param.default is inspect.Parameter.empty, fn.__name__
+    with pytest.raises(TypeError):
+        render_mesh(*_ico(0.5, 1), make_cameras([0.0], [0.0], 2.5, 40.0), 8)
+    with pytest.raises(TypeError):
+        RasterBackend("cpu", BackendChoice("x", "torch", "test"))  # the interface itself rasterizes nothing
 
 
 def test_torch_twin_speed_10k_faces_128():
@@ -399,9 +421,9 @@ def test_torch_twin_speed_10k_faces_128():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        render_mesh(v, f, cams, 128)  # warm-up
+        render_mesh(v, f, cams, 128, raster=RASTER)  # warm-up
         t0 = time.perf_counter()
-        out = render_mesh(v, f, cams, 128)
+        out = render_mesh(v, f, cams, 128, raster=RASTER)
         dt = time.perf_counter() - t0
     finally:
         torch.set_num_threads(threads)
@@ -412,13 +434,13 @@ def test_torch_twin_speed_10k_faces_128():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_nvdiffrast_agrees_with_torch_twin():
     pytest.importorskip("nvdiffrast.torch")
-    ctx, choice = make_raster_context("auto", "cuda")
-    if choice.backend != "nvdiffrast":
-        pytest.skip(f"nvdiffrast unusable here: {choice.reason}")
+    raster = choose_raster("auto", "cuda")
+    if not isinstance(raster, NvdiffrastRaster):
+        pytest.skip(f"nvdiffrast unusable here: {raster.choice.reason}")
     v, f = _ico(0.6, 4)
     cams = make_cameras([0.0, 120.0], [15.0, 30.0], 2.5, 40.0)
-    a = render_mesh(v.cuda(), f.cuda(), cams, 128, ctx=ctx)
-    b = render_mesh(v.cuda(), f.cuda(), cams, 128, ctx=TorchRasterContext("cuda"))
+    a = render_mesh(v.cuda(), f.cuda(), cams, 128, raster=raster)
+    b = render_mesh(v.cuda(), f.cuda(), cams, 128, raster=TorchRaster("cuda"))
     diff = (a["rast"][..., 3] != b["rast"][..., 3]).float().mean().item()
     assert diff < 0.02
     both = (a["mask"][..., 0] > 0) & (b["mask"][..., 0] > 0)

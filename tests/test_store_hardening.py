@@ -27,6 +27,7 @@ import torch
 from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
 from safetensors.torch import save_file
 
+from t3d.backends import Backends, BackendsParams
 from t3d.stage import Stage, StageContext, StageParams, load_checkpoint, save_checkpoint
 from t3d.store import ArtifactCorrupt, ArtifactStore, check_manifest_path, current_umask, files_digest
 
@@ -493,6 +494,7 @@ def test_checkpoint_synced_to_a_remote_store_resumes_on_another_machine(tmp_path
         inputs={},
         out=tmp_path / "out",
         checkpoint_dir=folder,
+        backends=Backends(BackendsParams(), "cpu"),
         checkpoint_sync=lambda: a.sync_checkpoint(K1),
     )
     ctx.save_checkpoint(4, {"w": torch.arange(3.0)}, {"note": "four"})
@@ -595,6 +597,7 @@ def test_stage_retried_on_another_worker_resumes_from_the_store(tmp_path, monkey
         device="cpu",
         recovery=RecoveryParams(),
         compute=ComputeParams(),
+        backends=BackendsParams(),
     )
     uri = _memory_uri()
     CALLS.clear()
@@ -617,6 +620,7 @@ def test_stage_retried_on_another_worker_resumes_from_the_store(tmp_path, monkey
 
 # ---- artifacts never pin a backend ----------------------------------------------------------------------
 def test_field_saved_with_the_cuda_hash_grid_loads_on_the_torch_twin(tmp_path):
+    from t3d.fields.hashgrid import choose_hashgrid
     from t3d.fields.nerf import FieldParams, NeRFField
     from t3d.stages.coarse import FIELD_CONFIG, load_field, save_field
 
@@ -628,23 +632,30 @@ def test_field_saved_with_the_cuda_hash_grid_loads_on_the_torch_twin(tmp_path):
         "base_resolution": 4,
         "per_level_scale": 2.0,
     }
-    field = NeRFField(FieldParams(grid=grid, backend="torch", seed=3))
+    torch_grid = choose_hashgrid("torch", "cpu")
+    field = NeRFField(FieldParams(grid=grid, seed=3), torch_grid)
     with torch.no_grad():
         field.encoding.params.uniform_(-1, 1, generator=torch.Generator().manual_seed(0))
-    # New artifacts: field.json never records the request, whatever the field was built with.
-    field.params = field.params.model_copy(update={"backend": "cuda-library"})
+    # field.json names no backend: the architecture only
     save_field(field, tmp_path)
-    assert json.loads((tmp_path / FIELD_CONFIG).read_text())["backend"] == "auto"
-    # Artifacts written before the fix hold the request; a CPU worker must still load them.
-    cfg = json.loads((tmp_path / FIELD_CONFIG).read_text())
-    (tmp_path / FIELD_CONFIG).write_text(json.dumps({**cfg, "backend": "cuda-library"}))
-    loaded = load_field(tmp_path, device="cpu")
-    assert loaded.backend.backend == "torch" and loaded.params.backend == "auto"
+    assert "backend" not in json.loads((tmp_path / FIELD_CONFIG).read_text())
+    loaded = load_field(tmp_path, choose_hashgrid("auto", "cpu"))
+    assert loaded.backend.backend == "torch" and loaded.backend.reason == "device is cpu"
+    assert loaded.state_dict().keys() == field.state_dict().keys()
+    for name, value in field.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
     pts = torch.rand(64, 3) * 1.6 - 0.8
     with torch.no_grad():
         torch.testing.assert_close(loaded(pts)[0], field(pts)[0])
         torch.testing.assert_close(loaded(pts)[1], field(pts)[1])
-    assert load_field(tmp_path, backend="torch").backend.reason == "requested"
+    # Artifacts written before flow.yaml's `backends:` hold a backend request; a CPU worker must
+    # still load them, and the request is not re-applied.
+    cfg = json.loads((tmp_path / FIELD_CONFIG).read_text())
+    (tmp_path / FIELD_CONFIG).write_text(json.dumps({**cfg, "backend": "cuda-library"}))
+    old = load_field(tmp_path, torch_grid)
+    assert old.backend.reason == "requested" and old.params == field.params
+    with torch.no_grad():
+        torch.testing.assert_close(old(pts)[0], field(pts)[0])
 
 
 # ---- priors: classes from an allow-list only --------------------------------------------------------------

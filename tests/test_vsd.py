@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from t3d.fields.hashgrid import choose_hashgrid
 from t3d.fields.nerf import FieldParams, NeRFField
 from t3d.guidance.vsd import camera_condition, lora_state, make_lora_unet
 from t3d.priors import build_tiny_prior
@@ -13,6 +14,7 @@ from t3d.stages.coarse import save_field
 from t3d.stages.encode_prompt import PromptEmbeddings
 from t3d.stages.refine import RefineParams, VSDTrainer, particle_distance
 
+CPU_GRID = choose_hashgrid("torch", "cpu")
 SMALL_GRID = {
     "otype": "HashGrid",
     "n_levels": 4,
@@ -35,7 +37,7 @@ def _setup(tmp_path, particles=1):
     ]
     e = prior.encode_text(texts).float()
     emb = PromptEmbeddings(e[0:1], e[1:2], {"front": e[2:3], "side": e[3:4], "back": e[4:5], "overhead": e[5:6]}, {})
-    field = NeRFField(FieldParams(grid=SMALL_GRID, hidden=16, backend="torch"))
+    field = NeRFField(FieldParams(grid=SMALL_GRID, hidden=16), CPU_GRID)
     tmp_path.mkdir(parents=True, exist_ok=True)
     save_field(field, tmp_path)
     params = RefineParams(steps=4, particles=particles, batch_size=1, resolution=16, n_samples=8, lora_rank=2)
@@ -43,7 +45,7 @@ def _setup(tmp_path, particles=1):
 
 
 def _trainer(tmp_path, prior, emb, params, seed=0):
-    return VSDTrainer(params, prior, emb, tmp_path, CameraParams(), "cpu", seed)
+    return VSDTrainer(params, prior, emb, tmp_path, CameraParams(), CPU_GRID, seed)
 
 
 def test_lora_trains_and_base_weights_stay_frozen(tmp_path):

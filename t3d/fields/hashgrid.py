@@ -19,13 +19,12 @@ Semantics, as in tiny-cuda-nn's encodings/grid.h:
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from t3d.backends import BackendChoice, choose_backend
+from t3d.backends import BackendChoice, HashGridRequest, choose_backend, normalise_device
 
 PRIMES = (1, 2654435761, 805459861)
 
@@ -290,8 +289,7 @@ class TcnnHashGrid(nn.Module):
 
 
 def _tcnn_smoke(device: torch.device) -> None:
-    import tinycudann as tcnn
-
+    """Build the TcnnHashGrid a run would use, run it forward and backward, and check the result."""
     cfg = {
         "otype": "HashGrid",
         "n_levels": 2,
@@ -300,26 +298,34 @@ def _tcnn_smoke(device: torch.device) -> None:
         "base_resolution": 4,
         "per_level_scale": 8.0,
     }
-    enc = tcnn.Encoding(3, cfg, dtype=torch.float32).to(device)
-    x = torch.rand(256, 3, device=device)
-    y = enc(x)
-    y.float().square().sum().backward()
+    grid = TcnnHashGrid(3, cfg).to(device)
+    y = grid(torch.rand(256, 3, device=device))
+    y.square().sum().backward()
     torch.cuda.synchronize(device)
-    if y.shape != (256, 4) or enc.params.grad is None or not torch.isfinite(enc.params.grad).all():
+    if y.shape != (256, 4) or grid.params.grad is None or not torch.isfinite(grid.params.grad).all():
         raise RuntimeError("tinycudann smoke op gave wrong shapes or non-finite gradients")
 
 
-def make_hash_grid(
-    config: dict | None = None,
-    backend: Literal["auto", "cuda-library", "torch"] = "auto",
-    device: torch.device | str = "cpu",
-    n_input_dims: int = 3,
-    seed: int = 0,
-) -> tuple[nn.Module, BackendChoice]:
-    """Build the hash grid on `device` with tinycudann when it really runs there, else the torch twin."""
-    choice = choose_backend("tinycudann", backend, device, _tcnn_smoke)
-    if choice.backend == "tinycudann":
-        module = TcnnHashGrid(n_input_dims, config, seed=seed)
-    else:
-        module = TorchHashGrid(n_input_dims, config, seed=seed)
-    return module.to(device), choice
+class HashGridBackend:
+    """The hash grid's library on one device, chosen once per run: it builds every encoding.
+
+    Both modules it can build share one parameter layout, so weights trained under one load
+    under the other (tests/test_cuda_parity.py checks the outputs agree)."""
+
+    def __init__(self, choice: BackendChoice, device: torch.device | str):
+        self.choice = choice
+        self.device = torch.device(device)
+
+    def encoding(self, config: dict | None = None, n_input_dims: int = 3, seed: int = 0) -> nn.Module:
+        """A hash-grid encoding (tinycudann config, see the module docstring) on this device."""
+        module = TcnnHashGrid if self.choice.backend == "tinycudann" else TorchHashGrid
+        return module(n_input_dims, config, seed=seed).to(self.device)
+
+    def __repr__(self) -> str:
+        return f"HashGridBackend({self.choice.backend}, device={self.device})"
+
+
+def choose_hashgrid(request: HashGridRequest, device: torch.device | str) -> HashGridBackend:
+    """tinycudann when its smoke op passes on `device` (or as `request` says), else the torch twin."""
+    device = normalise_device(device)
+    return HashGridBackend(choose_backend("tinycudann", request, device, _tcnn_smoke), device)

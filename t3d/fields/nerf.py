@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from t3d.backends import BackendChoice
-from t3d.fields.hashgrid import DEFAULT_CPU_CONFIG, make_hash_grid
+from t3d.fields.hashgrid import DEFAULT_CPU_CONFIG, HashGridBackend
 
 
 class FieldParams(BaseModel):
@@ -38,17 +38,13 @@ class FieldParams(BaseModel):
     bg_hidden: int = Field(16, ge=4)
     normal_eps: float = Field(0.01, gt=0, description="finite-difference step for normals (world units)")
     normal_method: Literal["central", "forward"] = "central"
-    backend: Literal["auto", "cuda-library", "torch"] = "auto"
     seed: int = 0
 
     @classmethod
-    def from_saved(cls, config: dict, backend: Literal["auto", "cuda-library", "torch"] | None = None) -> FieldParams:
-        """FieldParams for loading a saved field.json on this machine.
-
-        A saved backend request is never re-applied: a field trained with tinycudann loads on a CPU
-        worker with the torch twin (their state_dicts are the same). `backend` overrides ("auto" if None).
-        """
-        return cls.model_validate({**config, "backend": backend or "auto"})
+    def from_saved(cls, config: dict) -> FieldParams:
+        """FieldParams from a saved field.json. Artifacts never pin a backend: a `backend` request that
+        t3d wrote there before flow.yaml's `backends:` existed is dropped."""
+        return cls.model_validate({k: v for k, v in config.items() if k != "backend"})
 
 
 class _TruncExp(torch.autograd.Function):
@@ -72,11 +68,12 @@ def trunc_exp(x: torch.Tensor) -> torch.Tensor:
 class NeRFField(nn.Module):
     """density [N] >= 0 and albedo [N,3] in [0,1] at world points [N,3]."""
 
-    def __init__(self, params: FieldParams | None = None, device: torch.device | str = "cpu"):
+    def __init__(self, params: FieldParams, hashgrid: HashGridBackend):
         super().__init__()
-        self.params = params or FieldParams()
+        self.params = params
         p = self.params
-        self.encoding, self.backend_choice = make_hash_grid(p.grid, backend=p.backend, device=device, seed=p.seed)
+        self.hashgrid = hashgrid
+        self.encoding = hashgrid.encoding(p.grid, seed=p.seed)
         gen = torch.Generator().manual_seed(p.seed + 1)
         layers: list[nn.Module] = []
         width_in = self.encoding.n_output_dims
@@ -95,7 +92,7 @@ class NeRFField(nn.Module):
                 with torch.no_grad():
                     m.weight.uniform_(-bound, bound, generator=gen)
                     m.bias.zero_()
-        self.to(device)
+        self.to(hashgrid.device)
 
     @property
     def device(self) -> torch.device:
@@ -103,7 +100,8 @@ class NeRFField(nn.Module):
 
     @property
     def backend(self) -> BackendChoice:
-        return self.backend_choice
+        """What built the encoding (tinycudann or the torch twin), for the stage manifest."""
+        return self.hashgrid.choice
 
     # ---- pieces ----------------------------------------------------------------------------
     def inside(self, points: torch.Tensor) -> torch.Tensor:
@@ -174,6 +172,6 @@ class NeRFField(nn.Module):
         return dirs.new_full((dirs.shape[0], 3), value)
 
     def config_dict(self) -> dict:
-        """The architecture as saved next to the weights (field.json). Portable: backend is always
-        "auto", whatever this field was built with; the backend that ran is in the stage manifest."""
-        return {**self.params.model_dump(mode="json"), "backend": "auto"}
+        """The architecture as saved next to the weights (field.json). It names no backend: the one
+        that ran is in the stage manifest, and the weights load under either."""
+        return self.params.model_dump(mode="json")

@@ -23,12 +23,16 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from t3d.guidance.sds import CFG_CONVENTION, TRange
+
+if TYPE_CHECKING:
+    from t3d.render.raster import RasterBackend
 
 __all__ = [
     "tet_grid",
@@ -140,19 +144,19 @@ def laplacian_loss(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
 
 
 def render_shaded(
-    verts, faces, cameras, size: int, albedo_fn: Callable, ctx=None, ambient: float = 0.35
+    verts, faces, cameras, size: int, albedo_fn: Callable, raster: RasterBackend, ambient: float = 0.35
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Lambertian render under the toy world's camera-fixed light, on white, antialiased so the
     silhouette moves with the vertices: (rgb [B,3,H,W], coverage [B,1,H,W]), row 0 at the top."""
-    from t3d.render.raster import antialias, interpolate, mvp_matrices, rasterize, vertex_normals
+    from t3d.render.raster import mvp_matrices, vertex_normals
     from t3d.render.volume import light_directions
 
     faces_i = faces.to(torch.int32)
     mvp = mvp_matrices(cameras.to(verts.device)).to(verts.dtype)
     pos = torch.einsum("bij,vj->bvi", mvp, torch.cat([verts, torch.ones_like(verts[:, :1])], -1)).contiguous()
-    rast, _ = rasterize(ctx, pos, faces_i, (size, size))
+    rast, _ = raster.rasterize(pos, faces_i, (size, size))
     attrs = torch.cat([verts, vertex_normals(verts, faces_i)], -1)[None].expand(pos.shape[0], -1, -1).contiguous()
-    packed, _ = interpolate(attrs, rast, faces_i, ctx=ctx)
+    packed, _ = raster.interpolate(attrs, rast, faces_i)
     xyz, nrm = packed[..., :3], packed[..., 3:]
     nrm = nrm / nrm.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     mask = rast[..., 3] > 0
@@ -165,7 +169,7 @@ def render_shaded(
     lam = (nrm * light[:, None, None, :]).sum(-1, keepdim=True).clamp_min(0)
     cov = mask[..., None].to(verts.dtype)
     color = (albedo * (ambient + (1 - ambient) * lam)) * cov + (1 - cov)
-    color = antialias(torch.cat([color, cov], -1).contiguous(), rast, pos, faces_i, ctx=ctx)
+    color = raster.antialias(torch.cat([color, cov], -1).contiguous(), rast, pos, faces_i)
     color = torch.flip(color, dims=[1]).permute(0, 3, 1, 2)
     return color[:, :3].clamp(0, 1), color[:, 3:]
 
@@ -211,7 +215,7 @@ def refine_geometry(
     camera_params,
     settings: GeometryParams,
     generator: torch.Generator,
-    raster_ctx=None,
+    raster: RasterBackend,
     device="cpu",
     progress=None,
     resume: tuple[int, dict, dict] | None = None,
@@ -253,7 +257,7 @@ def refine_geometry(
         if faces.shape[0] == 0:
             raise FloatingPointError(f"geometry refinement lost the surface at step {step}; lower geometry.lr")
         cams = sample_cameras(camera_params, settings.batch_size, generator).to(device)
-        rgb, _ = render_shaded(mverts, faces, cams, settings.render_size, albedo_fn, raster_ctx, settings.ambient)
+        rgb, _ = render_shaded(mverts, faces, cams, settings.render_size, albedo_fn, raster, settings.ambient)
         cond, uncond = (
             embeddings.for_views(view_names(cams, camera_params)),
             embeddings.uncond_batch(settings.batch_size),

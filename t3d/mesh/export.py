@@ -20,6 +20,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,6 +28,9 @@ import trimesh
 from PIL import Image
 
 from t3d.mesh.extract import decimate
+
+if TYPE_CHECKING:
+    from t3d.render.raster import RasterBackend
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +170,7 @@ def bake_texture(
     *,
     chunk: int = 1 << 16,
     device: torch.device | str = "cpu",
-    ctx=None,
+    raster: RasterBackend,
     return_mask: bool = False,
 ):
     """Bake color_fn (world points [N,3] -> rgb [N,3] in [0,1]) into a PNG-oriented uint8 [size,size,3].
@@ -176,15 +180,13 @@ def bake_texture(
     every chart (against seams under bilinear filtering), and the remaining texels get the mean
     colour (keeps the PNG small and mipmaps neutral).
     """
-    from t3d.render.raster import interpolate, rasterize
-
     device = torch.device(device)
     v = torch.as_tensor(np.asarray(verts), dtype=torch.float32, device=device)
     f = torch.as_tensor(np.asarray(faces), dtype=torch.int32, device=device)
     uv = torch.as_tensor(np.asarray(uvs), dtype=torch.float32, device=device)
     pos = torch.cat([uv * 2 - 1, torch.zeros_like(uv[:, :1]), torch.ones_like(uv[:, :1])], -1)[None].contiguous()
-    rast, _ = rasterize(ctx, pos, f, (size, size))
-    xyz, _ = interpolate(v[None].contiguous(), rast, f, ctx=ctx)
+    rast, _ = raster.rasterize(pos, f, (size, size))
+    xyz, _ = raster.interpolate(v[None].contiguous(), rast, f)
     mask = rast[0, ..., 3] > 0  # [size,size], row 0 = v 0
     pts = xyz[0][mask]
     cols = []
@@ -282,7 +284,7 @@ def turntable(
     fps: int = 12,
     strip_path: str | Path | None = None,
     strip_frames: int = 8,
-    ctx=None,
+    raster: RasterBackend,
     device: torch.device | str = "cpu",
     batch: int = 8,
     y_up: bool = True,
@@ -309,7 +311,7 @@ def turntable(
     frames = []
     for s in range(0, n_frames, batch):
         cams = make_cameras(az[s : s + batch], [elevation_deg] * len(az[s : s + batch]), radius, fov_deg).to(device)
-        out = render_mesh(v, f, cams, size, ctx=ctx, uvs=uv, tex=tex, antialias_rgb=False)
+        out = render_mesh(v, f, cams, size, raster=raster, uvs=uv, tex=tex, antialias_rgb=False)
         rgb = out["rgb"]
         if shading > 0:
             eye = cams.c2w[:, None, None, :3, 3]

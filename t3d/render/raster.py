@@ -3,10 +3,11 @@
 One interface, mirroring nvdiffrast's documented calls (its licence is non-commercial, so the
 torch twin below is written from the documented behaviour only, none of its source):
 
-    rast, rast_db = rasterize(ctx, pos, tri, (H, W))     # pos [B,V,4] clip space, tri [F,3] int32
-    out, _        = interpolate(attr, rast, tri)         # attr [B,V,C], [1,V,C] or [V,C]
-    color         = texture(tex, uv, filter_mode="linear", boundary_mode="wrap")
-    color         = antialias(color, rast, pos, tri)
+    raster        = choose_raster("auto", device)        # a RasterBackend, chosen once per device
+    rast, rast_db = raster.rasterize(pos, tri, (H, W))   # pos [B,V,4] clip space, tri [F,3] int32
+    out, _        = raster.interpolate(attr, rast, tri)  # attr [B,V,C], [1,V,C] or [V,C]
+    color         = raster.texture(tex, uv, filter_mode="linear", boundary_mode="wrap")
+    color         = raster.antialias(color, rast, pos, tri)
 
 Conventions (nvdiffrast's, i.e. OpenGL's):
 - `pos` is in clip space; x/w, y/w, z/w in [-1, 1] is the view frustum. Pixel (row j, column i)
@@ -21,10 +22,10 @@ Conventions (nvdiffrast's, i.e. OpenGL's):
   corner; texel centres sit at ((i + 0.5) / Wt, (j + 0.5) / Ht). A PNG (row 0 at the top) must be
   flipped vertically to enter, and again to leave.
 
-Backends: `make_raster_context(backend, device)` returns (ctx, BackendChoice). The choice goes
-through `t3d.backends.choose_backend` (a real smoke op decides, never an import). `rasterize`
-dispatches on `ctx`; `interpolate`, `texture` and `antialias` take the same `ctx=` keyword (or call
-them as methods of the context): without it they run the torch twin, which works on any device.
+Backends: `choose_raster(request, device)` returns the RasterBackend for a device, `NvdiffrastRaster`
+or the torch twin `TorchRaster`, and carries its BackendChoice (`.choice`). The choice goes through
+`t3d.backends.choose_backend` (a real smoke op decides, never an import). Every function here that
+rasterizes takes the backend as a required `raster` argument; a run gets it from `ctx.backends.raster`.
 
 The torch twin:
 - rasterize: a no-grad visibility pass (homogeneous 2D edge functions, per-triangle bounding boxes
@@ -46,23 +47,21 @@ from __future__ import annotations
 import logging
 import math
 import sys
-from typing import Any
+from abc import ABC, abstractmethod
+from functools import cache
 
 import numpy as np
 import torch
 
-from t3d.backends import BackendChoice, BackendRequest, choose_backend
+from t3d.backends import BackendChoice, RasterRequest, choose_backend, normalise_device
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "TorchRasterContext",
-    "NvdiffrastContext",
-    "make_raster_context",
-    "rasterize",
-    "interpolate",
-    "texture",
-    "antialias",
+    "RasterBackend",
+    "TorchRaster",
+    "NvdiffrastRaster",
+    "choose_raster",
     "vertex_normals",
     "mvp_matrices",
     "render_mesh",
@@ -70,24 +69,71 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------------------------
-# Contexts
+# Backends
 # ----------------------------------------------------------------------------------------------
 
 
-class TorchRasterContext:
-    """The pure-torch twin's context (stateless apart from the chunk budget)."""
+class RasterBackend(ABC):
+    """nvdiffrast's four calls on one device, as chosen for a run. `choice` says which and why."""
 
-    backend = "torch"
-
-    def __init__(self, device: torch.device | str = "cpu", max_pairs: int = 1 << 20):
+    def __init__(self, device: torch.device | str, choice: BackendChoice):
         self.device = torch.device(device)
+        self.choice = choice
+
+    @abstractmethod
+    def rasterize(self, pos, tri, resolution, ranges=None, grad_db: bool = True):
+        """Rasterize clip-space triangles: (rast [B,H,W,4] = (u, v, z/w, tri_id+1), rast_db or None).
+
+        `resolution` is (height, width). Output row 0 is the BOTTOM of the image (OpenGL)."""
+
+    @abstractmethod
+    def interpolate(self, attr, rast, tri, rast_db=None, diff_attrs=None):
+        """Interpolate vertex attributes [B,V,C] / [1,V,C] / [V,C] at each pixel: (out [B,H,W,C], da).
+
+        out is zero where no triangle was rasterized."""
+
+    @abstractmethod
+    def texture(
+        self,
+        tex,
+        uv,
+        uv_da=None,
+        mip_level_bias=None,
+        mip=None,
+        filter_mode="auto",
+        boundary_mode="wrap",
+        max_mip_level=None,
+    ):
+        """Sample tex [B|1,Ht,Wt,C] at uv [B,H,W,2] in [0,1] (origin bottom-left, row 0 = t=0)."""
+
+    @abstractmethod
+    def antialias(self, color, rast, pos, tri, topology_hash=None, pos_gradient_boost: float = 1.0):
+        """Silhouette antialiasing: blends colours across silhouette edges by their analytic
+        coverage, which gives gradients w.r.t. `pos` (and `color`) from occlusion and coverage."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(device={self.device})"
+
+
+class TorchRaster(RasterBackend):
+    """The pure-torch twin: works on any device. rast_db and da are None; no range mode, no mipmaps."""
+
+    def __init__(
+        self,
+        device: torch.device | str = "cpu",
+        choice: BackendChoice | None = None,
+        max_pairs: int = 1 << 20,
+    ):
+        super().__init__(device, choice or BackendChoice("nvdiffrast", "torch", "requested"))
         self.max_pairs = int(max_pairs)  # (triangle, pixel) candidates tested per chunk
 
-    def rasterize(self, pos, tri, resolution, ranges=None, grad_db=True):
-        return rasterize(self, pos, tri, resolution, ranges=ranges, grad_db=grad_db)
+    def rasterize(self, pos, tri, resolution, ranges=None, grad_db: bool = True):
+        if ranges is not None:
+            raise NotImplementedError("the torch rasterizer supports instanced mode only (pos [B,V,4], no ranges)")
+        return _torch_rasterize(pos, tri, resolution, self.max_pairs), None
 
     def interpolate(self, attr, rast, tri, rast_db=None, diff_attrs=None):
-        return interpolate(attr, rast, tri, rast_db, diff_attrs, ctx=self)
+        return _torch_interpolate(attr, rast, tri), None
 
     def texture(
         self,
@@ -100,13 +146,22 @@ class TorchRasterContext:
         boundary_mode="wrap",
         max_mip_level=None,
     ):
-        return texture(tex, uv, uv_da, mip_level_bias, mip, filter_mode, boundary_mode, max_mip_level, ctx=self)
+        return _torch_texture(tex, uv, filter_mode, boundary_mode)
 
-    def antialias(self, color, rast, pos, tri, topology_hash=None, pos_gradient_boost=1.0):
-        return antialias(color, rast, pos, tri, topology_hash, pos_gradient_boost, ctx=self)
-
-    def __repr__(self) -> str:
-        return f"TorchRasterContext(device={self.device})"
+    def antialias(self, color, rast, pos, tri, topology_hash=None, pos_gradient_boost: float = 1.0):
+        """The twin's own design (nvdiffrast's purpose): for each pair of 4-neighbour pixels P, Q where
+        P's triangle A lies in front of what Q shows (nothing, or a farther surface), follow the
+        segment P->Q from A across the mesh's non-silhouette edges (up to 8 triangles: rim triangles
+        are often too thin for the pixel grid) to the first silhouette edge it crosses (a border, or
+        a fold between a front- and a back-facing triangle); if that is at t in [0, 1) along the
+        segment, then Q takes (t - 0.5) of P's colour when t > 0.5, and P takes (0.5 - t) of Q's
+        colour when t < 0.5 (1D coverage of each pixel), weighted by the squared component of the
+        edge's screen normal along the pair's axis (horizontal and vertical pairs share each edge).
+        Deltas add up per pixel, normalised when their weights exceed 1. Interior edges are left
+        alone. `topology_hash` is accepted for signature compatibility and ignored;
+        `pos_gradient_boost` scales the position gradients.
+        """
+        return _torch_antialias(color, rast, pos, tri, pos_gradient_boost)
 
 
 def import_nvdiffrast():
@@ -137,20 +192,55 @@ def import_nvdiffrast():
     return dr
 
 
-class NvdiffrastContext(TorchRasterContext):
-    """nvdiffrast's RasterizeCudaContext behind the same methods."""
+class NvdiffrastRaster(RasterBackend):
+    """nvdiffrast's RasterizeCudaContext behind the same calls (inputs made float32/int32 and contiguous)."""
 
-    backend = "nvdiffrast"
+    def __init__(self, device: torch.device | str, choice: BackendChoice):
+        super().__init__(device, choice)
+        self.dr = import_nvdiffrast()
+        self.raw = self.dr.RasterizeCudaContext(device=self.device)
 
-    def __init__(self, device: torch.device | str):
-        dr = import_nvdiffrast()
+    def rasterize(self, pos, tri, resolution, ranges=None, grad_db: bool = True):
+        pos = pos.float().contiguous()
+        tri = tri.to(torch.int32).contiguous()
+        return self.dr.rasterize(self.raw, pos, tri, tuple(resolution), ranges=ranges, grad_db=grad_db)
 
-        super().__init__(device)
-        self.dr = dr
-        self.raw = dr.RasterizeCudaContext(device=self.device)
+    def interpolate(self, attr, rast, tri, rast_db=None, diff_attrs=None):
+        return self.dr.interpolate(
+            attr.float().contiguous(), rast, tri.to(torch.int32).contiguous(), rast_db=rast_db, diff_attrs=diff_attrs
+        )
 
-    def __repr__(self) -> str:
-        return f"NvdiffrastContext(device={self.device})"
+    def texture(
+        self,
+        tex,
+        uv,
+        uv_da=None,
+        mip_level_bias=None,
+        mip=None,
+        filter_mode="auto",
+        boundary_mode="wrap",
+        max_mip_level=None,
+    ):
+        return self.dr.texture(
+            tex.float().contiguous(),
+            uv.float().contiguous(),
+            uv_da=uv_da,
+            mip_level_bias=mip_level_bias,
+            mip=mip,
+            filter_mode=filter_mode,
+            boundary_mode=boundary_mode,
+            max_mip_level=max_mip_level,
+        )
+
+    def antialias(self, color, rast, pos, tri, topology_hash=None, pos_gradient_boost: float = 1.0):
+        return self.dr.antialias(
+            color.contiguous(),
+            rast,
+            pos.float().contiguous(),
+            tri.to(torch.int32).contiguous(),
+            topology_hash=topology_hash,
+            pos_gradient_boost=pos_gradient_boost,
+        )
 
 
 def _nvdiffrast_smoke(device: torch.device) -> None:
@@ -170,21 +260,18 @@ def _nvdiffrast_smoke(device: torch.device) -> None:
         raise RuntimeError("nvdiffrast smoke op produced an unexpected result")
 
 
-def make_raster_context(
-    backend: BackendRequest = "auto", device: torch.device | str = "cpu"
-) -> tuple[TorchRasterContext, BackendChoice]:
-    """The rasterizer for `device`: nvdiffrast's CUDA context when its smoke op passes, else torch."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    choice = choose_backend("nvdiffrast", backend, device, _nvdiffrast_smoke)
+def choose_raster(request: RasterRequest, device: torch.device | str) -> RasterBackend:
+    """The rasterizer for `device`: nvdiffrast when its smoke op passes (or as `request` says), else
+    the torch twin. One object per (request, device) per process: nvdiffrast's context is made once."""
+    return _raster_for(request, str(normalise_device(device)))
+
+
+@cache
+def _raster_for(request: str, device: str) -> RasterBackend:
+    choice = choose_backend("nvdiffrast", request, device, _nvdiffrast_smoke)
     if choice.backend == "nvdiffrast":
-        return NvdiffrastContext(device), choice
-    return TorchRasterContext(device), choice
-
-
-def _is_nvdiffrast(ctx: Any) -> bool:
-    return isinstance(ctx, NvdiffrastContext)
+        return NvdiffrastRaster(device, choice)
+    return TorchRaster(device, choice)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,7 +406,7 @@ def _visibility(pos: torch.Tensor, tri: torch.Tensor, height: int, width: int, m
     return idbuf
 
 
-def _torch_rasterize(ctx: TorchRasterContext, pos: torch.Tensor, tri: torch.Tensor, resolution) -> torch.Tensor:
+def _torch_rasterize(pos: torch.Tensor, tri: torch.Tensor, resolution, max_pairs: int) -> torch.Tensor:
     if pos.dim() == 2:
         pos = pos[None]  # a single instance (range mode with one full range)
     if pos.dim() != 3 or pos.shape[-1] != 4:
@@ -331,7 +418,6 @@ def _torch_rasterize(ctx: TorchRasterContext, pos: torch.Tensor, tri: torch.Tens
     )
     tri = tri.to(device=pos.device, dtype=torch.long)
     bsz = pos.shape[0]
-    max_pairs = getattr(ctx, "max_pairs", 1 << 20)
     ids = _visibility(pos.detach(), tri, height, width, max_pairs)  # [B*H*W]
     rast = torch.zeros(bsz * height * width, 4, dtype=pos.dtype, device=pos.device)
     pix = ids.nonzero().squeeze(1)
@@ -353,37 +439,13 @@ def _torch_rasterize(ctx: TorchRasterContext, pos: torch.Tensor, tri: torch.Tens
     return rast.reshape(bsz, height, width, 4)
 
 
-def rasterize(ctx, pos: torch.Tensor, tri: torch.Tensor, resolution, ranges=None, grad_db: bool = True):
-    """Rasterize clip-space triangles: (rast [B,H,W,4] = (u, v, z/w, tri_id+1), rast_db or None).
-
-    `resolution` is (height, width). Output row 0 is the BOTTOM of the image (OpenGL).
-    The torch twin returns rast_db=None and does not support range mode (`ranges`).
-    """
-    if _is_nvdiffrast(ctx):
-        pos = pos.float().contiguous()
-        tri = tri.to(torch.int32).contiguous()
-        return ctx.dr.rasterize(ctx.raw, pos, tri, tuple(resolution), ranges=ranges, grad_db=grad_db)
-    if ranges is not None:
-        raise NotImplementedError("the torch rasterizer supports instanced mode only (pos [B,V,4], no ranges)")
-    if ctx is None:
-        ctx = TorchRasterContext(pos.device)
-    return _torch_rasterize(ctx, pos, tri, resolution), None
-
-
 # ----------------------------------------------------------------------------------------------
 # interpolate
 # ----------------------------------------------------------------------------------------------
 
 
-def interpolate(attr: torch.Tensor, rast: torch.Tensor, tri: torch.Tensor, rast_db=None, diff_attrs=None, *, ctx=None):
-    """Interpolate vertex attributes [B,V,C] / [1,V,C] / [V,C] at each pixel: (out [B,H,W,C], da).
-
-    out is zero where no triangle was rasterized. The torch twin returns da = None.
-    """
-    if _is_nvdiffrast(ctx):
-        return ctx.dr.interpolate(
-            attr.float().contiguous(), rast, tri.to(torch.int32).contiguous(), rast_db=rast_db, diff_attrs=diff_attrs
-        )
+def _torch_interpolate(attr: torch.Tensor, rast: torch.Tensor, tri: torch.Tensor) -> torch.Tensor:
+    """TorchRaster.interpolate: a gather and a (u, v, 1-u-v) blend; gradients reach attr and rast."""
     bsz, height, width, _ = rast.shape
     tri = tri.to(device=rast.device, dtype=torch.long)
     tid = rast[..., 3].detach().long()  # [B,H,W]
@@ -404,8 +466,7 @@ def interpolate(attr: torch.Tensor, rast: torch.Tensor, tri: torch.Tensor, rast_
     u = rast[..., 0:1]
     v = rast[..., 1:2]
     weights = torch.cat([u, v, 1.0 - u - v], -1) * valid[..., None].to(rast.dtype)  # [B,H,W,3]
-    out = (weights[..., None] * vals).sum(-2)
-    return out, None
+    return (weights[..., None] * vals).sum(-2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -426,31 +487,9 @@ def _texel_index(i: torch.Tensor, n: int, boundary_mode: str) -> tuple[torch.Ten
     raise ValueError(f"boundary_mode {boundary_mode!r}: the torch twin supports 'wrap', 'clamp' and 'zero'")
 
 
-def texture(
-    tex: torch.Tensor,
-    uv: torch.Tensor,
-    uv_da=None,
-    mip_level_bias=None,
-    mip=None,
-    filter_mode: str = "auto",
-    boundary_mode: str = "wrap",
-    max_mip_level=None,
-    *,
-    ctx=None,
-) -> torch.Tensor:
-    """Sample tex [B|1,Ht,Wt,C] at uv [B,H,W,2] in [0,1] (origin bottom-left, row 0 = t=0)."""
+def _torch_texture(tex: torch.Tensor, uv: torch.Tensor, filter_mode: str, boundary_mode: str) -> torch.Tensor:
+    """TorchRaster.texture: bilinear or nearest lookups; gradients reach tex and uv."""
     global _warned_mip
-    if _is_nvdiffrast(ctx):
-        return ctx.dr.texture(
-            tex.float().contiguous(),
-            uv.float().contiguous(),
-            uv_da=uv_da,
-            mip_level_bias=mip_level_bias,
-            mip=mip,
-            filter_mode=filter_mode,
-            boundary_mode=boundary_mode,
-            max_mip_level=max_mip_level,
-        )
     if tex.dim() != 4 or uv.dim() != 4 or uv.shape[-1] != 2:
         raise ValueError(f"tex must be [B,Ht,Wt,C] and uv [B,H,W,2]; got {tuple(tex.shape)}, {tuple(uv.shape)}")
     if filter_mode == "auto":
@@ -643,35 +682,6 @@ def _torch_antialias(
     return (flat + delta).reshape(bsz, height, width, ch)
 
 
-def antialias(color, rast, pos, tri, topology_hash=None, pos_gradient_boost: float = 1.0, *, ctx=None):
-    """Silhouette antialiasing: blends colours across silhouette edges by their analytic coverage,
-    which gives gradients w.r.t. `pos` from occlusion and coverage (as well as w.r.t. `color`).
-
-    nvdiffrast: its own analytic antialiasing. The torch twin (own design, same purpose): for each
-    pair of 4-neighbour pixels P, Q where P's triangle A lies in front of what Q shows (nothing,
-    or a farther surface), follow the segment P->Q from A across the mesh's non-silhouette
-    edges (up to 8 triangles: rim triangles are often too thin for the pixel grid) to the first
-    silhouette edge it crosses (a border, or a fold between a front- and a back-facing triangle);
-    if that is at t in [0, 1) along the segment, then Q takes (t - 0.5) of P's colour when t > 0.5, and P takes
-    (0.5 - t) of Q's colour when t < 0.5 (1D coverage of each pixel), weighted by the squared
-    component of the edge's screen normal along the pair's axis (horizontal and vertical pairs
-    share each edge). Deltas add up per pixel, normalised when their weights exceed 1. Interior
-    edges are left alone. `topology_hash` is
-    accepted for signature compatibility and ignored; `pos_gradient_boost` scales the position
-    gradients.
-    """
-    if _is_nvdiffrast(ctx):
-        return ctx.dr.antialias(
-            color.contiguous(),
-            rast,
-            pos.float().contiguous(),
-            tri.to(torch.int32).contiguous(),
-            topology_hash=topology_hash,
-            pos_gradient_boost=pos_gradient_boost,
-        )
-    return _torch_antialias(color, rast, pos, tri, pos_gradient_boost)
-
-
 # ----------------------------------------------------------------------------------------------
 # Mesh rendering with t3d cameras
 # ----------------------------------------------------------------------------------------------
@@ -701,7 +711,7 @@ def render_mesh(
     cameras,
     size: int | tuple[int, int],
     *,
-    ctx=None,
+    raster: RasterBackend,
     near: float = 0.1,
     far: float = 10.0,
     uvs: torch.Tensor | None = None,
@@ -725,14 +735,12 @@ def render_mesh(
     else:
         height, width = int(size[0]), int(size[1])
     device = verts.device
-    if ctx is None:
-        ctx = TorchRasterContext(device)
     faces_i = faces.to(device=device, dtype=torch.int32)
     mvp = mvp_matrices(cameras.to(device), near, far, aspect=width / height).to(verts.dtype)
     ones = torch.ones_like(verts[:, :1])
     vh = torch.cat([verts, ones], -1)  # [V,4]
     pos = torch.einsum("bij,vj->bvi", mvp, vh).contiguous()  # [B,V,4]
-    rast, _ = rasterize(ctx, pos, faces_i, (height, width))
+    rast, _ = raster.rasterize(pos, faces_i, (height, width))
     mask = (rast[..., 3:] > 0).to(verts.dtype)
     view = torch.linalg.inv(cameras.c2w.to(device).float()).to(verts.dtype)
     cam_z = -torch.einsum("bj,vj->bv", view[:, 2], vh)[..., None]  # [B,V,1] distance along view axis
@@ -748,7 +756,7 @@ def render_mesh(
     if vertex_colors is not None:
         attrs.append(vertex_colors.to(verts.dtype)[None].expand(pos.shape[0], -1, -1))
         sizes.append(vertex_colors.shape[-1])
-    packed, _ = interpolate(torch.cat(attrs, -1).contiguous(), rast, faces_i, ctx=ctx)
+    packed, _ = raster.interpolate(torch.cat(attrs, -1).contiguous(), rast, faces_i)
     parts = list(torch.split(packed, sizes, dim=-1))
     out: dict[str, torch.Tensor] = {"mask": mask, "xyz": parts[0], "depth": parts[2]}
     n = parts[1]
@@ -762,8 +770,8 @@ def render_mesh(
         if tex is not None:
             t = tex if tex.dim() == 4 else tex[None]
             rgb = (
-                texture(
-                    t.to(verts.dtype), uv_img.contiguous(), filter_mode="linear", boundary_mode=boundary_mode, ctx=ctx
+                raster.texture(
+                    t.to(verts.dtype), uv_img.contiguous(), filter_mode="linear", boundary_mode=boundary_mode
                 )
                 * mask
             )
@@ -774,7 +782,7 @@ def render_mesh(
             bg = torch.as_tensor(background, dtype=rgb.dtype, device=device)
             rgb = rgb * mask + bg * (1 - mask)
         if antialias_rgb:
-            rgb = antialias(rgb.contiguous(), rast, pos, faces_i, ctx=ctx)
+            rgb = raster.antialias(rgb.contiguous(), rast, pos, faces_i)
         out["rgb"] = rgb
     flipped = {key: torch.flip(val, dims=[1]) for key, val in out.items()}
     flipped["rast"] = rast

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from t3d.render.cameras import CameraParams, orbit_cameras
+from t3d.render.raster import RasterBackend
 from t3d.render.volume import light_directions
 from t3d.toy import world as toyworld
 
@@ -54,7 +55,9 @@ def evaluate_field(field, prompt: str, camera: CameraParams, n_views: int = 8, s
 
 
 @torch.no_grad()
-def render_textured_mesh(tmesh, cams, size: int, raster_ctx=None, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def render_textured_mesh(
+    tmesh, cams, size: int, raster: RasterBackend, device="cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A TexturedMesh lit like the toy world (camera-fixed light): rgb [B,3,H,W] on white, mask [B,1,H,W]."""
     from t3d.render.raster import render_mesh
 
@@ -66,7 +69,7 @@ def render_textured_mesh(tmesh, cams, size: int, raster_ctx=None, device="cpu") 
         torch.as_tensor(tmesh.faces, device=device),
         cams,
         size,
-        ctx=raster_ctx,
+        raster=raster,
         uvs=torch.as_tensor(tmesh.uvs, device=device),
         tex=tex[..., :3],
         background=1.0,
@@ -79,7 +82,14 @@ def render_textured_mesh(tmesh, cams, size: int, raster_ctx=None, device="cpu") 
 
 
 def evaluate_mesh(
-    tmesh, prompt: str, camera: CameraParams, n_views: int = 8, size: int = 32, raster_ctx=None, device="cpu"
+    tmesh,
+    prompt: str,
+    camera: CameraParams,
+    n_views: int = 8,
+    size: int = 32,
+    *,
+    raster: RasterBackend,
+    device="cpu",
 ) -> dict:
     """{} for prompts outside the toy world."""
     try:
@@ -87,6 +97,6 @@ def evaluate_mesh(
     except ValueError:
         return {}
     cams = eval_cameras(camera, n_views)
-    rgb, mask = render_textured_mesh(tmesh, cams, size, raster_ctx, device)
+    rgb, mask = render_textured_mesh(tmesh, cams, size, raster, device)
     true_rgb, true_mask = toyworld.render_primitive(shape, colour, cams.to(device), size)
     return score(rgb, mask, true_rgb, true_mask)
