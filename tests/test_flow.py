@@ -13,10 +13,10 @@ import pytest
 
 from t3d.flows.config import validate
 from t3d.flows.flow import run_prompt
+from t3d.stages import registry_from_spec
 from t3d.store import ArtifactStore
-from tests.flowstages import REGISTRY
 
-REG = REGISTRY()
+REG = registry_from_spec("tests.flowstages:REGISTRY")
 
 
 @pytest.fixture
