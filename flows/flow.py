@@ -95,8 +95,9 @@ def run_prompt(
                         "Prefect failed mid-run (%s: %s): finishing the stages here", type(exc).__name__, str(exc)[:200]
                     )
                     local = True
-        if local:
-            results, error, failed = _run_here(cfg, prompt, registry, store, force_from, show_progress, results)
+        if local:  # re-planned only after a Prefect attempt, which may have committed stages
+            steps = planned if api is None else runner.plan(cfg, prompt, registry, store, force_from)
+            results, error, failed = _run_here(cfg, prompt, steps, registry, store, show_progress, results)
     except BaseException as exc:
         run.end(
             "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", results, f"{type(exc).__name__}: {exc}"
@@ -127,11 +128,11 @@ def _final_state(results: list[runner.StageResult], error: str | None) -> str:
     return "cached" if results and all(r.state == "cached" for r in results) else "completed"
 
 
-def _run_here(cfg, prompt, registry, store, force_from, show_progress, results):
-    """The stages not in `results` yet, in this process, without Prefect: (results, error, failed stage)."""
+def _run_here(cfg, prompt, steps, registry, store, show_progress, results):
+    """The steps not in `results` yet, in this process, without Prefect: (results, error, failed stage)."""
     results = list(results)
     done = {r.stage for r in results}
-    for step in runner.plan(cfg, prompt, registry, store, force_from):
+    for step in steps:
         if step.name in done:
             continue
         try:
