@@ -49,9 +49,13 @@ def test_failed_stage_resumes_where_it_stopped(tmp_path, calls, monkeypatch, ide
     monkeypatch.setenv("T3D_TEST_FAIL_ONCE", str(marker))
     cfg = cfg_for(tmp_path, identity_prior)
 
+    earlier = _task_runs()
     first = run_prompt(cfg, cfg.prompt, REG, show_progress=False)
     assert first.state == "failed" and first.failed_stage == "b" and "failed on purpose" in first.error
     assert calls() == ["a", "b"]
+    assert [(r.stage, r.state) for r in first.results] == [("a", "computed")], "from the StageFailed the flow raised"
+    tasks = sorted(v for k, v in _task_runs().items() if k not in earlier)
+    assert tasks == [("a-red-cube/a", "COMPLETED"), ("a-red-cube/b", "FAILED")], "one run_stage task per stage"
     store = ArtifactStore(cfg.store)
     assert store.status(first.results[0].key) == "complete"
     assert [k for k in store.keys() if k.startswith("b-")] == [], "a failed stage leaves no artifact"
@@ -64,6 +68,14 @@ def test_failed_stage_resumes_where_it_stopped(tmp_path, calls, monkeypatch, ide
 
     third = run_prompt(cfg, cfg.prompt, REG, show_progress=False)
     assert third.state == "cached" and calls() == []
+
+
+def _task_runs() -> dict:
+    """Task run id -> (name, state type) in the test harness's Prefect API."""
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        return {r.id: (r.name, r.state.type.value) for r in client.read_task_runs()}
 
 
 def test_from_forces_that_stage_and_later(tmp_path, calls, identity_prior, prefect_server):
