@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from t3d.flows.batch import run_batch
-    from t3d.flows.server import server_env, start_server
+    from t3d.flows.server import PrefectConnection
     from t3d.stages import default_registry
 
     names = list(default_registry())
@@ -39,14 +38,14 @@ def main() -> None:
     out: dict = {"prompts": len(PROMPTS), "stages": names[: upto + 1], "overrides": sets}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        with start_server(tmp / "prefect", ui=False) as server:
-            env = {**server_env(tmp / "prefect", server.api_url), "TQDM_DISABLE": "1"}
-            os.environ["PREFECT_API_URL"] = server.api_url
+        with PrefectConnection(data_dir=tmp / "prefect", dedicated=True) as prefect:
+            if prefect.api_url() is None:
+                sys.exit(f"no Prefect server: {prefect.problem}")
             for concurrency in (1, 2):
                 flow = tmp / f"flow{concurrency}.yaml"
                 flow.write_text(f"prompt: placeholder\nstore: {tmp / f'store{concurrency}'}\n")
                 t0 = time.perf_counter()
-                rows = run_batch(flow, PROMPTS, concurrency, sets, env=env)
+                rows = run_batch(flow, PROMPTS, concurrency, sets, env={"TQDM_DISABLE": "1"}, prefect=prefect)
                 wall = time.perf_counter() - t0
                 failed = [r for r in rows if r.state == "failed"]
                 if failed:

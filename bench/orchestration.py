@@ -70,8 +70,9 @@ def main() -> None:
 
     from t3d.flows.config import validate
     from t3d.flows.flow import run_prompt
+    from t3d.stages import registry_from_spec
 
-    reg = REGISTRY()
+    reg = registry_from_spec("orchestration:REGISTRY")  # a flow loads it from this spec
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         prior = "tiny-pixel"  # the stages never load it; only its identity enters the keys

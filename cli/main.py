@@ -187,31 +187,13 @@ def batch(
     _quiet_third_parties(False)
     from t3d.flows.batch import read_prompts, run_batch, write_summary
     from t3d.flows.config import ConfigError, load_config
-    from t3d.flows.server import default_data_dir, server_env, start_server
+    from t3d.flows.server import PrefectConnection
 
     try:
         prompts = read_prompts(prompts_file)
         load_config(flow, set_, prompt=prompts[0])
     except ConfigError as exc:
         _fail_input(str(exc))
-    server = None
-    api = os.environ.get("PREFECT_API_URL")
-    data = data or default_data_dir()
-    if not api:
-        with console.status(f"starting Prefect's local server for this batch (data in {data}) ...", spinner="dots"):
-            try:
-                server = start_server(data, shared=True)
-            except (RuntimeError, TimeoutError, OSError) as exc:
-                console.print(
-                    f"[yellow]warning:[/] Prefect unavailable ({exc}): the prompts run without it",
-                    highlight=False,
-                    soft_wrap=True,
-                )
-        if server:
-            api = server.api_url
-            console.print(f"Prefect API: {api}", highlight=False)
-    env = server_env(Path(data), api) if server else {**os.environ}
-    env.setdefault("TQDM_DISABLE", "1")
     done = []
 
     def report(row) -> None:
@@ -222,8 +204,28 @@ def batch(
             highlight=False,
         )
 
-    try:
-        rows = run_batch(flow, prompts, concurrency, set_, env=env, on_done=report)
+    def wait(msg: str):
+        return console.status(f"{msg} (for this batch)", spinner="dots")
+
+    with PrefectConnection(on_wait=wait, data_dir=data, ui=True) as prefect:
+        api = prefect.api_url()
+        if api is None:
+            console.print(
+                f"[yellow]warning:[/] Prefect unavailable ({prefect.problem}): the prompts run without it",
+                highlight=False,
+                soft_wrap=True,
+            )
+        elif prefect.server is not None:
+            console.print(f"Prefect API: {api}", highlight=False)
+        rows = run_batch(
+            flow,
+            prompts,
+            concurrency,
+            set_,
+            env={"TQDM_DISABLE": os.environ.get("TQDM_DISABLE", "1")},
+            on_done=report,
+            prefect=prefect,
+        )
         base = summary or Path(f"batch-{prompts_file.stem}")
         json_path, csv_path = write_summary(rows, base)
         if api:
@@ -240,9 +242,6 @@ def batch(
                     f"batch-{prompts_file.stem}",
                     f"batch {prompts_file.name}",
                 )
-    finally:
-        if server:
-            server.release()
     table = Table(title=f"batch {prompts_file} ({concurrency} at a time)", title_justify="left")
     for col in ("prompt", "state", "seconds", "glb", "quality", "error"):
         table.add_column(col, overflow="fold")
@@ -266,31 +265,40 @@ def server(
     import signal
     import time
 
-    from t3d.flows.server import default_data_dir, start_server
+    from t3d.flows.server import PrefectConnection, default_data_dir
 
     def on_term(*_):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)  # SIGTERM stops the server too, like Ctrl-C
     signal.signal(signal.SIGHUP, on_term)
-    with console.status("starting Prefect's server and UI (the first start migrates its database) ...", spinner="dots"):
-        srv = start_server(data or default_data_dir(), host=host, port=port)
-    out.print(
-        f"Prefect UI:  {srv.ui_url}\nAPI:         {srv.api_url}\ndata:        {srv.data_dir}\nlog:         "
-        f"{srv.log_path}"
-    )
-    out.print(
-        f"In another shell:  export PREFECT_API_URL={srv.api_url}   then t3d run / t3d batch report here. Ctrl-C stops."
-    )
-    try:
-        while srv.alive():
-            time.sleep(1)
-        console.print(f"[red]the Prefect server stopped; see {srv.log_path}[/]", highlight=False)
-        raise typer.Exit(EXIT_FAILED) from None
-    except KeyboardInterrupt:
-        pass
-    finally:
-        srv.stop()
+    with PrefectConnection(
+        on_wait=lambda msg: console.status(msg, spinner="dots"),
+        data_dir=data or default_data_dir(),
+        ui=True,
+        dedicated=True,
+        host=host,
+        port=port,
+    ) as prefect:
+        if prefect.api_url() is None:
+            console.print(f"[red]the Prefect server did not start: {escape(prefect.problem or '')}[/]", highlight=False)
+            raise typer.Exit(EXIT_FAILED)
+        srv = prefect.server
+        out.print(
+            f"Prefect UI:  {srv.ui_url}\nAPI:         {srv.api_url}\ndata:        {srv.data_dir}\nlog:         "
+            f"{srv.log_path}"
+        )
+        out.print(
+            f"In another shell:  export PREFECT_API_URL={srv.api_url}   then t3d run / t3d batch report here. "
+            "Ctrl-C stops."
+        )
+        try:
+            while srv.alive():
+                time.sleep(1)
+            console.print(f"[red]the Prefect server stopped; see {srv.log_path}[/]", highlight=False)
+            raise typer.Exit(EXIT_FAILED) from None
+        except KeyboardInterrupt:
+            pass
 
 
 @app.command()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from t3d import runner
 from t3d.flows.config import ConfigError, load_config
+from t3d.flows.server import PrefectConnection
 from t3d.store import ArtifactStore
 
 
@@ -87,10 +89,15 @@ def run_batch(
     overrides: list[str] | None = None,
     env: dict | None = None,
     on_done: Callable[[BatchRow], None] | None = None,
+    prefect: PrefectConnection | None = None,
 ) -> list[BatchRow]:
-    """Each prompt runs as `t3d run FLOW --prompt P` in a child process (its own flow run)."""
+    """Each prompt runs as `t3d run FLOW --prompt P` in a child process (its own flow run).
+
+    With `prefect`, every child reports to that connection's API (started once, here, if need
+    be); `env` adds variables on top. Without, the children inherit this environment."""
     cfg = load_config(flow_file, overrides, prompt=prompts[0])  # validate once, before any work
     store = ArtifactStore(cfg.store)
+    env = {**(prefect.child_env() if prefect is not None else os.environ), **(env or {})}
 
     def one(prompt: str) -> BatchRow:
         cmd = [sys.executable, "-m", "t3d.cli.main", "run", str(flow_file), "--prompt", prompt]

@@ -318,28 +318,42 @@ def _main(argv: list[str]) -> int:
 
 
 class PrefectConnection:
-    """The Prefect API a `t3d run` reports to, connected on first need and released at close().
+    """The one way t3d gets a Prefect API (`t3d run`, `t3d batch`, `t3d server`, the benches):
+    connected on first need, released at close().
 
-    PREFECT_API_URL (env or Prefect's settings) wins when it answers; otherwise the shared local
-    server of default_data_dir() is joined or started. api_url() returns None, with the reason in
-    `problem`, when Prefect cannot be reached: the caller then runs the stages locally.
+    By default PREFECT_API_URL (env or Prefect's settings) wins when it answers; otherwise the
+    shared local server of `data_dir` (default_data_dir()) is joined or started. dedicated=True
+    ignores PREFECT_API_URL, always starts a new server (on host:port, with the UI when asked)
+    and stops it at close(). api_url() returns None, with the reason in `problem`, when Prefect
+    cannot be reached: a run then runs its stages locally. child_env() is the environment for
+    processes that must report to the same API.
     """
 
     def __init__(
-        self, on_wait: Callable[[str], contextlib.AbstractContextManager] | None = None, timeout_s: float | None = None
+        self,
+        on_wait: Callable[[str], contextlib.AbstractContextManager] | None = None,
+        timeout_s: float | None = None,
+        *,
+        data_dir: str | Path | None = None,
+        ui: bool = False,
+        dedicated: bool = False,
+        host: str = "127.0.0.1",
+        port: int | None = None,
     ):
         self.on_wait = on_wait or (lambda _msg: contextlib.nullcontext())
         self.timeout_s = timeout_s
+        self.data_dir = Path(data_dir).expanduser() if data_dir else None
+        self.ui, self.dedicated, self.host, self.port = ui, dedicated, host, port
         self.problem: str | None = None
+        self.server: LocalServer | None = None  # set when this connection started or joined one
         self._url: str | None = None
-        self._server: LocalServer | None = None
         self._tried = False
 
     def api_url(self) -> str | None:
         if self._tried:
             return self._url
         self._tried = True
-        configured = _configured_api()
+        configured = None if self.dedicated else _configured_api()
         try:
             if configured:
                 with self.on_wait(f"connecting to the Prefect API at {configured} ..."):
@@ -353,21 +367,38 @@ class PrefectConnection:
                         time.sleep(1.0)
                 self._url = configured
             else:
+                what = "Prefect's server and UI" if self.ui else "Prefect's local server"
                 with self.on_wait(
-                    "starting Prefect's local server (the first start migrates its database; minutes on a "
-                    "busy machine) ..."
+                    f"starting {what} (the first start migrates its database; minutes on a busy machine) ..."
                 ):
-                    self._server = start_server(shared=True, ui=False, timeout_s=self.timeout_s)
-                self._url = self._server.api_url
+                    self.server = start_server(
+                        self.data_dir,
+                        host=self.host,
+                        port=self.port,
+                        ui=self.ui,
+                        timeout_s=self.timeout_s,
+                        shared=not self.dedicated,
+                    )
+                self._url = self.server.api_url
         except (OSError, RuntimeError, TimeoutError, ValueError) as exc:
             self.problem = str(exc)
             self._url = None
         return self._url
 
+    def child_env(self) -> dict:
+        """os.environ for a child process, pointed at this API (and its server's data folder)."""
+        url = self.api_url()
+        if self.server is not None:
+            return server_env(self.server.data_dir, url)
+        return {**os.environ, "PREFECT_API_URL": url} if url else {**os.environ}
+
     def close(self) -> None:
-        if self._server is not None:
-            self._server.release()
-            self._server = None
+        if self.server is not None:
+            if self.dedicated:
+                self.server.stop()
+            else:
+                self.server.release()
+            self.server = None
 
     def __enter__(self) -> PrefectConnection:
         return self

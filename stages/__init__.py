@@ -23,7 +23,10 @@ PIPELINE = [
 
 
 class StageRegistry(OrderedDict):
-    """name -> Stage, in pipeline order."""
+    """name -> Stage, in pipeline order. `spec` ("module:attr") says where a Prefect flow, which
+    takes only JSON-able parameters, loads the same registry from (registry_from_spec)."""
+
+    spec: str | None = None
 
     def __init__(self, stages: list[Stage] | None = None):
         super().__init__()
@@ -37,20 +40,29 @@ class StageRegistry(OrderedDict):
         self[stage.name] = stage
 
 
+DEFAULT_SPEC = "t3d.stages:default_registry"
+
+
 def default_registry() -> StageRegistry:
     reg = StageRegistry()
     for name, module in PIPELINE:
         stage = importlib.import_module(module).STAGE
         assert stage.name == name, f"{module} declares {stage.name!r}, expected {name!r}"
         reg.add(stage)
+    reg.spec = DEFAULT_SPEC
+    return reg
+
+
+def registry_from_spec(spec: str) -> StageRegistry:
+    """The registry named by "module:attr" (attr: a registry or a function returning one)."""
+    module, _, attr = spec.partition(":")
+    reg = getattr(importlib.import_module(module), attr or "REGISTRY")
+    reg = reg() if callable(reg) else reg
+    if isinstance(reg, StageRegistry):
+        reg.spec = spec
     return reg
 
 
 def registry_from_env() -> StageRegistry:
     """T3D_STAGE_REGISTRY=module:attr swaps in another registry (plugins, tests)."""
-    spec = os.environ.get("T3D_STAGE_REGISTRY")
-    if not spec:
-        return default_registry()
-    module, _, attr = spec.partition(":")
-    reg = getattr(importlib.import_module(module), attr or "REGISTRY")
-    return reg() if callable(reg) else reg
+    return registry_from_spec(os.environ.get("T3D_STAGE_REGISTRY") or DEFAULT_SPEC)

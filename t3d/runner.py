@@ -11,7 +11,6 @@ import hashlib
 import logging
 import os
 import platform
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,15 +21,21 @@ from t3d import __version__
 from t3d.backends import Backends
 from t3d.slug import slugify
 from t3d.stage import StageContext
-from t3d.store import ArtifactCorrupt, ArtifactStore, artifact_key, short_id
+from t3d.store import Artifact, ArtifactStore, InputCorrupt, Workspace, artifact_key, short_id
 
 log = logging.getLogger("t3d")
 
 
 class StageFailed(Exception):
-    def __init__(self, stage: str, key: str, cause: BaseException):
+    """A stage raised; `results` holds the stages of the same run that finished before it."""
+
+    def __init__(self, stage: str, key: str, cause: BaseException, results: list[StageResult] | None = None):
         super().__init__(f"stage {stage} ({key}) failed: {type(cause).__name__}: {cause}")
         self.stage, self.key, self.cause = stage, key, cause
+        self.results = list(results or [])
+
+    def __reduce__(self):  # picklable with all its fields (Prefect may persist a failed state)
+        return type(self), (self.stage, self.key, self.cause, self.results)
 
 
 @dataclass
@@ -139,63 +144,74 @@ def execute(
     progress_hooks=None,
     show_progress: bool = True,
 ) -> StageResult:
-    """Run one planned stage (or reuse it): inputs verified, output committed atomically.
+    """Run one planned stage (or reuse it): one `store.compute` call claims, commits and verifies.
 
     Its lines go to the console (the `t3d` logger) and, when given, to `stage_log` too (the
     Prefect run log the UI shows)."""
     stage_log = _Mirror(stage_log) if stage_log is not None and stage_log is not log else log
     started = time.perf_counter()
-
-    def result(state: str) -> StageResult:
-        art = store.get(step.key)
-        return StageResult(
-            step.name, step.key, state, time.perf_counter() - started, str(art.path), art.manifest.get("metrics", {})
-        )
-
     if not step.needs_run:
         stage_log.info("%s: cached (%s)", step.name, short_id(step.key))
-        return result("cached")
-    with store.claim(step.key) as must_compute:
-        if not must_compute and not step.forced:
-            stage_log.info("%s: computed meanwhile by another run; reusing (%s)", step.name, short_id(step.key))
-            return result("cached")
-        _compute(cfg, prompt, step, registry, store, stage_log, progress_hooks, show_progress)
-    shutil.rmtree(store.checkpoint_dir(step.key), ignore_errors=True)
-    stage_log.info("%s: done in %.1f s", step.name, time.perf_counter() - started)
-    return result("computed")
-
-
-class _Mirror(logging.LoggerAdapter):
-    """Console lines (the `t3d` logger) mirrored into another logger, e.g. Prefect's run log."""
-
-    def __init__(self, other: logging.Logger | logging.LoggerAdapter):
-        super().__init__(log, {})
-        self.other = other
-
-    def log(self, level, msg, *args, **kwargs) -> None:
-        super().log(level, msg, *args, **kwargs)
-        self.other.log(level, msg, *args, **kwargs)
-
-
-def _compute(cfg, prompt, step, registry, store, stage_log, progress_hooks, show_progress) -> None:
-    if step.status.startswith("corrupt"):
-        stage_log.warning("%s: existing artifact rejected (%s); recomputing", step.name, step.status)
+        return _result(step, "cached", time.perf_counter() - started, store.get(step.key))
     stage = registry[step.name]
     params = getattr(cfg.stages, step.name)
-    try:
-        inputs = {dep: store.get(key).path for dep, key in step.inputs.items()}
-    except ArtifactCorrupt as exc:
-        raise StageFailed(
-            step.name,
-            step.key,
-            RuntimeError(f"upstream artifact unusable: {exc}; re-run with --from {next(iter(step.inputs))}"),
-        ) from exc
-    checkpoints = store.checkpoint_dir(step.key)
-    if step.forced and step.status == "complete":
-        shutil.rmtree(checkpoints, ignore_errors=True)
-        checkpoints.mkdir(parents=True)
     device = resolve_device(cfg.device)
-    manifest = {
+
+    def run(work: Workspace) -> dict:
+        if step.status.startswith("corrupt"):
+            stage_log.warning("%s: existing artifact rejected (%s); recomputing", step.name, step.status)
+        ctx = StageContext(
+            stage=step.name,
+            key=step.key,
+            params=params,
+            seed=cfg.seed,
+            prompt=prompt,
+            negative_prompt=cfg.negative_prompt,
+            prior_source=cfg.prior,
+            device=device,
+            inputs=work.inputs,
+            out=work.out,
+            checkpoint_dir=work.checkpoints,
+            backends=Backends(cfg.backends, device),
+            checkpoint_sync=work.sync_checkpoint,
+            recovery=cfg.recovery,
+            compute=cfg.compute,
+            camera=cfg.camera,
+            log=stage_log,
+            progress_hooks=list(progress_hooks or []),
+            show_progress=show_progress,
+        )
+        stage_log.info("%s: started (%s)", step.name, short_id(step.key))
+        t0 = time.perf_counter()
+        with cpu_threads(device):
+            stage.run(ctx)
+        ctx.timings["total_s"] = round(time.perf_counter() - t0, 4)
+        return {"metrics": ctx.metrics, "backend": ctx.backend, "timings": ctx.timings}
+
+    try:
+        manifest = _manifest(cfg, prompt, step, stage, params, device)
+        done = store.compute(step.key, manifest, run, inputs=step.inputs, force=step.forced)
+    except InputCorrupt as exc:
+        cause = RuntimeError(f"upstream artifact unusable: {exc}; re-run with --from {exc.name}")
+        stage_log.error("%s: failed: %s", step.name, cause)
+        raise StageFailed(step.name, step.key, cause) from exc
+    except Exception as exc:
+        stage_log.error("%s: failed: %s: %s", step.name, type(exc).__name__, exc)
+        raise StageFailed(step.name, step.key, exc) from exc
+    if done.meanwhile:
+        stage_log.info("%s: computed meanwhile by another run; reusing (%s)", step.name, short_id(step.key))
+        return _result(step, "cached", time.perf_counter() - started, done.artifact)
+    stage_log.info("%s: done in %.1f s", step.name, time.perf_counter() - started)
+    return _result(step, "computed", time.perf_counter() - started, done.artifact)
+
+
+def _result(step: PlannedStage, state: str, seconds: float, art: Artifact) -> StageResult:
+    return StageResult(step.name, step.key, state, seconds, str(art.path), art.manifest.get("metrics", {}))
+
+
+def _manifest(cfg, prompt: str, step: PlannedStage, stage, params, device: torch.device) -> dict:
+    """What an artifact records about how it was made (the store adds files, hashes and the key)."""
+    return {
         "stage": step.name,
         "version": stage.version,
         "params": params.key_params(),
@@ -210,60 +226,44 @@ def _compute(cfg, prompt, step, registry, store, stage_log, progress_hooks, show
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
-    try:
-        with store.writer(step.key, manifest) as out:
-            ctx = StageContext(
-                stage=step.name,
-                key=step.key,
-                params=params,
-                seed=cfg.seed,
-                prompt=prompt,
-                negative_prompt=cfg.negative_prompt,
-                prior_source=cfg.prior,
-                device=device,
-                inputs=inputs,
-                out=out,
-                checkpoint_dir=checkpoints,
-                backends=Backends(cfg.backends, device),
-                checkpoint_sync=lambda: store.sync_checkpoint(step.key),
-                recovery=cfg.recovery,
-                compute=cfg.compute,
-                camera=cfg.camera,
-                log=stage_log,
-                progress_hooks=list(progress_hooks or []),
-                show_progress=show_progress,
-            )
-            stage_log.info("%s: started (%s)", step.name, short_id(step.key))
-            t0 = time.perf_counter()
-            with cpu_threads(device):
-                stage.run(ctx)
-            ctx.timings["total_s"] = round(time.perf_counter() - t0, 4)
-            manifest.update(metrics=ctx.metrics, backend=ctx.backend, timings=ctx.timings)
-    except Exception as exc:
-        stage_log.error("%s: failed: %s: %s", step.name, type(exc).__name__, exc)
-        raise StageFailed(step.name, step.key, exc) from exc
 
 
-def record(
-    store: ArtifactStore,
-    run_id: str,
-    cfg,
-    prompt: str,
-    flow_file: str | None,
-    planned: list[PlannedStage],
-    state: str,
-    results: list[StageResult] | None = None,
-    error: str | None = None,
-) -> None:
-    store.record_run(
-        run_id,
-        {
+class _Mirror(logging.LoggerAdapter):
+    """Console lines (the `t3d` logger) mirrored into another logger, e.g. Prefect's run log."""
+
+    def __init__(self, other: logging.Logger | logging.LoggerAdapter):
+        super().__init__(log, {})
+        self.other = other
+
+    def log(self, level, msg, *args, **kwargs) -> None:
+        super().log(level, msg, *args, **kwargs)
+        self.other.log(level, msg, *args, **kwargs)
+
+
+@dataclass
+class RunRecord:
+    """A run's record in the store (runs/<run_id>.json, for `ls` and `gc`): written once when the
+    run starts ("running") and once when it ends (completed, cached, failed or interrupted)."""
+
+    store: ArtifactStore
+    run_id: str
+    header: dict  # prompt, flow file, seed and the planned keys
+
+    @classmethod
+    def start(
+        cls, store: ArtifactStore, run_id: str, cfg, prompt: str, flow_file: str | None, planned: list[PlannedStage]
+    ) -> RunRecord:
+        header = {
             "prompt": prompt,
             "flow_file": str(Path(flow_file).resolve()) if flow_file else None,
             "seed": cfg.seed,
-            "state": state,
             "stages": {p.name: p.key for p in planned},
-            "results": [asdict(r) for r in results or []],
-            "error": error,
-        },
-    )
+        }
+        run = cls(store, run_id, header)
+        run.end("running")
+        return run
+
+    def end(self, state: str, results: list[StageResult] | None = None, error: str | None = None) -> None:
+        self.store.record_run(
+            self.run_id, {**self.header, "state": state, "results": [asdict(r) for r in results or []], "error": error}
+        )

@@ -37,7 +37,7 @@ import stat
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -278,6 +278,30 @@ class Artifact:
     manifest: dict
 
 
+class InputCorrupt(ArtifactCorrupt):
+    """An upstream artifact that a computation needs cannot be trusted (`name` is its stage)."""
+
+    def __init__(self, name: str, key: str, cause: ArtifactCorrupt):
+        super().__init__(str(cause))
+        self.name, self.key = name, key
+
+
+@dataclass
+class Workspace:
+    """What `ArtifactStore.compute` hands the computation: where to write, resume and read."""
+
+    out: Path  # empty local folder; committed atomically when the computation returns
+    checkpoints: Path  # local; kept when the computation fails, dropped once the key is committed
+    inputs: dict[str, Path]  # upstream name -> local folder of its verified artifact
+    sync_checkpoint: Callable[[], None]  # make `checkpoints` durable in the store (remote stores)
+
+
+@dataclass
+class Computed:
+    artifact: Artifact
+    meanwhile: bool  # True: another run committed the key while this one waited for its claim
+
+
 class ArtifactStore:
     # Object stores without exclusive create ("xb"): a claim is written, read back after this many
     # seconds, and won by whoever's write is visible then. It must exceed the store's write latency.
@@ -488,6 +512,48 @@ class ArtifactStore:
         return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(base, detail=False))
 
     # ---- writing --------------------------------------------------------------------------
+    def compute(
+        self,
+        key: str,
+        manifest: dict,
+        fn: Callable[[Workspace], dict | None],
+        inputs: dict[str, str] | None = None,
+        force: bool = False,
+    ) -> Computed:
+        """Compute `key` once across runs: claim it, run `fn`, commit, verify, release, clean up.
+
+        Under the claim: when another run committed the key meanwhile, that artifact is returned
+        (meanwhile=True) unless `force`. Otherwise `fn` gets a Workspace (upstream `inputs` keys
+        verified and local; ArtifactCorrupt there is raised as InputCorrupt) and may return fields
+        to add to the manifest (metrics, timings). Its output is committed atomically (see writer)
+        and the key's checkpoints are dropped. A forced recompute of a committed key starts from
+        no checkpoint: a checkpoint left beside a finished artifact cannot be told from a stale one.
+        If `fn` raises, nothing is committed and the checkpoints stay for the next attempt.
+        """
+        manifest = dict(manifest)
+        with self.claim(key) as missing:
+            if not missing and not force:
+                return Computed(self.get(key), meanwhile=True)
+            if not missing:
+                self.drop_checkpoint(key)
+            local_inputs = {}
+            for name, upstream in (inputs or {}).items():
+                try:
+                    local_inputs[name] = self.get(upstream).path
+                except ArtifactCorrupt as exc:
+                    raise InputCorrupt(name, upstream, exc) from exc
+            work = Workspace(
+                out=Path(),
+                checkpoints=self.checkpoint_dir(key),
+                inputs=local_inputs,
+                sync_checkpoint=lambda: self.sync_checkpoint(key),
+            )
+            with self.writer(key, manifest) as out:
+                work.out = out
+                manifest.update(fn(work) or {})
+            self.drop_checkpoint(key)
+            return Computed(self.get(key), meanwhile=False)
+
     @contextlib.contextmanager
     def writer(self, key: str, manifest: dict) -> Iterator[Path]:
         """Yield an empty local folder; on clean exit hash its files, write the manifest, commit.

@@ -71,3 +71,64 @@ def test_batch_isolates_failures_and_resumes(tmp_path):
     assert worked == {"a blue cone"}, "only the failed prompt does work on the re-run"
     rows = {r["prompt"]: r for r in json.loads((tmp_path / "sum.json").read_text())}
     assert rows["a blue cone"]["computed_stages"] == ["b", "c"] and rows["a red cube"]["state"] == "cached"
+
+
+class _FakeServer:
+    api_url = "http://127.0.0.1:5555/api"
+
+    def __init__(self, data_dir, events):
+        self.data_dir, self.events = data_dir, events
+
+    def release(self):
+        self.events.append("released")
+
+    def stop(self):
+        self.events.append("stopped")
+
+
+def test_prefect_connection_is_the_one_way_to_an_api(tmp_path, monkeypatch):
+    """Configured API first; else the data folder's shared server (released at close); dedicated:
+    a new server of its own, stopped at close. child_env points children at whichever it got."""
+    from t3d.flows import server as srv
+
+    events: list = []
+    monkeypatch.setattr(srv, "start_server", lambda data_dir, **kw: events.append(kw) or _FakeServer(data_dir, events))
+    monkeypatch.setattr(srv, "healthy", lambda url, timeout=5.0: True)
+    monkeypatch.setattr(srv, "_configured_api", lambda: "http://configured:4200/api")
+    with srv.PrefectConnection() as conn:
+        assert conn.child_env()["PREFECT_API_URL"] == "http://configured:4200/api" and conn.server is None
+    assert events == [], "a configured API that answers starts nothing"
+
+    with srv.PrefectConnection(data_dir=tmp_path / "own", dedicated=True, ui=True, port=4300) as conn:
+        env = conn.child_env()
+        assert env["PREFECT_API_URL"] == _FakeServer.api_url and env["PREFECT_HOME"] == str(tmp_path / "own")
+    assert events[0]["shared"] is False and events[0]["ui"] is True and events[0]["port"] == 4300
+    assert events[-1] == "stopped"
+
+    monkeypatch.setattr(srv, "_configured_api", lambda: None)
+    with srv.PrefectConnection(data_dir=tmp_path / "shared") as conn:
+        assert conn.api_url() == _FakeServer.api_url
+    assert events[-2]["shared"] is True and events[-2]["ui"] is False and events[-1] == "released"
+
+
+def test_run_batch_children_report_to_the_connection(tmp_path, monkeypatch):
+    from t3d.flows import batch
+
+    flow = tmp_path / "base.yaml"
+    flow.write_text("prior: tiny-pixel\nstore: ./store\n")
+    seen = []
+
+    class Connection:
+        def child_env(self):
+            return {"PREFECT_API_URL": "http://127.0.0.1:5555/api", "PATH": "/bin"}
+
+    def fake_run(cmd, capture_output, text, env):
+        seen.append((cmd, env))
+        return subprocess.CompletedProcess(cmd, 1, "", "boom")
+
+    monkeypatch.setattr(batch.subprocess, "run", fake_run)
+    rows = batch.run_batch(flow, ["a red cube"], env={"TQDM_DISABLE": "1"}, prefect=Connection())
+    ((cmd, env),) = seen
+    assert cmd[-2:] == ["--prompt", "a red cube"]
+    assert env == {"PREFECT_API_URL": "http://127.0.0.1:5555/api", "PATH": "/bin", "TQDM_DISABLE": "1"}
+    assert rows[0].state == "failed" and rows[0].error == "boom"

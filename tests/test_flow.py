@@ -13,10 +13,10 @@ import pytest
 
 from t3d.flows.config import validate
 from t3d.flows.flow import run_prompt
+from t3d.stages import registry_from_spec
 from t3d.store import ArtifactStore
-from tests.flowstages import REGISTRY
 
-REG = REGISTRY()
+REG = registry_from_spec("tests.flowstages:REGISTRY")
 
 
 @pytest.fixture
@@ -49,9 +49,13 @@ def test_failed_stage_resumes_where_it_stopped(tmp_path, calls, monkeypatch, ide
     monkeypatch.setenv("T3D_TEST_FAIL_ONCE", str(marker))
     cfg = cfg_for(tmp_path, identity_prior)
 
+    earlier = _task_runs()
     first = run_prompt(cfg, cfg.prompt, REG, show_progress=False)
     assert first.state == "failed" and first.failed_stage == "b" and "failed on purpose" in first.error
     assert calls() == ["a", "b"]
+    assert [(r.stage, r.state) for r in first.results] == [("a", "computed")], "from the StageFailed the flow raised"
+    tasks = sorted(v for k, v in _task_runs().items() if k not in earlier)
+    assert tasks == [("a-red-cube/a", "COMPLETED"), ("a-red-cube/b", "FAILED")], "one run_stage task per stage"
     store = ArtifactStore(cfg.store)
     assert store.status(first.results[0].key) == "complete"
     assert [k for k in store.keys() if k.startswith("b-")] == [], "a failed stage leaves no artifact"
@@ -64,6 +68,14 @@ def test_failed_stage_resumes_where_it_stopped(tmp_path, calls, monkeypatch, ide
 
     third = run_prompt(cfg, cfg.prompt, REG, show_progress=False)
     assert third.state == "cached" and calls() == []
+
+
+def _task_runs() -> dict:
+    """Task run id -> (name, state type) in the test harness's Prefect API."""
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        return {r.id: (r.name, r.state.type.value) for r in client.read_task_runs()}
 
 
 def test_from_forces_that_stage_and_later(tmp_path, calls, identity_prior, prefect_server):
@@ -142,3 +154,81 @@ def test_cli_exit_codes_and_prefect_temporary_server(tmp_path, identity_prior):
     assert bad.returncode == 2 and "did you mean 'factor'" in bad.stderr
     listed = _cli(["ls", "--store", str(tmp_path / "store")], env, tmp_path)
     assert listed.returncode == 0 and "a red cube" in listed.stdout
+
+
+class _StubPrefect:
+    """A PrefectConnection that answers without a server (the work pool is faked below)."""
+
+    problem = None
+
+    def api_url(self):
+        return "http://127.0.0.1:9/api"
+
+
+def test_work_pool_run_reports_real_states_seconds_and_the_failed_stage(tmp_path, calls, monkeypatch, identity_prior):
+    """_run_on_pool: the caller's registry and run id go to the pool; what the remote run did is
+    read back from the manifests it committed (cached vs computed, real seconds, failed stage)."""
+    from types import SimpleNamespace
+
+    from t3d import runner
+    from t3d.flows import flow as flow_module
+    from t3d.stages import registry_from_spec
+
+    sent = []
+
+    def fake_pool_run(name, parameters, run_name):  # a worker: plan and execute from the parameters
+        sent.append((name, parameters))
+        reg = registry_from_spec(parameters["registry"])
+        cfg = validate(parameters["config"], reg)
+        store = ArtifactStore(cfg.store)
+        ok = True
+        for step in runner.plan(cfg, parameters["prompt"], reg, store, parameters["force_from"]):
+            try:
+                runner.execute(cfg, parameters["prompt"], step, reg, store, show_progress=False)
+            except runner.StageFailed:
+                ok = False
+                break
+        state = SimpleNamespace(is_completed=lambda: ok, name="Completed" if ok else "Failed", message="stage b")
+        return SimpleNamespace(name="fake-run", state=state)
+
+    monkeypatch.setattr(flow_module, "_wait_deployment", fake_pool_run)
+    marker = tmp_path / "fail-once"
+    marker.write_text("")
+    monkeypatch.setenv("T3D_TEST_FAIL_ONCE", str(marker))
+    data = {"prompt": "a red cube", "seed": 1, "store": str(tmp_path / "store"), "prior": identity_prior}
+    cfg = validate({**data, "executor": {"pool": "gpu"}}, REG)
+    store = ArtifactStore(cfg.store)
+
+    def manifest_seconds(key):
+        return store.get(key).manifest["timings"]["total_s"]
+
+    first = run_prompt(cfg, cfg.prompt, REG, prefect=_StubPrefect(), show_progress=False)
+    ((name, params),) = sent
+    assert name == "t3d-prompt/gpu" and params["registry"] == "tests.flowstages:REGISTRY"
+    assert params["run_id"] == first.run_id
+    assert first.state == "failed" and first.failed_stage == "b" and "remote run fake-run" in first.error
+    assert [(r.stage, r.state) for r in first.results] == [("a", "computed")]
+    assert first.results[0].seconds == manifest_seconds(first.results[0].key)
+    assert calls() == ["a", "b"]
+
+    second = run_prompt(cfg, cfg.prompt, REG, prefect=_StubPrefect(), show_progress=False)
+    assert second.state == "completed" and second.error is None and second.failed_stage is None
+    assert [(r.stage, r.state) for r in second.results] == [("a", "cached"), ("b", "computed"), ("c", "computed")]
+    assert second.results[0].seconds == 0.0
+    assert [r.seconds for r in second.results[1:]] == [manifest_seconds(r.key) for r in second.results[1:]]
+    assert second.results[1].metrics == {"value": 8} and calls() == ["b", "c"]
+    record = json.loads((tmp_path / "store" / "runs" / f"{second.run_id}.json").read_text())
+    assert record["state"] == "completed" and [r["state"] for r in record["results"]] == [
+        "cached",
+        "computed",
+        "computed",
+    ]
+
+
+def test_a_registry_without_spec_cannot_go_to_prefect(tmp_path, identity_prior):
+    from tests.flowstages import REGISTRY
+
+    cfg = cfg_for(tmp_path, identity_prior)
+    with pytest.raises(ValueError, match="registry_from_spec"):
+        run_prompt(cfg, cfg.prompt, REGISTRY(), prefect=_StubPrefect())
+    assert run_prompt(cfg, cfg.prompt, REGISTRY(), use_prefect=False, show_progress=False).state == "completed"

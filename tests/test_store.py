@@ -173,3 +173,86 @@ def test_stale_lock_of_dead_process_is_broken(tmp_path):
     )
     with store.claim("x-1", poll_s=0.01, timeout_s=5) as compute:
         assert compute is True
+
+
+# ---- compute: the whole claim / write / commit / verify operation in one call --------------------
+def _compute_value(store, key, value, calls, inputs=None, force=False, fail=False):
+    def fn(work):
+        calls.append(
+            {"inputs": dict(work.inputs), "checkpoint_files": sorted(p.name for p in work.checkpoints.iterdir())}
+        )
+        assert store.claim_is_live(key), "fn runs under the key's claim"
+        (work.checkpoints / "step.txt").write_text(str(value))
+        if fail:
+            raise RuntimeError("stage crashed")
+        (work.out / "value.txt").write_text(str(value))
+        return {"metrics": {"value": value}}
+
+    return store.compute(key, {"stage": "x"}, fn, inputs=inputs, force=force)
+
+
+def test_compute_commits_verifies_and_drops_checkpoints(tmp_path):
+    store = ArtifactStore(tmp_path)
+    calls: list = []
+    done = _compute_value(store, KEY1, 7, calls)
+    assert not done.meanwhile and calls == [{"inputs": {}, "checkpoint_files": []}]
+    assert (done.artifact.path / "value.txt").read_text() == "7"
+    assert done.artifact.manifest["metrics"] == {"value": 7} and done.artifact.manifest["stage"] == "x"
+    assert store.status(KEY1) == "complete"
+    assert not (tmp_path / "checkpoints" / KEY1).exists(), "a committed key keeps no checkpoint"
+    assert not (tmp_path / "locks" / f"{KEY1}.lock").exists(), "the claim is released"
+    assert list((tmp_path / ".tmp").iterdir()) == [], "no temp folder is left"
+
+
+def test_compute_failure_commits_nothing_and_keeps_checkpoints_for_the_retry(tmp_path):
+    store = ArtifactStore(tmp_path)
+    calls: list = []
+    with pytest.raises(RuntimeError, match="stage crashed"):
+        _compute_value(store, KEY1, 1, calls, fail=True)
+    assert store.status(KEY1) == "missing" and not (tmp_path / "locks" / f"{KEY1}.lock").exists()
+    assert (tmp_path / "checkpoints" / KEY1 / "step.txt").read_text() == "1"
+    _compute_value(store, KEY1, 2, calls)
+    assert calls[-1]["checkpoint_files"] == ["step.txt"], "the retry resumes from the failed run's checkpoint"
+
+
+def test_compute_reuses_what_another_run_committed_unless_forced(tmp_path):
+    store = ArtifactStore(tmp_path)
+    calls: list = []
+    _compute_value(store, KEY1, 1, calls)
+    again = _compute_value(store, KEY1, 2, calls)
+    assert again.meanwhile and len(calls) == 1 and (again.artifact.path / "value.txt").read_text() == "1"
+    (tmp_path / "checkpoints" / KEY1).mkdir(parents=True)
+    (tmp_path / "checkpoints" / KEY1 / "old.txt").write_text("left beside a finished artifact")
+    forced = _compute_value(store, KEY1, 3, calls, force=True)
+    assert not forced.meanwhile and (forced.artifact.path / "value.txt").read_text() == "3"
+    assert calls[-1]["checkpoint_files"] == [], "a forced recompute of a committed key starts from no checkpoint"
+
+
+def test_compute_hands_verified_inputs_and_names_a_corrupt_one(tmp_path):
+    from t3d.store import InputCorrupt
+
+    store = ArtifactStore(tmp_path)
+    calls: list = []
+    _write(store, KEY2)
+    _compute_value(store, KEY1, 1, calls, inputs={"up": KEY2})
+    assert calls[-1]["inputs"] == {"up": store.local_path(KEY2)}
+    (tmp_path / "objects" / KEY2 / "data.bin").write_bytes(b"tampered")
+    with pytest.raises(InputCorrupt, match="data.bin") as caught:
+        _compute_value(store, "x-" + "3" * 20, 1, calls, inputs={"up": KEY2})
+    assert caught.value.name == "up" and caught.value.key == KEY2
+    assert len(calls) == 1 and store.status("x-" + "3" * 20) == "missing"
+
+
+def test_compute_on_a_remote_store_syncs_checkpoints_and_drops_them_on_commit(tmp_path):
+    store = ArtifactStore(f"memory://t3d-{uuid.uuid4().hex}", cache_dir=tmp_path / "cache")
+
+    def fn(work):
+        (work.checkpoints / "state.json").write_text(json.dumps({"step": 4}))
+        work.sync_checkpoint()
+        assert store.fs.exists(f"{store.root}/checkpoints/{KEY1}/index.json"), "synced into the store"
+        (work.out / "value.txt").write_text("ok")
+
+    done = store.compute(KEY1, {"stage": "x"}, fn)
+    assert (done.artifact.path / "value.txt").read_text() == "ok"
+    assert not store.fs.exists(f"{store.root}/checkpoints/{KEY1}")
+    assert not (store.local_root / "checkpoints" / KEY1).exists()
