@@ -40,10 +40,9 @@ from t3d.stage import (
     Stage,
     StageContext,
     StageParams,
-    decay_learning_rates,
     flatten_optimizer,
-    optimise,
     restore_optimizer,
+    run_resumable,
 )
 from t3d.toy.metrics import evaluate_field
 
@@ -137,6 +136,7 @@ class CoarseTrainer:
             if params.occupancy_res > 0
             else None
         )
+        self.lr_decay = [(self.opt, params.lr_end_factor)]
         self.gen = torch.Generator().manual_seed(int(seed) * 7919 + 17)
         self.rand = random.Random(int(seed))
         self.step_idx = 0
@@ -156,7 +156,6 @@ class CoarseTrainer:
         p = self.p
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         t0 = time.perf_counter()
-        decay_learning_rates(self.opt, p.lr_end_factor, self.step_idx, p.steps)
         if self.occupancy is not None and self.step_idx % p.occupancy_every == 0:
             self.occupancy.update(self.field, self.gen)
         cams = sample_cameras(self.camera, p.batch_size, self.gen)
@@ -359,12 +358,6 @@ def run(ctx: StageContext) -> None:
     trainer = CoarseTrainer(p, prior, emb, camera, ctx.device, seed=ctx.seed)
     ctx.backend["hashgrid"] = trainer.field.backend.as_dict()
     ctx.backend["renderer"] = "torch-volume"
-    resumed = ctx.load_checkpoint()
-    if resumed is not None:
-        step, tensors, meta = resumed
-        trainer.load_state(step, tensors, meta)
-        ctx.log.info("coarse: resumed at step %d of %d", step, p.steps)
-        ctx.metrics["resumed_from"] = int(step)
     split = {"render_s": 0.0, "prior_forward_s": 0.0, "backward_s": 0.0, "optimizer_s": 0.0}
 
     def postfix(rec: dict) -> dict:
@@ -372,7 +365,7 @@ def run(ctx: StageContext) -> None:
             split[k] += rec[k]
         return {"loss": rec["loss"], "opacity": rec["opacity"]}
 
-    optimise(ctx, trainer, p.steps, p.checkpoint_every, f"coarse ({p.method})", postfix)
+    run_resumable(ctx, trainer, p.steps, p.checkpoint_every, f"coarse ({p.method})", postfix)
     ctx.timings.update({k: round(v, 3) for k, v in split.items()})
 
     save_field(trainer.field, ctx.out)

@@ -22,11 +22,11 @@ import torch
 from pydantic import Field
 
 from t3d.guidance.sds import CFG_CONVENTION, TRange
-from t3d.mesh.dmtet import GeometrySettings, refine_geometry
+from t3d.mesh.dmtet import GeometrySettings, GeometryTrainer
 from t3d.mesh.export import TexturedMesh, bake_texture, export_glb, load_textured, turntable, unwrap
 from t3d.mesh.extract import auto_threshold, clean_mesh, extract_mesh, sample_grid
 from t3d.render.raster import make_raster_context
-from t3d.stage import Stage, StageContext, StageParams
+from t3d.stage import Stage, StageContext, StageParams, run_resumable
 from t3d.stages.coarse import load_field, write_loss_curve
 from t3d.stages.encode_prompt import load_embeddings
 from t3d.toy.metrics import evaluate_mesh
@@ -98,35 +98,16 @@ def _refined_surface(ctx: StageContext, field, raster_ctx):
         correction_resolution=p.geometry_correction_resolution,
     )
     gen = torch.Generator().manual_seed(int(ctx.seed) * 7919 + 5)
-    resume = ctx.load_checkpoint()
-    if resume is not None:
-        ctx.metrics["resumed_from"] = int(resume[0])
-
-    def checkpoint(step: int, tensors: dict, meta: dict) -> None:
-        if step % p.checkpoint_every == 0 and step < p.geometry_steps:
-            ctx.save_checkpoint(step, tensors, meta)
 
     def albedo(points: torch.Tensor) -> torch.Tensor:
         return field.query(points.to(field.device))[1]
 
-    with ctx.progress(p.geometry_steps, "geometry (sds on sdf)", initial=resume[0] if resume else 0) as update:
-        verts, faces, history = refine_geometry(
-            sigma,
-            lo,
-            spacing,
-            tau,
-            albedo,
-            prior,
-            emb,
-            ctx.camera,
-            settings,
-            gen,
-            raster_ctx=raster_ctx,
-            device=ctx.device,
-            progress=update,
-            resume=resume,
-            on_step=checkpoint,
-        )
+    trainer = GeometryTrainer(
+        sigma, lo, spacing, tau, albedo, prior, emb, ctx.camera, settings, gen, raster_ctx=raster_ctx, device=ctx.device
+    )
+    run_resumable(ctx, trainer, p.geometry_steps, p.checkpoint_every, "geometry (sds on sdf)")
+    verts, faces = trainer.surface()
+    history = trainer.history
     mesh = clean_mesh(verts.cpu().numpy(), faces.cpu().numpy(), keep_largest=p.keep_largest, max_faces=p.max_faces)
     mesh.metadata.update({"threshold": tau, "resolution": int(p.geometry_resolution)})
     return mesh, history

@@ -13,10 +13,10 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -121,9 +121,6 @@ class StageContext:
         g.manual_seed(int(self.seed) * 1_000_003 + offset)
         return g
 
-    def input_manifest(self, name: str) -> dict:
-        return json.loads((self.inputs[name] / "manifest.json").read_text())
-
     # ---- progress -------------------------------------------------------------------------
     @contextlib.contextmanager
     def progress(self, total: int, description: str | None = None, initial: int = 0) -> Iterator[Callable[..., None]]:
@@ -196,7 +193,31 @@ def _cached_prior(loader, source: str, device: str, compute: ComputeParams | Non
     return _prior_cache[key]
 
 
-# ---- the guarded optimisation loop --------------------------------------------------------
+# ---- the one training loop ----------------------------------------------------------------
+class Trainer(Protocol):
+    """What run_resumable steps: coarse, refine, geometry refinement and texture are trainers.
+
+    `lr_decay` lists (optimizer, end_factor) pairs: each group's lr decays exponentially from its
+    base_lr to end_factor x base_lr by the last step (empty: constant learning rates). An optional
+    `rand` (random.Random) is reseeded with `gen` when a divergence is healed.
+    """
+
+    step_idx: int
+    history: list[dict]
+    gen: torch.Generator
+    lr_decay: Sequence[tuple[torch.optim.Optimizer, float]]
+
+    def step(self) -> dict:
+        """One optimisation step; returns its record (with "step" and "loss") and appends it to history."""
+        ...
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Everything a resume needs: tensors (safetensors) and JSON-able meta."""
+        ...
+
+    def load_state(self, step: int, tensors: dict[str, torch.Tensor], meta: dict) -> None: ...
+
+
 def divergence(history: list[dict], p: RecoveryParams) -> str | None:
     """Why the last steps cannot go on (non-finite loss, a field gone empty), or None."""
     last = history[-1] if history else {}
@@ -208,27 +229,47 @@ def divergence(history: list[dict], p: RecoveryParams) -> str | None:
     return None
 
 
-def optimise(
-    ctx: StageContext, trainer: Any, steps: int, checkpoint_every: int, label: str, postfix: Callable[[dict], dict]
-) -> None:
-    """Step `trainer` to `steps`, checkpointing, and heal divergence: roll back to the last good
-    checkpoint (or the start), draw a new noise stream, scale the learning rates by
-    recovery.lr_factor, retry up to recovery.retries times. Each retry lands in the manifest's
-    metrics as `recoveries`.
+def _loss_postfix(rec: dict) -> dict:
+    return {"loss": rec["loss"]}
 
-    The trainer provides step() -> record, state(), load_state(step, tensors, meta), step_idx,
-    history and a torch.Generator `gen`; its optimizers are found among its attributes.
+
+def run_resumable(
+    ctx: StageContext,
+    trainer: Trainer,
+    steps: int,
+    every: int,
+    label: str | None = None,
+    postfix: Callable[[dict], dict] = _loss_postfix,
+    fresh_start: Callable[[], None] | None = None,
+) -> None:
+    """Step `trainer` to `steps`: resume from the stage's checkpoint if there is one, decay the
+    learning rates before each step, show progress, checkpoint every `every` steps, and heal
+    divergence: roll back to the last good checkpoint (or the start), draw a new noise stream,
+    scale the learning rates by recovery.lr_factor, retry up to recovery.retries times. Each
+    retry lands in the manifest's metrics as `recoveries`.
+
+    `fresh_start` runs once when there was nothing to resume (refine's LoRA warm-up); `postfix`
+    turns a step's record into the progress bar's postfix.
     """
+    resumed = ctx.load_checkpoint()
+    if resumed is not None:
+        trainer.load_state(*resumed)
+        ctx.metrics["resumed_from"] = int(resumed[0])
+        ctx.log.info("%s: resumed at step %d of %d", ctx.stage, resumed[0], steps)
+    elif fresh_start is not None:
+        fresh_start()
     p = ctx.recovery
     start = _snapshot(trainer)
     recoveries: list[dict] = []
     with ctx.progress(steps, label, initial=trainer.step_idx) as update:
         while trainer.step_idx < steps:
+            for optimizer, end_factor in trainer.lr_decay:
+                decay_learning_rates(optimizer, end_factor, trainer.step_idx, steps)
             rec = trainer.step()
             problem = divergence(trainer.history, p)
             if problem is None:
                 update(1, **postfix(rec))
-                if trainer.step_idx % checkpoint_every == 0 and trainer.step_idx < steps:
+                if trainer.step_idx % every == 0 and trainer.step_idx < steps:
                     ctx.save_checkpoint(trainer.step_idx, *trainer.state())
                 continue
             if len(recoveries) >= p.retries:

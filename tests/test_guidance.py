@@ -163,12 +163,14 @@ def test_regularizers():
 
 
 @pytest.mark.slow
-def test_short_sds_run_against_the_embedded_prior_improves_silhouette():
+def test_short_sds_run_against_the_embedded_prior_improves_silhouette(tmp_path):
     """80 SDS steps (batch 2, 32 px) on "a red sphere": silhouette IoU vs the true primitive rises."""
     from t3d.priors import PriorNotFoundError, load_prior
+    from t3d.stage import run_resumable
     from t3d.stages.coarse import CoarseParams, CoarseTrainer
     from t3d.stages.encode_prompt import PromptEmbeddings
     from t3d.toy.metrics import evaluate_field as evaluate_toy
+    from tests.test_recovery import loop_ctx
 
     try:
         prior = load_prior("embedded")
@@ -183,8 +185,7 @@ def test_short_sds_run_against_the_embedded_prior_improves_silhouette():
     start = time.time()
     trainer.step()
     first = evaluate_toy(trainer.field, prompt, CameraParams(), n_views=4)
-    while trainer.step_idx < p.steps:
-        trainer.step()
+    run_resumable(loop_ctx(tmp_path), trainer, p.steps, every=p.steps)  # the stage's loop: lr decay included
     last = evaluate_toy(trainer.field, prompt, CameraParams(), n_views=4)
     print(
         f"IoU {first['iou']:.3f} -> {last['iou']:.3f}, colour error {first['color_err']:.3f} -> "
