@@ -21,6 +21,7 @@ from t3d.guidance.vsd import load_lora_state, lora_loss, lora_state, make_lora_u
 from t3d.mesh.export import TexturedMesh, bake_texture, export_glb, turntable
 from t3d.render.cameras import CameraBatch, sample_cameras, view_names
 from t3d.render.raster import make_raster_context, render_mesh
+from t3d.render.shading import composite_on_white, shade
 from t3d.render.volume import light_directions
 from t3d.stage import Stage, StageContext, StageParams, flatten_optimizer, restore_optimizer, run_resumable
 from t3d.stages.coarse import load_field, write_loss_curve
@@ -64,10 +65,8 @@ def shade_mesh_image(field, raster: dict, cameras: CameraBatch, shading: str, am
         )
     if shading == "lambertian":
         light = light_directions(cameras)  # [B,3] world, the toy world's camera-fixed light
-        lam = (raster["normal"] * light[:, None, None, :]).sum(-1, keepdim=True).clamp_min(0)
-        albedo = albedo * (ambient + (1 - ambient) * lam)
-    cov = raster["mask"]
-    return (albedo * cov + (1 - cov)).permute(0, 3, 1, 2).clamp(0, 1)
+        albedo = shade(albedo, raster["normal"], light[:, None, None, :], "lambertian", ambient)
+    return composite_on_white(albedo, raster["mask"]).permute(0, 3, 1, 2).clamp(0, 1)
 
 
 class TextureTrainer:

@@ -142,6 +142,7 @@ def render_shaded(
     """Lambertian render under the toy world's camera-fixed light, on white, antialiased so the
     silhouette moves with the vertices: (rgb [B,3,H,W], coverage [B,1,H,W]), row 0 at the top."""
     from t3d.render.raster import antialias, interpolate, mvp_matrices, rasterize, vertex_normals
+    from t3d.render.shading import composite_on_white, shade
     from t3d.render.volume import light_directions
 
     faces_i = faces.to(torch.int32)
@@ -159,9 +160,8 @@ def render_shaded(
             colours = albedo_fn(xyz[mask].detach()).to(xyz.dtype)
         albedo = albedo.masked_scatter(mask[..., None].expand_as(albedo), colours.reshape(-1))
     light = light_directions(cameras).to(verts.device, verts.dtype)
-    lam = (nrm * light[:, None, None, :]).sum(-1, keepdim=True).clamp_min(0)
     cov = mask[..., None].to(verts.dtype)
-    color = (albedo * (ambient + (1 - ambient) * lam)) * cov + (1 - cov)
+    color = composite_on_white(shade(albedo, nrm, light[:, None, None, :], "lambertian", ambient), cov)
     color = antialias(torch.cat([color, cov], -1).contiguous(), rast, pos, faces_i, ctx=ctx)
     color = torch.flip(color, dims=[1]).permute(0, 3, 1, 2)
     return color[:, :3].clamp(0, 1), color[:, 3:]
