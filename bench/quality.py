@@ -48,7 +48,7 @@ def _score_artifact(stage: str, folder: Path, prompt: str, camera) -> dict:
     from t3d.toy.metrics import evaluate_mesh
 
     if stage in ("coarse", "refine"):
-        from t3d.stages.coarse import load_field
+        from t3d.fields.nerf import load_field
         from t3d.toy.metrics import evaluate_field
 
         return evaluate_field(load_field(folder), prompt, camera)

@@ -14,17 +14,14 @@ against the true primitive from held-out orbit views (metrics iou / color_err).
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
-from pathlib import Path
 from typing import Literal
 
 import torch
 from pydantic import Field
-from safetensors.torch import load_file, save_file
 
-from t3d.fields.nerf import FieldParams, NeRFField
+from t3d.fields.nerf import FieldParams, NeRFField, save_field
 from t3d.guidance.sds import (
     CFG_CONVENTION,
     TRange,
@@ -34,7 +31,8 @@ from t3d.guidance.sds import (
     opacity_sparsity,
     orientation_loss,
 )
-from t3d.render.cameras import CameraParams, orbit_cameras, sample_cameras, view_names
+from t3d.render.cameras import CameraParams, sample_cameras, view_names
+from t3d.render.previews import render_turntable, write_loss_curve, write_previews
 from t3d.render.volume import OccupancyGrid, render
 from t3d.stage import (
     Stage,
@@ -44,6 +42,7 @@ from t3d.stage import (
     restore_optimizer,
     run_resumable,
 )
+from t3d.stages.encode_prompt import load_embeddings
 from t3d.toy.metrics import evaluate_field
 
 FIELD_FILE = "field.safetensors"
@@ -270,86 +269,8 @@ def _tuple_random_state(state):
     return (state[0], tuple(state[1]), state[2])
 
 
-# ---- outputs -------------------------------------------------------------------------------
-def save_field(field: NeRFField, folder: Path) -> None:
-    save_file({k: v.detach().contiguous().cpu() for k, v in field.state_dict().items()}, str(Path(folder) / FIELD_FILE))
-    (Path(folder) / FIELD_CONFIG).write_text(json.dumps(field.config_dict(), indent=2))
-
-
-def load_field(folder: Path, device: torch.device | str = "cpu", backend: str | None = None) -> NeRFField:
-    """The coarse stage's field, ready to render or to seed the next stage."""
-    cfg = json.loads((Path(folder) / FIELD_CONFIG).read_text())
-    field = NeRFField(FieldParams.from_saved(cfg, backend), device=device)  # the saved request is not re-applied
-    field.load_state_dict(load_file(str(Path(folder) / FIELD_FILE), device=str(device)))
-    return field
-
-
-@torch.no_grad()
-def render_turntable(
-    field: NeRFField, camera: CameraParams, n: int, size: int, ambient: float = 0.35, elevation: float = 15.0
-) -> torch.Tensor:
-    cams = orbit_cameras(camera, n, elevation_deg=elevation)
-    frames = []
-    for i in range(n):
-        out = render(field, _one(cams, i), size, n_samples=64, shading="lambertian", ambient=ambient, chunk_rays=4096)
-        frames.append(out["rgb"][0])
-    return torch.stack(frames).clamp(0, 1)
-
-
-def _one(cams, i):
-    from t3d.render.cameras import CameraBatch
-
-    return CameraBatch(
-        cams.azimuth[i : i + 1], cams.elevation[i : i + 1], cams.radius[i : i + 1], cams.fov_deg, cams.c2w[i : i + 1]
-    )
-
-
-def _to_pil(img: torch.Tensor):
-    from PIL import Image
-
-    arr = (img.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype("uint8")
-    return Image.fromarray(arr)
-
-
-def write_previews(frames: torch.Tensor, folder: Path, strip_views: int = 8) -> None:
-    step = max(1, frames.shape[0] // strip_views)
-    strip = torch.cat(list(frames[::step][:strip_views]), dim=2)
-    _to_pil(strip).save(Path(folder) / "turntable.png")
-    images = [_to_pil(f) for f in frames]
-    images[0].save(Path(folder) / "turntable.gif", save_all=True, append_images=images[1:], duration=80, loop=0)
-
-
-def write_loss_curve(history: list[dict], path: Path, key: str = "loss", size=(480, 240)) -> None:
-    """A dependency-free line plot (PIL): raw values faint, a running mean bold."""
-    from PIL import Image, ImageDraw
-
-    w, h = size
-    img = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(img)
-    values = [r[key] for r in history if math.isfinite(r.get(key, float("nan")))]
-    if len(values) >= 2:
-        lo, hi = min(values), max(values)
-        hi = hi if hi > lo else lo + 1.0
-        margin = 24
-
-        def xy(i, v):
-            return margin + (w - 2 * margin) * i / (len(values) - 1), h - margin - (h - 2 * margin) * (v - lo) / (
-                hi - lo
-            )
-
-        draw.line([xy(i, v) for i, v in enumerate(values)], fill=(190, 190, 230), width=1)
-        k = max(1, len(values) // 50)
-        smooth = [sum(values[max(0, i - k) : i + 1]) / len(values[max(0, i - k) : i + 1]) for i in range(len(values))]
-        draw.line([xy(i, v) for i, v in enumerate(smooth)], fill=(30, 30, 160), width=2)
-        draw.text((margin, 4), f"{key}: {values[0]:.4g} -> {smooth[-1]:.4g} ({len(values)} steps)", fill="black")
-        draw.text((margin, h - margin + 6), f"min {lo:.4g}  max {hi:.4g}", fill="black")
-    img.save(path)
-
-
 # ---- the stage -----------------------------------------------------------------------------
 def run(ctx: StageContext) -> None:
-    from t3d.stages.encode_prompt import load_embeddings
-
     p: CoarseParams = ctx.params
     prior = ctx.load_prior()
     emb = load_embeddings(ctx.inputs["encode_prompt"])

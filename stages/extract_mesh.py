@@ -21,13 +21,14 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from t3d.fields.nerf import load_field
 from t3d.guidance.sds import CFG_CONVENTION, TRange
 from t3d.mesh.dmtet import GeometrySettings, GeometryTrainer
 from t3d.mesh.export import TexturedMesh, bake_texture, export_glb, load_textured, turntable, unwrap
 from t3d.mesh.extract import auto_threshold, clean_mesh, extract_mesh, sample_grid
+from t3d.render.previews import write_loss_curve
 from t3d.render.raster import make_raster_context
 from t3d.stage import Stage, StageContext, StageParams, run_resumable
-from t3d.stages.coarse import load_field, write_loss_curve
 from t3d.stages.encode_prompt import load_embeddings
 from t3d.toy.metrics import evaluate_mesh
 

@@ -16,9 +16,11 @@ import time
 import torch
 from pydantic import Field
 
+from t3d.fields.nerf import load_field, save_field
 from t3d.guidance.sds import CFG_CONVENTION, TRange, anneal_t_range, opacity_entropy
-from t3d.guidance.vsd import load_lora_state, lora_loss, lora_state, make_lora_unet, trainable_parameters, vsd_loss
+from t3d.guidance.vsd import load_lora_state, lora_loss, lora_state, make_lora_branch, vsd_loss
 from t3d.render.cameras import CameraParams, orbit_cameras, sample_cameras, view_names
+from t3d.render.previews import render_turntable, write_loss_curve, write_previews
 from t3d.render.volume import render
 from t3d.stage import (
     Stage,
@@ -28,7 +30,6 @@ from t3d.stage import (
     restore_optimizer,
     run_resumable,
 )
-from t3d.stages.coarse import load_field, render_turntable, save_field, write_loss_curve, write_previews
 from t3d.stages.encode_prompt import load_embeddings
 from t3d.toy.metrics import evaluate_field
 
@@ -98,10 +99,7 @@ class VSDTrainer:
                 {"params": list(f.mlp.parameters()), "lr": p.lr_mlp, "base_lr": p.lr_mlp},
             ]
         self.field_opt = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15)
-        with torch.random.fork_rng(devices=[]):  # LoRA init from the run seed, not the global stream
-            torch.manual_seed(int(seed))
-            self.lora = make_lora_unet(prior.unet, rank=p.lora_rank)
-        self.lora_opt = torch.optim.AdamW(trainable_parameters(self.lora), lr=p.lora_lr, weight_decay=0.0)
+        self.lora, self.lora_opt = make_lora_branch(prior, p.lora_rank, p.lora_lr, seed)
         self.lr_decay = [(self.field_opt, p.lr_end_factor)]  # the LoRA's learning rate stays
         self.gen = torch.Generator().manual_seed(int(seed) * 104729 + 3)
         self.step_idx = 0

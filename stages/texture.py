@@ -16,15 +16,16 @@ import time
 import torch
 from pydantic import Field
 
+from t3d.fields.nerf import load_field
 from t3d.guidance.sds import CFG_CONVENTION, TRange, anneal_t_range, guidance_loss
-from t3d.guidance.vsd import load_lora_state, lora_loss, lora_state, make_lora_unet, trainable_parameters, vsd_loss
+from t3d.guidance.vsd import load_lora_state, lora_loss, lora_state, make_lora_branch, vsd_loss
 from t3d.mesh.export import TexturedMesh, bake_texture, export_glb, turntable
 from t3d.render.cameras import CameraBatch, sample_cameras, view_names
+from t3d.render.previews import write_loss_curve
 from t3d.render.raster import make_raster_context, render_mesh
 from t3d.render.shading import composite_on_white, shade
 from t3d.render.volume import light_directions
 from t3d.stage import Stage, StageContext, StageParams, flatten_optimizer, restore_optimizer, run_resumable
-from t3d.stages.coarse import load_field, write_loss_curve
 from t3d.stages.encode_prompt import load_embeddings
 from t3d.stages.extract_mesh import MESH_FILE, TEXTURE_FILE, load_mesh
 from t3d.toy.metrics import evaluate_mesh
@@ -87,10 +88,7 @@ class TextureTrainer:
         self.gen = torch.Generator().manual_seed(int(seed) * 15485863 + 11)
         self.lora = self.lora_opt = None
         if p.guidance == "vsd":
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int(seed))
-                self.lora = make_lora_unet(prior.unet, rank=p.lora_rank)
-            self.lora_opt = torch.optim.AdamW(trainable_parameters(self.lora), lr=p.lora_lr, weight_decay=0.0)
+            self.lora, self.lora_opt = make_lora_branch(prior, p.lora_rank, p.lora_lr, seed)
         self.step_idx = 0
         self.history: list[dict] = []
 

@@ -102,9 +102,9 @@ def test_render_shaded_moves_the_silhouette_with_the_sdf(grid):
 
 
 def test_extract_mesh_stage_refines_geometry_and_resumes(tmp_path):
-    from t3d.fields.nerf import NeRFField
+    from t3d.fields.nerf import NeRFField, save_field
     from t3d.stages import default_registry
-    from t3d.stages.coarse import _default_field, save_field
+    from t3d.stages.coarse import _default_field
     from tests.test_mesh_export import _ctx
 
     reg = default_registry()

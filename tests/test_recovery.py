@@ -11,11 +11,12 @@ import textwrap
 import pytest
 import torch
 
+from t3d.fields.nerf import load_field
 from t3d.flows.config import load_config
 from t3d.flows.flow import run_prompt
 from t3d.stage import RecoveryParams, StageContext, divergence, run_resumable
 from t3d.stages import default_registry
-from t3d.stages.coarse import CoarseTrainer, load_field
+from t3d.stages.coarse import CoarseTrainer
 
 FLOW = textwrap.dedent("""
     prompt: a red cube
@@ -186,8 +187,7 @@ def tiny():
 
 
 def _small_field(folder=None):
-    from t3d.fields.nerf import FieldParams, NeRFField
-    from t3d.stages.coarse import save_field
+    from t3d.fields.nerf import FieldParams, NeRFField, save_field
 
     field = NeRFField(FieldParams(grid=SMALL_GRID, hidden=16, backend="torch", bound=0.9, blob_radius=0.4))
     if folder is not None:

@@ -617,8 +617,7 @@ def test_stage_retried_on_another_worker_resumes_from_the_store(tmp_path, monkey
 
 # ---- artifacts never pin a backend ----------------------------------------------------------------------
 def test_field_saved_with_the_cuda_hash_grid_loads_on_the_torch_twin(tmp_path):
-    from t3d.fields.nerf import FieldParams, NeRFField
-    from t3d.stages.coarse import FIELD_CONFIG, load_field, save_field
+    from t3d.fields.nerf import FIELD_CONFIG, FieldParams, NeRFField, load_field, save_field
 
     grid = {
         "otype": "HashGrid",

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from t3d.fields.nerf import FieldParams, NeRFField
+from t3d.fields.nerf import FieldParams, NeRFField, save_field
 from t3d.guidance.vsd import camera_condition, lora_state, make_lora_unet
 from t3d.priors import build_tiny_prior
 from t3d.render.cameras import CameraParams
 from t3d.stage import load_checkpoint, run_resumable, save_checkpoint
-from t3d.stages.coarse import save_field
 from t3d.stages.encode_prompt import PromptEmbeddings
 from t3d.stages.refine import RefineParams, VSDTrainer, particle_distance
 from tests.test_recovery import loop_ctx

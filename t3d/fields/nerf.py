@@ -9,12 +9,15 @@ normals differentiable for the orientation loss and Lambertian shading.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
 
 from t3d.backends import BackendChoice
 from t3d.fields.hashgrid import DEFAULT_CPU_CONFIG, make_hash_grid
@@ -177,3 +180,21 @@ class NeRFField(nn.Module):
         """The architecture as saved next to the weights (field.json). Portable: backend is always
         "auto", whatever this field was built with; the backend that ran is in the stage manifest."""
         return {**self.params.model_dump(mode="json"), "backend": "auto"}
+
+
+# ---- on disk: weights as safetensors, the architecture as JSON ------------------------------
+FIELD_FILE = "field.safetensors"
+FIELD_CONFIG = "field.json"
+
+
+def save_field(field: NeRFField, folder: Path) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in field.state_dict().items()}, str(Path(folder) / FIELD_FILE))
+    (Path(folder) / FIELD_CONFIG).write_text(json.dumps(field.config_dict(), indent=2))
+
+
+def load_field(folder: Path, device: torch.device | str = "cpu", backend: str | None = None) -> NeRFField:
+    """A field written by save_field (the coarse and refine stages' artifact), ready to render or train."""
+    cfg = json.loads((Path(folder) / FIELD_CONFIG).read_text())
+    field = NeRFField(FieldParams.from_saved(cfg, backend), device=device)  # the saved request is not re-applied
+    field.load_state_dict(load_file(str(Path(folder) / FIELD_FILE), device=str(device)))
+    return field
