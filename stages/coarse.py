@@ -41,6 +41,7 @@ from t3d.stage import (
     flatten_optimizer,
     restore_optimizer,
     run_resumable,
+    stream_seed,
 )
 from t3d.stages.encode_prompt import load_embeddings
 from t3d.toy.metrics import evaluate_field
@@ -110,7 +111,7 @@ class CoarseTrainer:
         self.emb = embeddings.to(prior.device, prior.dtype)
         self.camera = camera
         self.device = torch.device(device)
-        self.field = NeRFField(params.field, device=self.device)
+        self.field = NeRFField(params.field, device=self.device, seed=stream_seed(seed, "coarse", "field"))
         groups = [
             {
                 "params": list(self.field.encoding.parameters()),
@@ -136,8 +137,8 @@ class CoarseTrainer:
             else None
         )
         self.lr_decay = [(self.opt, params.lr_end_factor)]
-        self.gen = torch.Generator().manual_seed(int(seed) * 7919 + 17)
-        self.rand = random.Random(int(seed))
+        self.gen = torch.Generator().manual_seed(stream_seed(seed, "coarse", "noise"))
+        self.rand = random.Random(stream_seed(seed, "coarse", "shading"))
         self.step_idx = 0
         self.history: list[dict] = []
 
@@ -275,7 +276,7 @@ def run(ctx: StageContext) -> None:
     prior = ctx.load_prior()
     emb = load_embeddings(ctx.inputs["encode_prompt"])
     camera = ctx.camera
-    torch.manual_seed(int(ctx.seed))
+    torch.manual_seed(ctx.stream_seed("torch"))  # anything unseeded still repeats
     trainer = CoarseTrainer(p, prior, emb, camera, ctx.device, seed=ctx.seed)
     ctx.backend["hashgrid"] = trainer.field.backend.as_dict()
     ctx.backend["renderer"] = "torch-volume"
@@ -310,7 +311,7 @@ def run(ctx: StageContext) -> None:
 
 STAGE = Stage(
     name="coarse",
-    version="1",
+    version="2",
     params=CoarseParams,
     inputs=("encode_prompt",),
     run=run,

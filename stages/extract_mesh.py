@@ -98,13 +98,23 @@ def _refined_surface(ctx: StageContext, field, raster_ctx):
         anchor_weight=p.geometry_anchor,
         correction_resolution=p.geometry_correction_resolution,
     )
-    gen = torch.Generator().manual_seed(int(ctx.seed) * 7919 + 5)
 
     def albedo(points: torch.Tensor) -> torch.Tensor:
         return field.query(points.to(field.device))[1]
 
     trainer = GeometryTrainer(
-        sigma, lo, spacing, tau, albedo, prior, emb, ctx.camera, settings, gen, raster_ctx=raster_ctx, device=ctx.device
+        sigma,
+        lo,
+        spacing,
+        tau,
+        albedo,
+        prior,
+        emb,
+        ctx.camera,
+        settings,
+        ctx.generator("geometry"),
+        raster_ctx=raster_ctx,
+        device=ctx.device,
     )
     run_resumable(ctx, trainer, p.geometry_steps, p.checkpoint_every, "geometry (sds on sdf)")
     verts, faces = trainer.surface()
@@ -195,7 +205,7 @@ def run(ctx: StageContext) -> None:
 
 STAGE = Stage(
     name="extract_mesh",
-    version="2",
+    version="3",
     params=ExtractMeshParams,
     inputs=("encode_prompt", "coarse"),
     optional_inputs=("refine",),

@@ -29,6 +29,7 @@ from t3d.stage import (
     flatten_optimizer,
     restore_optimizer,
     run_resumable,
+    stream_seed,
 )
 from t3d.stages.encode_prompt import load_embeddings
 from t3d.toy.metrics import evaluate_field
@@ -99,9 +100,9 @@ class VSDTrainer:
                 {"params": list(f.mlp.parameters()), "lr": p.lr_mlp, "base_lr": p.lr_mlp},
             ]
         self.field_opt = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15)
-        self.lora, self.lora_opt = make_lora_branch(prior, p.lora_rank, p.lora_lr, seed)
+        self.lora, self.lora_opt = make_lora_branch(prior, p.lora_rank, p.lora_lr, stream_seed(seed, "refine", "lora"))
         self.lr_decay = [(self.field_opt, p.lr_end_factor)]  # the LoRA's learning rate stays
-        self.gen = torch.Generator().manual_seed(int(seed) * 104729 + 3)
+        self.gen = torch.Generator().manual_seed(stream_seed(seed, "refine", "noise"))
         self.step_idx = 0
         self.history: list[dict] = []
 
@@ -252,7 +253,7 @@ def run(ctx: StageContext) -> None:
     prior = ctx.load_prior()
     emb = load_embeddings(ctx.inputs["encode_prompt"])
     camera = ctx.camera
-    torch.manual_seed(int(ctx.seed))
+    torch.manual_seed(ctx.stream_seed("torch"))  # anything unseeded still repeats
     trainer = VSDTrainer(p, prior, emb, ctx.inputs["coarse"], camera, ctx.device, ctx.seed)
     ctx.backend["hashgrid"] = trainer.fields[0].backend.as_dict()
 
@@ -296,7 +297,7 @@ def run(ctx: StageContext) -> None:
 
 STAGE = Stage(
     name="refine",
-    version="1",
+    version="2",
     params=RefineParams,
     inputs=("encode_prompt", "coarse"),
     run=run,

@@ -25,7 +25,7 @@ from t3d.render.previews import write_loss_curve
 from t3d.render.raster import make_raster_context, render_mesh
 from t3d.render.shading import composite_on_white, shade
 from t3d.render.volume import light_directions
-from t3d.stage import Stage, StageContext, StageParams, flatten_optimizer, restore_optimizer, run_resumable
+from t3d.stage import Stage, StageContext, StageParams, flatten_optimizer, restore_optimizer, run_resumable, stream_seed
 from t3d.stages.encode_prompt import load_embeddings
 from t3d.stages.extract_mesh import MESH_FILE, TEXTURE_FILE, load_mesh
 from t3d.toy.metrics import evaluate_mesh
@@ -85,10 +85,12 @@ class TextureTrainer:
             eps=1e-15,
         )
         self.lr_decay: list = []
-        self.gen = torch.Generator().manual_seed(int(seed) * 15485863 + 11)
+        self.gen = torch.Generator().manual_seed(stream_seed(seed, "texture", "noise"))
         self.lora = self.lora_opt = None
         if p.guidance == "vsd":
-            self.lora, self.lora_opt = make_lora_branch(prior, p.lora_rank, p.lora_lr, seed)
+            self.lora, self.lora_opt = make_lora_branch(
+                prior, p.lora_rank, p.lora_lr, stream_seed(seed, "texture", "lora")
+            )
         self.step_idx = 0
         self.history: list[dict] = []
 
@@ -207,7 +209,7 @@ def run(ctx: StageContext) -> None:
 
 STAGE = Stage(
     name="texture",
-    version="1",
+    version="2",
     params=TextureParams,
     inputs=("encode_prompt", "coarse", "extract_mesh"),
     optional_inputs=("refine",),

@@ -9,6 +9,7 @@ knows about Prefect; that is the runner's job. Example: stages/encode_prompt.py.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -115,11 +116,13 @@ class StageContext:
         self.backend["compute"] = prior.compute
         return prior
 
-    def generator(self, offset: int = 0, device: torch.device | str | None = None) -> torch.Generator:
-        """A torch.Generator seeded from the run seed (offset separates independent streams)."""
-        g = torch.Generator(device=device or "cpu")
-        g.manual_seed(int(self.seed) * 1_000_003 + offset)
-        return g
+    def stream_seed(self, stream: str) -> int:
+        """The seed of one named random stream of this stage (see `stream_seed`)."""
+        return stream_seed(self.seed, self.stage, stream)
+
+    def generator(self, stream: str, device: torch.device | str | None = None) -> torch.Generator:
+        """A torch.Generator for one named random stream of this stage, seeded from the flow's seed."""
+        return torch.Generator(device=device or "cpu").manual_seed(self.stream_seed(stream))
 
     # ---- progress -------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -174,6 +177,15 @@ class StageContext:
 
     def load_checkpoint(self) -> tuple[int, dict[str, torch.Tensor], dict] | None:
         return load_checkpoint(self.checkpoint_dir, self.log)
+
+
+def stream_seed(seed: int, stage: str, stream: str) -> int:
+    """Every random stream's seed comes from the flow's seed through here: a hash of (seed, stage,
+    stream), so streams are independent of each other and of other stages, and a trainer built
+    outside a stage with the flow's seed draws what the stage would. 31 bits: every RNG takes it
+    (tinycudann's seed is 32-bit)."""
+    digest = hashlib.sha256(f"{int(seed)}/{stage}/{stream}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFF_FFFF
 
 
 _prior_cache: dict[tuple, Any] = {}
@@ -282,9 +294,9 @@ def run_resumable(
             good = ctx.load_checkpoint() or start
             trainer.load_state(*good)
             attempt = len(recoveries) + 1
-            trainer.gen.manual_seed(int(ctx.seed) * 1_000_003 + 7_919 * attempt)  # a new noise stream
+            trainer.gen.manual_seed(ctx.stream_seed(f"retry-{attempt}"))  # a new noise stream
             if hasattr(trainer, "rand"):
-                trainer.rand.seed(int(ctx.seed) * 31 + attempt)
+                trainer.rand.seed(ctx.stream_seed(f"retry-{attempt}-python"))
             _scale_learning_rates(trainer, p.lr_factor)
             recoveries.append(
                 {

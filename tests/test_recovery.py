@@ -11,10 +11,10 @@ import textwrap
 import pytest
 import torch
 
-from t3d.fields.nerf import load_field
+from t3d.fields.nerf import FieldParams, load_field
 from t3d.flows.config import load_config
 from t3d.flows.flow import run_prompt
-from t3d.stage import RecoveryParams, StageContext, divergence, run_resumable
+from t3d.stage import RecoveryParams, StageContext, divergence, run_resumable, stream_seed
 from t3d.stages import default_registry
 from t3d.stages.coarse import CoarseTrainer
 
@@ -323,3 +323,20 @@ def test_run_resumable_decays_learning_rates_and_checkpoints_every_n_steps(tmp_p
     base = trainer.p.lr_grid
     assert rates == pytest.approx([base * 0.3 ** (i / 4) for i in range(5)])
     assert saved == [2, 4] and "resumed_from" not in ctx.metrics
+
+
+def test_every_random_stream_derives_from_the_flow_seed(tmp_path, tiny):
+    """The flow's seed sets the initial weights too (there is no second seed), and streams are independent."""
+    prior, emb = tiny
+    first, again = _coarse(tmp_path, prior, emb), _coarse(tmp_path, prior, emb)
+    other = CoarseTrainer(first.p, prior, emb, _camera(), "cpu", seed=4)
+    assert torch.equal(first.field.encoding.params, again.field.encoding.params)
+    assert not torch.equal(first.field.encoding.params, other.field.encoding.params)
+    assert not torch.equal(first.field.mlp[0].weight, other.field.mlp[0].weight)
+    seeds = {stream_seed(3, stage, stream) for stage in ("coarse", "refine") for stream in ("noise", "field", "lora")}
+    assert len(seeds) == 6 and all(0 <= s < 2**31 for s in seeds)
+    ctx = loop_ctx(tmp_path / "ctx", "coarse", seed=3)
+    assert ctx.generator("noise").initial_seed() == stream_seed(3, "coarse", "noise") == first.gen.initial_seed()
+    assert "seed" not in first.field.config_dict()
+    old = {**first.field.config_dict(), "seed": 7}  # field.json written while FieldParams had a seed
+    assert FieldParams.from_saved(old) == first.field.params.model_copy(update={"backend": "auto"})

@@ -627,7 +627,7 @@ def test_field_saved_with_the_cuda_hash_grid_loads_on_the_torch_twin(tmp_path):
         "base_resolution": 4,
         "per_level_scale": 2.0,
     }
-    field = NeRFField(FieldParams(grid=grid, backend="torch", seed=3))
+    field = NeRFField(FieldParams(grid=grid, backend="torch"), seed=3)
     with torch.no_grad():
         field.encoding.params.uniform_(-1, 1, generator=torch.Generator().manual_seed(0))
     # New artifacts: field.json never records the request, whatever the field was built with.

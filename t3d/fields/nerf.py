@@ -42,7 +42,6 @@ class FieldParams(BaseModel):
     normal_eps: float = Field(0.01, gt=0, description="finite-difference step for normals (world units)")
     normal_method: Literal["central", "forward"] = "central"
     backend: Literal["auto", "cuda-library", "torch"] = "auto"
-    seed: int = 0
 
     @classmethod
     def from_saved(cls, config: dict, backend: Literal["auto", "cuda-library", "torch"] | None = None) -> FieldParams:
@@ -51,6 +50,7 @@ class FieldParams(BaseModel):
         A saved backend request is never re-applied: a field trained with tinycudann loads on a CPU
         worker with the torch twin (their state_dicts are the same). `backend` overrides ("auto" if None).
         """
+        config = {k: v for k, v in config.items() if k != "seed"}  # fields saved before the flow's seed set it
         return cls.model_validate({**config, "backend": backend or "auto"})
 
 
@@ -73,14 +73,15 @@ def trunc_exp(x: torch.Tensor) -> torch.Tensor:
 
 
 class NeRFField(nn.Module):
-    """density [N] >= 0 and albedo [N,3] in [0,1] at world points [N,3]."""
+    """density [N] >= 0 and albedo [N,3] in [0,1] at world points [N,3]. `seed` draws the initial
+    weights (a stage passes one derived from the flow's seed)."""
 
-    def __init__(self, params: FieldParams | None = None, device: torch.device | str = "cpu"):
+    def __init__(self, params: FieldParams | None = None, device: torch.device | str = "cpu", seed: int = 0):
         super().__init__()
         self.params = params or FieldParams()
         p = self.params
-        self.encoding, self.backend_choice = make_hash_grid(p.grid, backend=p.backend, device=device, seed=p.seed)
-        gen = torch.Generator().manual_seed(p.seed + 1)
+        self.encoding, self.backend_choice = make_hash_grid(p.grid, backend=p.backend, device=device, seed=seed)
+        gen = torch.Generator().manual_seed(seed + 1)
         layers: list[nn.Module] = []
         width_in = self.encoding.n_output_dims
         for _ in range(p.n_hidden_layers):
