@@ -106,11 +106,17 @@ def test_sjc_shape_and_equivalence_to_uniform_sds(tiny):
     )
     loss2.backward()
     torch.testing.assert_close(g_sjc, rgb.grad, atol=1e-4, rtol=1e-4)
-    # Averaging several draws lowers the variance of the gradient.
-    rgb.grad = None
-    loss3, info3 = sjc_loss(prior, rgb, cond, uncond, t=t, n_noise=4, var_red=False)
-    loss3.backward()
-    assert rgb.grad.shape == rgb.shape and torch.isfinite(rgb.grad).all()
+    # Averaging n draws divides the gradient's variance (over noise draws) by ~n (measured: 0.170 -> 0.042).
+    variance = {}
+    for n_noise in (1, 4):
+        grads = []
+        for draw in range(8):
+            x = rgb.detach().clone().requires_grad_(True)
+            gen = torch.Generator().manual_seed(100 + draw)
+            sjc_loss(prior, x, cond, uncond, t=t, n_noise=n_noise, var_red=False, generator=gen)[0].backward()
+            grads.append(x.grad)
+        variance[n_noise] = float(torch.stack(grads).var(0).mean())
+    assert variance[4] < 0.4 * variance[1]
 
 
 def test_dispatch_and_latent_prior():
