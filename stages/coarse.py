@@ -4,7 +4,7 @@ Reads the prompt embeddings of encode_prompt, samples cameras from the flow's ca
 distribution (the one the toy prior was trained on), renders, scores the renders with the prior
 and steps Adam. Checkpoints every `checkpoint_every` steps (field, optimizer, RNG, loss history)
 so a killed run resumes where it stopped. Writes:
-  field.safetensors + field.json   the field's weights and FieldParams (load with load_field)
+  field.safetensors + field.json   the field's weights and FieldParams (t3d.fields.nerf.load_field)
   turntable.png / turntable.gif    preview strip and animation
   loss_curve.png + losses.json     the optimisation trace
 For toy-world prompts ("a red cube") it also measures silhouette IoU and foreground colour error

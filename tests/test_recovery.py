@@ -340,3 +340,25 @@ def test_every_random_stream_derives_from_the_flow_seed(tmp_path, tiny):
     assert "seed" not in first.field.config_dict()
     old = {**first.field.config_dict(), "seed": 7}  # field.json written while FieldParams had a seed
     assert FieldParams.from_saved(old) == first.field.params.model_copy(update={"backend": "auto"})
+
+
+@pytest.mark.parametrize("build", [_geometry, _texture("sds")], ids=["geometry", "texture"])
+def test_geometry_and_texture_heal_a_nan_like_the_field_stages(tmp_path, tiny, build):
+    """They used to fail on the first NaN; through run_resumable they roll back and retry."""
+    prior, emb = tiny
+    trainer = build(tmp_path, prior, emb)
+    real_step = trainer.step
+
+    def nan_once_at_3():
+        rec = real_step()
+        if rec["step"] == 3 and not ctx.metrics.get("poisoned"):
+            ctx.metrics["poisoned"] = True
+            rec["loss"] = trainer.history[-1]["loss"] = float("nan")
+        return rec
+
+    trainer.step = nan_once_at_3
+    ctx = loop_ctx(tmp_path / "loop")
+    run_resumable(ctx, trainer, 5, every=2)
+    assert ctx.metrics["recoveries"] == [{"step": 3, "reason": "loss is nan", "rolled_back_to": 2, "lr_scale": 0.5}]
+    assert [r["step"] for r in trainer.history] == list(range(5))
+    assert all(math.isfinite(r["loss"]) for r in trainer.history)
