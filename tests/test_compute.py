@@ -31,23 +31,25 @@ EXACT_REL = 1e-5
 BF16_REL_NORM, FP16_REL_NORM = 0.08, 0.02
 
 # Planned keys recorded at commit 347f25e, before `compute:` existed: a flow without the block
-# must keep them (every artifact already in a store stays reusable).
+# must keep them (every artifact already in a store stays reusable). Re-recorded when the flow's
+# seed started to draw every stream (coarse.field.seed removed; coarse, refine, extract_mesh and
+# texture versions bumped).
 TINY_FLOW = {"prompt": "a red cube", "prior": "tiny-pixel", "stages": {"refine": {"enabled": True}}}
 TINY_KEYS = {
     "encode_prompt": "encode_prompt-68ffb64f0ec4aa9b7d9d",
-    "coarse": "coarse-3f34ea077832b71fc2b4",
-    "refine": "refine-262a55c58f04a3d2949f",
-    "extract_mesh": "extract_mesh-9be918f1e558392a1d91",
-    "texture": "texture-a549ad8af1963d515bf2",
-    "export": "export-5421addaf7a3f8d61a14",
+    "coarse": "coarse-fd92b35657f3968db8b4",
+    "refine": "refine-f8f20ee671e20bc521dd",
+    "extract_mesh": "extract_mesh-3524db1ac2234cbbdaee",
+    "texture": "texture-0723e94fae5467c74645",
+    "export": "export-3f5eb4c1e4328039f794",
 }
 LATENT_FLOW = {"prompt": "a red cube", "prior": "tiny-latent"}
 LATENT_KEYS = {
     "encode_prompt": "encode_prompt-4306cdb9323ec486ff21",
-    "coarse": "coarse-ae11601ecf0a89ded69f",
-    "extract_mesh": "extract_mesh-fe29c277f25ccfd054c3",
-    "texture": "texture-099a231a7835fdd2b3e8",
-    "export": "export-921a2b7f2980b3d26c5b",
+    "coarse": "coarse-ab5b18036f9874841f37",
+    "extract_mesh": "extract_mesh-38a938bf09816ff94bb8",
+    "texture": "texture-8ce5c264500ad870ab52",
+    "export": "export-d420fc77ab4d404e0947",
 }
 
 
