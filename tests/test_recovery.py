@@ -287,13 +287,15 @@ def test_run_resumable_resumed_mid_way_equals_an_uninterrupted_run(tmp_path, tin
 
     killed.step = step_then_die
     ctx = loop_ctx(tmp_path / "killed")
+    fresh_starts = []
     with pytest.raises(RuntimeError, match="killed"):
-        run_resumable(ctx, killed, 5, every=2)
+        run_resumable(ctx, killed, 5, every=2, fresh_start=lambda: fresh_starts.append("killed"))
     resumed = build(tmp_path, prior, emb)
     ctx = loop_ctx(tmp_path / "killed")
-    run_resumable(ctx, resumed, 5, every=2)
+    run_resumable(ctx, resumed, 5, every=2, fresh_start=lambda: fresh_starts.append("resumed"))
 
     assert ctx.metrics["resumed_from"] == 2 and resumed.step_idx == 5
+    assert fresh_starts == ["killed"]  # refine's LoRA warm-up runs once, not again on resume
     assert resumed.history == straight.history and [r["step"] for r in resumed.history] == list(range(5))
     want, _ = straight.state()
     got, _ = resumed.state()
