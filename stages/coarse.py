@@ -31,6 +31,7 @@ from t3d.guidance.sds import (
     opacity_sparsity,
     orientation_loss,
 )
+from t3d.optim import flatten_optimizer, restore_optimizer
 from t3d.render.cameras import CameraParams, sample_cameras, view_names
 from t3d.render.previews import render_turntable, write_loss_curve, write_previews
 from t3d.render.volume import OccupancyGrid, render
@@ -38,16 +39,11 @@ from t3d.stage import (
     Stage,
     StageContext,
     StageParams,
-    flatten_optimizer,
-    restore_optimizer,
     run_resumable,
     stream_seed,
 )
 from t3d.stages.encode_prompt import load_embeddings
 from t3d.toy.metrics import evaluate_field
-
-FIELD_FILE = "field.safetensors"
-FIELD_CONFIG = "field.json"
 
 
 def _default_field() -> FieldParams:

@@ -19,6 +19,7 @@ from pydantic import Field
 from t3d.fields.nerf import load_field, save_field
 from t3d.guidance.sds import CFG_CONVENTION, TRange, anneal_t_range, opacity_entropy
 from t3d.guidance.vsd import load_lora_state, lora_loss, lora_state, make_lora_branch, vsd_loss
+from t3d.optim import flatten_optimizer, restore_optimizer
 from t3d.render.cameras import CameraParams, orbit_cameras, sample_cameras, view_names
 from t3d.render.previews import render_turntable, write_loss_curve, write_previews
 from t3d.render.volume import render
@@ -26,8 +27,6 @@ from t3d.stage import (
     Stage,
     StageContext,
     StageParams,
-    flatten_optimizer,
-    restore_optimizer,
     run_resumable,
     stream_seed,
 )

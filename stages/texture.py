@@ -20,12 +20,13 @@ from t3d.fields.nerf import load_field
 from t3d.guidance.sds import CFG_CONVENTION, TRange, anneal_t_range, guidance_loss
 from t3d.guidance.vsd import load_lora_state, lora_loss, lora_state, make_lora_branch, vsd_loss
 from t3d.mesh.export import TexturedMesh, bake_texture, export_glb, turntable
+from t3d.optim import flatten_optimizer, restore_optimizer
 from t3d.render.cameras import CameraBatch, sample_cameras, view_names
 from t3d.render.previews import write_loss_curve
 from t3d.render.raster import make_raster_context, render_mesh
 from t3d.render.shading import composite_on_white, shade
 from t3d.render.volume import light_directions
-from t3d.stage import Stage, StageContext, StageParams, flatten_optimizer, restore_optimizer, run_resumable, stream_seed
+from t3d.stage import Stage, StageContext, StageParams, run_resumable, stream_seed
 from t3d.stages.encode_prompt import load_embeddings
 from t3d.stages.extract_mesh import MESH_FILE, TEXTURE_FILE, load_mesh
 from t3d.toy.metrics import evaluate_mesh

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from t3d.optim import flatten_optimizer, restore_optimizer
+
 __all__ = [
     "tet_grid",
     "sdf_from_density",
@@ -268,8 +270,6 @@ class GeometryTrainer:
         return rec
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        from t3d.stage import flatten_optimizer
-
         opt_t, opt_meta = flatten_optimizer(self.opt)
         return {"delta": self.delta.detach(), "rng": self.gen.get_state(), **opt_t}, {
             "opt": opt_meta,
@@ -277,8 +277,6 @@ class GeometryTrainer:
         }
 
     def load_state(self, step: int, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        from t3d.stage import restore_optimizer
-
         with torch.no_grad():
             self.delta.copy_(tensors["delta"].to(self.device))
         restore_optimizer(self.opt, tensors, meta["opt"])
