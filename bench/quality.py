@@ -51,7 +51,7 @@ def _score_artifact(stage: str, folder: Path, prompt: str, camera) -> dict:
     raster = choose_raster("torch", "cpu")
     if stage in ("coarse", "refine"):
         from t3d.fields.hashgrid import choose_hashgrid
-        from t3d.stages.coarse import load_field
+        from t3d.fields.nerf import load_field
         from t3d.toy.metrics import evaluate_field
 
         return evaluate_field(load_field(folder, choose_hashgrid("torch", "cpu")), prompt, camera)

@@ -117,8 +117,7 @@ def vsd_timing(prior, embeddings, params, hashgrid, warmup: int, steps: int, lor
     import tempfile
     from pathlib import Path
 
-    from t3d.fields.nerf import NeRFField
-    from t3d.stages.coarse import save_field
+    from t3d.fields.nerf import NeRFField, save_field
     from t3d.stages.refine import RefineParams, VSDTrainer
 
     with tempfile.TemporaryDirectory() as tmp:

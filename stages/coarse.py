@@ -4,7 +4,7 @@ Reads the prompt embeddings of encode_prompt, samples cameras from the flow's ca
 distribution (the one the toy prior was trained on), renders, scores the renders with the prior
 and steps Adam. Checkpoints every `checkpoint_every` steps (field, optimizer, RNG, loss history)
 so a killed run resumes where it stopped. Writes:
-  field.safetensors + field.json   the field's weights and FieldParams (load with load_field)
+  field.safetensors + field.json   the field's weights and FieldParams (t3d.fields.nerf.load_field)
   turntable.png / turntable.gif    preview strip and animation
   loss_curve.png + losses.json     the optimisation trace
 For toy-world prompts ("a red cube") it also measures silhouette IoU and foreground colour error
@@ -14,18 +14,15 @@ against the true primitive from held-out orbit views (metrics iou / color_err).
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
-from pathlib import Path
 from typing import Literal
 
 import torch
 from pydantic import Field
-from safetensors.torch import load_file, save_file
 
 from t3d.fields.hashgrid import HashGridBackend
-from t3d.fields.nerf import FieldParams, NeRFField
+from t3d.fields.nerf import FieldParams, NeRFField, save_field
 from t3d.guidance.sds import (
     CFG_CONVENTION,
     TRange,
@@ -36,21 +33,19 @@ from t3d.guidance.sds import (
     opacity_sparsity,
     orientation_loss,
 )
-from t3d.render.cameras import CameraParams, orbit_cameras, sample_cameras, view_names
+from t3d.optim import flatten_optimizer, restore_optimizer
+from t3d.render.cameras import CameraParams, sample_cameras, view_names
+from t3d.render.previews import render_turntable, write_loss_curve, write_previews
 from t3d.render.volume import OccupancyGrid, render
 from t3d.stage import (
     Stage,
     StageContext,
     StageParams,
-    decay_learning_rates,
-    flatten_optimizer,
-    optimise,
-    restore_optimizer,
+    run_resumable,
+    stream_seed,
 )
+from t3d.stages.encode_prompt import load_embeddings
 from t3d.toy.metrics import evaluate_field
-
-FIELD_FILE = "field.safetensors"
-FIELD_CONFIG = "field.json"
 
 
 def _default_field() -> FieldParams:
@@ -126,7 +121,7 @@ class CoarseTrainer:
         self.emb = embeddings.to(prior.device, prior.dtype)
         self.camera = camera
         self.device = hashgrid.device
-        self.field = NeRFField(params.field, hashgrid)
+        self.field = NeRFField(params.field, hashgrid, seed=stream_seed(seed, "coarse", "field"))
         groups = [
             {
                 "params": list(self.field.encoding.parameters()),
@@ -151,8 +146,9 @@ class CoarseTrainer:
             if params.occupancy_res > 0
             else None
         )
-        self.gen = torch.Generator().manual_seed(int(seed) * 7919 + 17)
-        self.rand = random.Random(int(seed))
+        self.lr_decay = [(self.opt, params.lr_end_factor)]
+        self.gen = torch.Generator().manual_seed(stream_seed(seed, "coarse", "noise"))
+        self.rand = random.Random(stream_seed(seed, "coarse", "shading"))
         self.step_idx = 0
         self.history: list[dict] = []
 
@@ -170,7 +166,6 @@ class CoarseTrainer:
         p = self.p
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         t0 = time.perf_counter()
-        decay_learning_rates(self.opt, p.lr_end_factor, self.step_idx, p.steps)
         if self.occupancy is not None and self.step_idx % p.occupancy_every == 0:
             self.occupancy.update(self.field, self.gen)
         cams = sample_cameras(self.camera, p.batch_size, self.gen)
@@ -285,101 +280,16 @@ def _tuple_random_state(state):
     return (state[0], tuple(state[1]), state[2])
 
 
-# ---- outputs -------------------------------------------------------------------------------
-def save_field(field: NeRFField, folder: Path) -> None:
-    save_file({k: v.detach().contiguous().cpu() for k, v in field.state_dict().items()}, str(Path(folder) / FIELD_FILE))
-    (Path(folder) / FIELD_CONFIG).write_text(json.dumps(field.config_dict(), indent=2))
-
-
-def load_field(folder: Path, hashgrid: HashGridBackend) -> NeRFField:
-    """The coarse stage's field, ready to render or to seed the next stage, built by `hashgrid`
-    whichever backend wrote it (both keep the same state_dict)."""
-    cfg = json.loads((Path(folder) / FIELD_CONFIG).read_text())
-    field = NeRFField(FieldParams.from_saved(cfg), hashgrid)
-    field.load_state_dict(load_file(str(Path(folder) / FIELD_FILE), device=str(hashgrid.device)))
-    return field
-
-
-@torch.no_grad()
-def render_turntable(
-    field: NeRFField, camera: CameraParams, n: int, size: int, ambient: float = 0.35, elevation: float = 15.0
-) -> torch.Tensor:
-    cams = orbit_cameras(camera, n, elevation_deg=elevation)
-    frames = []
-    for i in range(n):
-        out = render(field, _one(cams, i), size, n_samples=64, shading="lambertian", ambient=ambient, chunk_rays=4096)
-        frames.append(out["rgb"][0])
-    return torch.stack(frames).clamp(0, 1)
-
-
-def _one(cams, i):
-    from t3d.render.cameras import CameraBatch
-
-    return CameraBatch(
-        cams.azimuth[i : i + 1], cams.elevation[i : i + 1], cams.radius[i : i + 1], cams.fov_deg, cams.c2w[i : i + 1]
-    )
-
-
-def _to_pil(img: torch.Tensor):
-    from PIL import Image
-
-    arr = (img.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype("uint8")
-    return Image.fromarray(arr)
-
-
-def write_previews(frames: torch.Tensor, folder: Path, strip_views: int = 8) -> None:
-    step = max(1, frames.shape[0] // strip_views)
-    strip = torch.cat(list(frames[::step][:strip_views]), dim=2)
-    _to_pil(strip).save(Path(folder) / "turntable.png")
-    images = [_to_pil(f) for f in frames]
-    images[0].save(Path(folder) / "turntable.gif", save_all=True, append_images=images[1:], duration=80, loop=0)
-
-
-def write_loss_curve(history: list[dict], path: Path, key: str = "loss", size=(480, 240)) -> None:
-    """A dependency-free line plot (PIL): raw values faint, a running mean bold."""
-    from PIL import Image, ImageDraw
-
-    w, h = size
-    img = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(img)
-    values = [r[key] for r in history if math.isfinite(r.get(key, float("nan")))]
-    if len(values) >= 2:
-        lo, hi = min(values), max(values)
-        hi = hi if hi > lo else lo + 1.0
-        margin = 24
-
-        def xy(i, v):
-            return margin + (w - 2 * margin) * i / (len(values) - 1), h - margin - (h - 2 * margin) * (v - lo) / (
-                hi - lo
-            )
-
-        draw.line([xy(i, v) for i, v in enumerate(values)], fill=(190, 190, 230), width=1)
-        k = max(1, len(values) // 50)
-        smooth = [sum(values[max(0, i - k) : i + 1]) / len(values[max(0, i - k) : i + 1]) for i in range(len(values))]
-        draw.line([xy(i, v) for i, v in enumerate(smooth)], fill=(30, 30, 160), width=2)
-        draw.text((margin, 4), f"{key}: {values[0]:.4g} -> {smooth[-1]:.4g} ({len(values)} steps)", fill="black")
-        draw.text((margin, h - margin + 6), f"min {lo:.4g}  max {hi:.4g}", fill="black")
-    img.save(path)
-
-
 # ---- the stage -----------------------------------------------------------------------------
 def run(ctx: StageContext) -> None:
-    from t3d.stages.encode_prompt import load_embeddings
-
     p: CoarseParams = ctx.params
     prior = ctx.load_prior()
     emb = load_embeddings(ctx.inputs["encode_prompt"])
     camera = ctx.camera
-    torch.manual_seed(int(ctx.seed))
+    torch.manual_seed(ctx.stream_seed("torch"))  # anything unseeded still repeats
     trainer = CoarseTrainer(p, prior, emb, camera, ctx.backends.hashgrid, seed=ctx.seed)
     ctx.backend["hashgrid"] = trainer.field.backend.as_dict()
     ctx.backend["renderer"] = "torch-volume"
-    resumed = ctx.load_checkpoint()
-    if resumed is not None:
-        step, tensors, meta = resumed
-        trainer.load_state(step, tensors, meta)
-        ctx.log.info("coarse: resumed at step %d of %d", step, p.steps)
-        ctx.metrics["resumed_from"] = int(step)
     split = {"render_s": 0.0, "prior_forward_s": 0.0, "backward_s": 0.0, "optimizer_s": 0.0}
 
     def postfix(rec: dict) -> dict:
@@ -387,7 +297,7 @@ def run(ctx: StageContext) -> None:
             split[k] += rec[k]
         return {"loss": rec["loss"], "opacity": rec["opacity"]}
 
-    optimise(ctx, trainer, p.steps, p.checkpoint_every, f"coarse ({p.guidance})", postfix)
+    run_resumable(ctx, trainer, p.steps, p.checkpoint_every, f"coarse ({p.guidance})", postfix)
     ctx.timings.update({k: round(v, 3) for k, v in split.items()})
 
     save_field(trainer.field, ctx.out)
@@ -411,7 +321,7 @@ def run(ctx: StageContext) -> None:
 
 STAGE = Stage(
     name="coarse",
-    version="1",
+    version="2",
     params=CoarseParams,
     inputs=("encode_prompt",),
     run=run,

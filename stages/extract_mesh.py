@@ -21,12 +21,13 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from t3d.mesh.dmtet import GeometryParams, refine_geometry
+from t3d.fields.nerf import load_field
+from t3d.mesh.dmtet import GeometryParams, GeometryTrainer
 from t3d.mesh.export import TexturedMesh, bake_texture, export_glb, load_textured, turntable, unwrap
 from t3d.mesh.extract import auto_threshold, clean_mesh, extract_mesh, sample_grid
+from t3d.render.previews import write_loss_curve
 from t3d.render.raster import RasterBackend
-from t3d.stage import Stage, StageContext, StageParams
-from t3d.stages.coarse import load_field, write_loss_curve
+from t3d.stage import Stage, StageContext, StageParams, run_resumable
 from t3d.stages.encode_prompt import load_embeddings
 from t3d.toy.metrics import evaluate_mesh
 
@@ -84,36 +85,27 @@ def _refined_surface(ctx: StageContext, field, raster: RasterBackend):
         sigma, lo, spacing = sample_grid(field.density, p.geometry.resolution, field.params.bound, device=ctx.device)
     sigma = np.nan_to_num(sigma, nan=0.0, posinf=np.float32(3e38)).clip(min=0.0)
     tau = auto_threshold(sigma, spacing) if p.threshold is None else float(p.threshold)
-    gen = torch.Generator().manual_seed(int(ctx.seed) * 7919 + 5)
-    resume = ctx.load_checkpoint()
-    if resume is not None:
-        ctx.metrics["resumed_from"] = int(resume[0])
-
-    def checkpoint(step: int, tensors: dict, meta: dict) -> None:
-        if step % p.checkpoint_every == 0 and step < p.geometry.steps:
-            ctx.save_checkpoint(step, tensors, meta)
 
     def albedo(points: torch.Tensor) -> torch.Tensor:
         return field.query(points.to(field.device))[1]
 
-    with ctx.progress(p.geometry.steps, "geometry (sds on sdf)", initial=resume[0] if resume else 0) as update:
-        verts, faces, history = refine_geometry(
-            sigma,
-            lo,
-            spacing,
-            tau,
-            albedo,
-            prior,
-            emb,
-            ctx.camera,
-            p.geometry,
-            gen,
-            raster=raster,
-            device=ctx.device,
-            progress=update,
-            resume=resume,
-            on_step=checkpoint,
-        )
+    trainer = GeometryTrainer(
+        sigma,
+        lo,
+        spacing,
+        tau,
+        albedo,
+        prior,
+        emb,
+        ctx.camera,
+        p.geometry,
+        ctx.generator("geometry"),
+        raster=raster,
+        device=ctx.device,
+    )
+    run_resumable(ctx, trainer, p.geometry.steps, p.checkpoint_every, "geometry (sds on sdf)")
+    verts, faces = trainer.surface()
+    history = trainer.history
     mesh = clean_mesh(verts.cpu().numpy(), faces.cpu().numpy(), keep_largest=p.keep_largest, max_faces=p.max_faces)
     mesh.metadata.update({"threshold": tau, "resolution": int(p.geometry.resolution)})
     return mesh, history
@@ -199,7 +191,7 @@ def run(ctx: StageContext) -> None:
 
 STAGE = Stage(
     name="extract_mesh",
-    version="2",
+    version="3",
     params=ExtractMeshParams,
     inputs=("encode_prompt", "coarse"),
     optional_inputs=("refine",),

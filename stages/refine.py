@@ -18,20 +18,20 @@ import torch
 from pydantic import Field
 
 from t3d.fields.hashgrid import HashGridBackend
+from t3d.fields.nerf import load_field, save_field
 from t3d.guidance.sds import CFG_CONVENTION, TRange, Weighting, anneal_t_range, opacity_entropy
-from t3d.guidance.vsd import load_lora_state, lora_loss, lora_state, make_lora_unet, trainable_parameters, vsd_loss
+from t3d.guidance.vsd import load_lora_state, lora_loss, lora_state, make_lora_branch, vsd_loss
+from t3d.optim import flatten_optimizer, restore_optimizer
 from t3d.render.cameras import CameraParams, orbit_cameras, sample_cameras, view_names
+from t3d.render.previews import render_turntable, write_loss_curve, write_previews
 from t3d.render.volume import render
 from t3d.stage import (
     Stage,
     StageContext,
     StageParams,
-    decay_learning_rates,
-    flatten_optimizer,
-    optimise,
-    restore_optimizer,
+    run_resumable,
+    stream_seed,
 )
-from t3d.stages.coarse import load_field, render_turntable, save_field, write_loss_curve, write_previews
 from t3d.stages.encode_prompt import load_embeddings
 from t3d.toy.metrics import evaluate_field
 
@@ -102,11 +102,9 @@ class VSDTrainer:
                 {"params": list(f.mlp.parameters()), "lr": p.lr_mlp, "base_lr": p.lr_mlp},
             ]
         self.field_opt = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15)
-        with torch.random.fork_rng(devices=[]):  # LoRA init from the run seed, not the global stream
-            torch.manual_seed(int(seed))
-            self.lora = make_lora_unet(prior.unet, rank=p.lora_rank)
-        self.lora_opt = torch.optim.AdamW(trainable_parameters(self.lora), lr=p.lora_lr, weight_decay=0.0)
-        self.gen = torch.Generator().manual_seed(int(seed) * 104729 + 3)
+        self.lora, self.lora_opt = make_lora_branch(prior, p.lora_rank, p.lora_lr, stream_seed(seed, "refine", "lora"))
+        self.lr_decay = [(self.field_opt, p.lr_end_factor)]  # the LoRA's learning rate stays
+        self.gen = torch.Generator().manual_seed(stream_seed(seed, "refine", "noise"))
         self.step_idx = 0
         self.history: list[dict] = []
 
@@ -149,7 +147,6 @@ class VSDTrainer:
         loss = loss_vsd
         if p.lambda_entropy > 0:
             loss = loss + p.lambda_entropy * sum(opacity_entropy(r["opacity"]) for r in renders)
-        decay_learning_rates(self.field_opt, p.lr_end_factor, self.step_idx, p.steps)
         self.field_opt.zero_grad(set_to_none=True)
         loss.backward()
         self.field_opt.step()
@@ -258,20 +255,17 @@ def run(ctx: StageContext) -> None:
     prior = ctx.load_prior()
     emb = load_embeddings(ctx.inputs["encode_prompt"])
     camera = ctx.camera
-    torch.manual_seed(int(ctx.seed))
+    torch.manual_seed(ctx.stream_seed("torch"))  # anything unseeded still repeats
     trainer = VSDTrainer(p, prior, emb, ctx.inputs["coarse"], camera, ctx.backends.hashgrid, ctx.seed)
     ctx.backend["hashgrid"] = trainer.fields[0].backend.as_dict()
-    resumed = ctx.load_checkpoint()
-    if resumed is not None:
-        trainer.load_state(*resumed)
-        ctx.metrics["resumed_from"] = int(resumed[0])
-        ctx.log.info("refine: resumed at step %d of %d", resumed[0], p.steps)
-    if resumed is None and p.lora_warmup_steps:
+
+    def warm_up_lora() -> None:
         started = time.perf_counter()
         with ctx.progress(p.lora_warmup_steps, "refine: LoRA warm-up") as update:
             warm = trainer.warm_up_lora(p.lora_warmup_steps, update)
         ctx.timings["lora_warmup_s"] = round(time.perf_counter() - started, 3)
         ctx.metrics["lora_warmup_loss"] = round(sum(warm[-10:]) / len(warm[-10:]), 5)
+
     label = f"refine (VSD, {p.particles} particle{'s' if p.particles > 1 else ''})"
     split = {"field_step_s": 0.0, "lora_step_s": 0.0}
 
@@ -280,7 +274,8 @@ def run(ctx: StageContext) -> None:
             split[k] += rec[k]
         return {"loss": rec["loss"], "lora": rec["lora_loss"]}
 
-    optimise(ctx, trainer, p.steps, p.checkpoint_every, label, postfix)
+    warm_up = warm_up_lora if p.lora_warmup_steps else None
+    run_resumable(ctx, trainer, p.steps, p.checkpoint_every, label, postfix, fresh_start=warm_up)
     ctx.timings.update({k: round(v, 3) for k, v in split.items()})
 
     for i, field in enumerate(trainer.fields):
@@ -304,7 +299,7 @@ def run(ctx: StageContext) -> None:
 
 STAGE = Stage(
     name="refine",
-    version="1",
+    version="2",
     params=RefineParams,
     inputs=("encode_prompt", "coarse"),
     run=run,

@@ -11,20 +11,23 @@ and written in extract_mesh's layout (mesh.glb, texture.png), which export reads
 from __future__ import annotations
 
 import json
-import math
 import time
 from typing import Literal
 
 import torch
 from pydantic import Field
 
+from t3d.fields.nerf import load_field
 from t3d.guidance.sds import CFG_CONVENTION, TRange, anneal_t_range, guidance_loss
+from t3d.guidance.vsd import load_lora_state, lora_loss, lora_state, make_lora_branch, vsd_loss
 from t3d.mesh.export import TexturedMesh, bake_texture, export_glb, turntable
+from t3d.optim import flatten_optimizer, restore_optimizer
 from t3d.render.cameras import CameraBatch, sample_cameras, view_names
-from t3d.render.raster import render_mesh
+from t3d.render.previews import write_loss_curve
+from t3d.render.raster import RasterBackend, render_mesh
+from t3d.render.shading import composite_on_white, shade
 from t3d.render.volume import light_directions
-from t3d.stage import Stage, StageContext, StageParams, flatten_optimizer, restore_optimizer
-from t3d.stages.coarse import load_field, write_loss_curve
+from t3d.stage import Stage, StageContext, StageParams, run_resumable, stream_seed
 from t3d.stages.encode_prompt import load_embeddings
 from t3d.stages.extract_mesh import MESH_FILE, TEXTURE_FILE, load_mesh
 from t3d.toy.metrics import evaluate_mesh
@@ -61,20 +64,105 @@ class TextureParams(StageParams):
         return params
 
 
-def shade_mesh_image(field, raster: dict, cameras: CameraBatch, shading: str, ambient: float) -> torch.Tensor:
+def shade_mesh_image(field, rendered: dict, cameras: CameraBatch, shading: str, ambient: float) -> torch.Tensor:
     """[B,3,H,W] in [0,1]: the field's albedo at the visible surface, shaded, on white."""
-    mask = raster["mask"][..., 0] > 0
+    mask = rendered["mask"][..., 0] > 0
     albedo = torch.ones(*mask.shape, 3, device=mask.device)
     if mask.any():
         albedo = albedo.masked_scatter(
-            mask[..., None].expand_as(albedo), field.query(raster["xyz"][mask])[1].reshape(-1)
+            mask[..., None].expand_as(albedo), field.query(rendered["xyz"][mask])[1].reshape(-1)
         )
     if shading == "lambertian":
         light = light_directions(cameras)  # [B,3] world, the toy world's camera-fixed light
-        lam = (raster["normal"] * light[:, None, None, :]).sum(-1, keepdim=True).clamp_min(0)
-        albedo = albedo * (ambient + (1 - ambient) * lam)
-    cov = raster["mask"]
-    return (albedo * cov + (1 - cov)).permute(0, 3, 1, 2).clamp(0, 1)
+        albedo = shade(albedo, rendered["normal"], light[:, None, None, :], "lambertian", ambient)
+    return composite_on_white(albedo, rendered["mask"]).permute(0, 3, 1, 2).clamp(0, 1)
+
+
+class TextureTrainer:
+    """One SDS or VSD step at a time on the field's albedo, seen through the rasterized mesh."""
+
+    def __init__(
+        self, p: TextureParams, prior, emb, field, verts, faces, raster: RasterBackend, camera, device, seed: int
+    ):
+        self.p, self.prior, self.emb, self.field = p, prior, emb, field
+        self.verts, self.faces, self.raster, self.camera, self.device = verts, faces, raster, camera, device
+        self.opt = torch.optim.Adam(
+            [
+                {"params": list(field.encoding.parameters()), "lr": p.lr_grid},
+                {"params": list(field.mlp.parameters()), "lr": p.lr_mlp},
+            ],
+            betas=(0.9, 0.99),
+            eps=1e-15,
+        )
+        self.lr_decay: list = []
+        self.gen = torch.Generator().manual_seed(stream_seed(seed, "texture", "noise"))
+        self.lora = self.lora_opt = None
+        if p.guidance == "vsd":
+            self.lora, self.lora_opt = make_lora_branch(
+                prior, p.lora_rank, p.lora_lr, stream_seed(seed, "texture", "lora")
+            )
+        self.step_idx = 0
+        self.history: list[dict] = []
+
+    def step(self) -> dict:
+        p, prior, gen = self.p, self.prior, self.gen
+        cams = sample_cameras(self.camera, p.batch_size, gen).to(self.device)
+        with torch.no_grad():
+            rendered = render_mesh(self.verts, self.faces, cams, p.resolution, raster=self.raster, antialias_rgb=False)
+        shading = "albedo" if torch.rand(1, generator=gen).item() < p.albedo_prob else p.shading
+        rgb = shade_mesh_image(self.field, rendered, cams, shading, p.ambient)
+        cond, uncond = self.emb.for_views(view_names(cams, self.camera)), self.emb.uncond_batch(p.batch_size)
+        t_range = anneal_t_range(self.step_idx, p.steps, p.t_range, p.t_range_end, "linear")
+        record = {"step": self.step_idx}
+        if self.lora is None:
+            loss, info = guidance_loss(
+                "sds", prior, rgb, cond, uncond, guidance_scale=p.guidance_scale, t_range=t_range, generator=gen
+            )
+        else:
+            loss, x0, info = vsd_loss(
+                prior,
+                self.lora,
+                rgb,
+                cams.c2w,
+                cond,
+                uncond,
+                guidance_scale=p.guidance_scale or 7.5,
+                t_range=t_range,
+                generator=gen,
+            )
+            l_lora = lora_loss(prior, self.lora, x0, cams.c2w, cond, generator=gen)
+            self.lora_opt.zero_grad(set_to_none=True)
+            l_lora.backward()
+            self.lora_opt.step()
+            record["lora_loss"] = float(l_lora.detach())
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        record.update(loss=float(loss.detach()), grad_norm=info["grad_norm"])
+        self.history.append(record)
+        self.step_idx += 1
+        return record
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors = {f"field.{k}": v for k, v in self.field.state_dict().items()}
+        opt_t, opt_meta = flatten_optimizer(self.opt)
+        tensors.update(opt_t, rng=self.gen.get_state())
+        meta = {"opt": opt_meta, "history": self.history}
+        if self.lora is not None:
+            tensors.update({f"lora.{k}": v for k, v in lora_state(self.lora).items()})
+            lora_t, meta["lora_opt"] = flatten_optimizer(self.lora_opt, "lopt")
+            tensors.update(lora_t)
+        return tensors, meta
+
+    def load_state(self, step: int, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        self.field.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("field.")})
+        restore_optimizer(self.opt, tensors, meta["opt"])
+        self.gen.set_state(tensors["rng"])
+        if self.lora is not None:
+            load_lora_state(self.lora, {k[5:]: v for k, v in tensors.items() if k.startswith("lora.")})
+            restore_optimizer(self.lora_opt, tensors, meta["lora_opt"], "lopt")
+        self.history = list(meta["history"])
+        self.step_idx = int(step)
 
 
 def run(ctx: StageContext) -> None:
@@ -82,104 +170,16 @@ def run(ctx: StageContext) -> None:
     prior = ctx.load_prior()
     emb = load_embeddings(ctx.inputs["encode_prompt"]).to(prior.device, prior.dtype)
     camera = ctx.camera
-    source = ctx.inputs.get("refine", ctx.inputs["coarse"])
-    field = load_field(source, ctx.backends.hashgrid)
+    field = load_field(ctx.inputs.get("refine", ctx.inputs["coarse"]), ctx.backends.hashgrid)
     field.requires_grad_(True)
     tmesh = load_mesh(ctx.inputs["extract_mesh"])
     verts = torch.as_tensor(tmesh.verts, device=ctx.device)
     faces = torch.as_tensor(tmesh.faces, device=ctx.device)
     raster = ctx.backends.raster
     ctx.backend.update(hashgrid=field.backend.as_dict(), raster=raster.choice.as_dict())
-
-    opt = torch.optim.Adam(
-        [
-            {"params": list(field.encoding.parameters()), "lr": p.lr_grid},
-            {"params": list(field.mlp.parameters()), "lr": p.lr_mlp},
-        ],
-        betas=(0.9, 0.99),
-        eps=1e-15,
-    )
-    gen = torch.Generator().manual_seed(int(ctx.seed) * 15485863 + 11)
-    lora = lora_opt = None
-    if p.guidance == "vsd":
-        from t3d.guidance.vsd import make_lora_unet, trainable_parameters
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(ctx.seed))
-            lora = make_lora_unet(prior.unet, rank=p.lora_rank)
-        lora_opt = torch.optim.AdamW(trainable_parameters(lora), lr=p.lora_lr, weight_decay=0.0)
-    history: list[dict] = []
-    step = 0
-    resumed = ctx.load_checkpoint()
-    if resumed is not None:
-        step, tensors, meta = resumed
-        field.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("field.")})
-        restore_optimizer(opt, tensors, meta["opt"])
-        gen.set_state(tensors["rng"])
-        if lora is not None:
-            from t3d.guidance.vsd import load_lora_state
-
-            load_lora_state(lora, {k[5:]: v for k, v in tensors.items() if k.startswith("lora.")})
-            restore_optimizer(lora_opt, tensors, meta["lora_opt"], "lopt")
-        history = meta["history"]
-        ctx.metrics["resumed_from"] = int(step)
-
-    with ctx.progress(p.steps, f"texture ({p.guidance})", initial=step) as update:
-        while step < p.steps:
-            cams = sample_cameras(camera, p.batch_size, gen).to(ctx.device)
-            with torch.no_grad():
-                rendered = render_mesh(verts, faces, cams, p.resolution, raster=raster, antialias_rgb=False)
-            shading = "albedo" if torch.rand(1, generator=gen).item() < p.albedo_prob else p.shading
-            rgb = shade_mesh_image(field, rendered, cams, shading, p.ambient)
-            cond, uncond = emb.for_views(view_names(cams, camera)), emb.uncond_batch(p.batch_size)
-            t_range = anneal_t_range(step, p.steps, p.t_range, p.t_range_end, "linear")
-            record = {"step": step}
-            if lora is None:
-                loss, info = guidance_loss(
-                    "sds", prior, rgb, cond, uncond, guidance_scale=p.guidance_scale, t_range=t_range, generator=gen
-                )
-            else:
-                from t3d.guidance.vsd import lora_loss, vsd_loss
-
-                loss, x0, info = vsd_loss(
-                    prior,
-                    lora,
-                    rgb,
-                    cams.c2w,
-                    cond,
-                    uncond,
-                    guidance_scale=p.guidance_scale or 7.5,
-                    t_range=t_range,
-                    generator=gen,
-                )
-                l_lora = lora_loss(prior, lora, x0, cams.c2w, cond, generator=gen)
-                lora_opt.zero_grad(set_to_none=True)
-                l_lora.backward()
-                lora_opt.step()
-                record["lora_loss"] = float(l_lora.detach())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            record.update(loss=float(loss.detach()), grad_norm=info["grad_norm"])
-            if not math.isfinite(record["loss"]):
-                raise FloatingPointError(
-                    f"texture: loss is {record['loss']} at step {step}; lower lr_grid or guidance_scale"
-                )
-            history.append(record)
-            step += 1
-            update(1, loss=record["loss"])
-            if step % p.checkpoint_every == 0 and step < p.steps:
-                tensors = {f"field.{k}": v for k, v in field.state_dict().items()}
-                opt_t, opt_meta = flatten_optimizer(opt)
-                tensors.update(opt_t, rng=gen.get_state())
-                meta = {"opt": opt_meta, "history": history}
-                if lora is not None:
-                    from t3d.guidance.vsd import lora_state
-
-                    tensors.update({f"lora.{k}": v for k, v in lora_state(lora).items()})
-                    lora_t, meta["lora_opt"] = flatten_optimizer(lora_opt, "lopt")
-                    tensors.update(lora_t)
-                ctx.save_checkpoint(step, tensors, meta)
+    trainer = TextureTrainer(p, prior, emb, field, verts, faces, raster, camera, ctx.device, ctx.seed)
+    run_resumable(ctx, trainer, p.steps, p.checkpoint_every, f"texture ({p.guidance})")
+    history = trainer.history
 
     started = time.perf_counter()
     with torch.no_grad():
@@ -219,7 +219,7 @@ def run(ctx: StageContext) -> None:
 
 STAGE = Stage(
     name="texture",
-    version="1",
+    version="2",
     params=TextureParams,
     inputs=("encode_prompt", "coarse", "extract_mesh"),
     optional_inputs=("refine",),

@@ -9,14 +9,15 @@ knows about Prefect; that is the runner's job. Example: stages/encode_prompt.py.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -24,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from t3d.backends import Backends
+from t3d.optim import decay_learning_rates
 from t3d.priors.compute import ComputeParams
 from t3d.render.cameras import CameraParams
 from t3d.store import apply_umask
@@ -117,14 +119,13 @@ class StageContext:
         self.backend["compute"] = prior.compute
         return prior
 
-    def generator(self, offset: int = 0, device: torch.device | str | None = None) -> torch.Generator:
-        """A torch.Generator seeded from the run seed (offset separates independent streams)."""
-        g = torch.Generator(device=device or "cpu")
-        g.manual_seed(int(self.seed) * 1_000_003 + offset)
-        return g
+    def stream_seed(self, stream: str) -> int:
+        """The seed of one named random stream of this stage (see `stream_seed`)."""
+        return stream_seed(self.seed, self.stage, stream)
 
-    def input_manifest(self, name: str) -> dict:
-        return json.loads((self.inputs[name] / "manifest.json").read_text())
+    def generator(self, stream: str, device: torch.device | str | None = None) -> torch.Generator:
+        """A torch.Generator for one named random stream of this stage, seeded from the flow's seed."""
+        return torch.Generator(device=device or "cpu").manual_seed(self.stream_seed(stream))
 
     # ---- progress -------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -181,6 +182,15 @@ class StageContext:
         return load_checkpoint(self.checkpoint_dir, self.log)
 
 
+def stream_seed(seed: int, stage: str, stream: str) -> int:
+    """Every random stream's seed comes from the flow's seed through here: a hash of (seed, stage,
+    stream), so streams are independent of each other and of other stages, and a trainer built
+    outside a stage with the flow's seed draws what the stage would. 31 bits: every RNG takes it
+    (tinycudann's seed is 32-bit)."""
+    digest = hashlib.sha256(f"{int(seed)}/{stage}/{stream}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFF_FFFF
+
+
 _prior_cache: dict[tuple, Any] = {}
 
 
@@ -198,7 +208,31 @@ def _cached_prior(loader, source: str, device: str, compute: ComputeParams | Non
     return _prior_cache[key]
 
 
-# ---- the guarded optimisation loop --------------------------------------------------------
+# ---- the one training loop ----------------------------------------------------------------
+class Trainer(Protocol):
+    """What run_resumable steps: coarse, refine, geometry refinement and texture are trainers.
+
+    `lr_decay` lists (optimizer, end_factor) pairs: each group's lr decays exponentially from its
+    base_lr to end_factor x base_lr by the last step (empty: constant learning rates). An optional
+    `rand` (random.Random) is reseeded with `gen` when a divergence is healed.
+    """
+
+    step_idx: int
+    history: list[dict]
+    gen: torch.Generator
+    lr_decay: Sequence[tuple[torch.optim.Optimizer, float]]
+
+    def step(self) -> dict:
+        """One optimisation step; returns its record (with "step" and "loss") and appends it to history."""
+        ...
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Everything a resume needs: tensors (safetensors) and JSON-able meta."""
+        ...
+
+    def load_state(self, step: int, tensors: dict[str, torch.Tensor], meta: dict) -> None: ...
+
+
 def divergence(history: list[dict], p: RecoveryParams) -> str | None:
     """Why the last steps cannot go on (non-finite loss, a field gone empty), or None."""
     last = history[-1] if history else {}
@@ -210,27 +244,47 @@ def divergence(history: list[dict], p: RecoveryParams) -> str | None:
     return None
 
 
-def optimise(
-    ctx: StageContext, trainer: Any, steps: int, checkpoint_every: int, label: str, postfix: Callable[[dict], dict]
-) -> None:
-    """Step `trainer` to `steps`, checkpointing, and heal divergence: roll back to the last good
-    checkpoint (or the start), draw a new noise stream, scale the learning rates by
-    recovery.lr_factor, retry up to recovery.retries times. Each retry lands in the manifest's
-    metrics as `recoveries`.
+def _loss_postfix(rec: dict) -> dict:
+    return {"loss": rec["loss"]}
 
-    The trainer provides step() -> record, state(), load_state(step, tensors, meta), step_idx,
-    history and a torch.Generator `gen`; its optimizers are found among its attributes.
+
+def run_resumable(
+    ctx: StageContext,
+    trainer: Trainer,
+    steps: int,
+    every: int,
+    label: str | None = None,
+    postfix: Callable[[dict], dict] = _loss_postfix,
+    fresh_start: Callable[[], None] | None = None,
+) -> None:
+    """Step `trainer` to `steps`: resume from the stage's checkpoint if there is one, decay the
+    learning rates before each step, show progress, checkpoint every `every` steps, and heal
+    divergence: roll back to the last good checkpoint (or the start), draw a new noise stream,
+    scale the learning rates by recovery.lr_factor, retry up to recovery.retries times. Each
+    retry lands in the manifest's metrics as `recoveries`.
+
+    `fresh_start` runs once when there was nothing to resume (refine's LoRA warm-up); `postfix`
+    turns a step's record into the progress bar's postfix.
     """
+    resumed = ctx.load_checkpoint()
+    if resumed is not None:
+        trainer.load_state(*resumed)
+        ctx.metrics["resumed_from"] = int(resumed[0])
+        ctx.log.info("%s: resumed at step %d of %d", ctx.stage, resumed[0], steps)
+    elif fresh_start is not None:
+        fresh_start()
     p = ctx.recovery
     start = _snapshot(trainer)
     recoveries: list[dict] = []
     with ctx.progress(steps, label, initial=trainer.step_idx) as update:
         while trainer.step_idx < steps:
+            for optimizer, end_factor in trainer.lr_decay:
+                decay_learning_rates(optimizer, end_factor, trainer.step_idx, steps)
             rec = trainer.step()
             problem = divergence(trainer.history, p)
             if problem is None:
                 update(1, **postfix(rec))
-                if trainer.step_idx % checkpoint_every == 0 and trainer.step_idx < steps:
+                if trainer.step_idx % every == 0 and trainer.step_idx < steps:
                     ctx.save_checkpoint(trainer.step_idx, *trainer.state())
                 continue
             if len(recoveries) >= p.retries:
@@ -243,9 +297,9 @@ def optimise(
             good = ctx.load_checkpoint() or start
             trainer.load_state(*good)
             attempt = len(recoveries) + 1
-            trainer.gen.manual_seed(int(ctx.seed) * 1_000_003 + 7_919 * attempt)  # a new noise stream
+            trainer.gen.manual_seed(ctx.stream_seed(f"retry-{attempt}"))  # a new noise stream
             if hasattr(trainer, "rand"):
-                trainer.rand.seed(int(ctx.seed) * 31 + attempt)
+                trainer.rand.seed(ctx.stream_seed(f"retry-{attempt}-python"))
             _scale_learning_rates(trainer, p.lr_factor)
             recoveries.append(
                 {
@@ -341,38 +395,3 @@ def load_checkpoint(
     if "__step__" in tensors and int(tensors.pop("__step__").item()) != step:
         return None
     return step, tensors, meta
-
-
-def decay_learning_rates(optimizer: torch.optim.Optimizer, end_factor: float, step: int, steps: int) -> None:
-    """Exponential decay from each group's base_lr to end_factor x base_lr at the last step
-    (derived from the step, so resume needs no scheduler state)."""
-    decay = end_factor ** (step / max(steps - 1, 1))
-    for group in optimizer.param_groups:
-        group["lr"] = group["base_lr"] * decay
-
-
-def flatten_optimizer(optimizer: torch.optim.Optimizer, prefix: str = "opt") -> tuple[dict[str, torch.Tensor], dict]:
-    """Optimizer state as flat tensors (for safetensors) plus JSON-able metadata."""
-    state = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for pid, entry in state["state"].items():
-        for name, value in entry.items():
-            if torch.is_tensor(value):
-                tensors[f"{prefix}.{pid}.{name}"] = value
-            else:
-                scalars[f"{pid}.{name}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
-
-
-def restore_optimizer(
-    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict, prefix: str = "opt"
-) -> None:
-    state: dict[int, dict] = {}
-    for name, value in tensors.items():
-        if name.startswith(prefix + "."):
-            _, pid, key = name.split(".", 2)
-            state.setdefault(int(pid), {})[key] = value
-    for name, value in meta.get("scalars", {}).items():
-        pid, key = name.split(".", 1)
-        state.setdefault(int(pid), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})

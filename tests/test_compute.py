@@ -32,25 +32,26 @@ EXACT_REL = 1e-5
 BF16_REL_NORM, FP16_REL_NORM = 0.08, 0.02
 
 # Planned keys recorded at commit 347f25e, before `compute:` existed: a flow without the block
-# must keep them (every artifact already in a store stays reusable). Re-recorded once when the
-# backend requests left the stage params for flow.yaml's `backends:` (coarse.field.backend and
-# the raster_backend of extract_mesh, texture and export): encode_prompt's key did not change.
+# must keep them (every artifact already in a store stays reusable). Re-recorded once for issue 13:
+# coarse.method became coarse.guidance and extract_mesh's geometry_* keys a geometry block; the
+# backend requests left the stage params for flow.yaml's `backends:`; the flow's seed draws every
+# stream (coarse.field.seed removed; coarse, refine, extract_mesh and texture versions bumped).
 TINY_FLOW = {"prompt": "a red cube", "prior": "tiny-pixel", "stages": {"refine": {"enabled": True}}}
 TINY_KEYS = {
     "encode_prompt": "encode_prompt-68ffb64f0ec4aa9b7d9d",
-    "coarse": "coarse-2e32d0208f75cd37e2b1",
-    "refine": "refine-1f3d1a32564a755ecbdc",
-    "extract_mesh": "extract_mesh-67b5deac4be7a25396a3",
-    "texture": "texture-16a2155f50011cb8e4dd",
-    "export": "export-7b8b125d074e3875f14f",
+    "coarse": "coarse-b9f727d0b224b9c55cfd",
+    "refine": "refine-1e34edcf54c9144a720c",
+    "extract_mesh": "extract_mesh-a84ae52be926efdb5740",
+    "texture": "texture-76f4a1ea96f3540521bf",
+    "export": "export-086dd3bd04b789dda35f",
 }
 LATENT_FLOW = {"prompt": "a red cube", "prior": "tiny-latent"}
 LATENT_KEYS = {
     "encode_prompt": "encode_prompt-4306cdb9323ec486ff21",
-    "coarse": "coarse-d6602df912977bc5657f",
-    "extract_mesh": "extract_mesh-5b1b8944e3490276844e",
-    "texture": "texture-6ba170b4e78c9b3bf8f5",
-    "export": "export-2f9b98d54ce2da8c0fb0",
+    "coarse": "coarse-8b2611b06e619e41912e",
+    "extract_mesh": "extract_mesh-1a60bc37c3a8f09ee420",
+    "texture": "texture-f6b7ae272f91cf9ec288",
+    "export": "export-1aa44c596ff6fdb58515",
 }
 
 

@@ -60,8 +60,9 @@ def test_marching_tets_empty_and_gradient_sign(grid):
     g = sdf.grad
     # raising the SDF anywhere near the surface moves it inward: the volume can only shrink
     assert (g <= 1e-9).all() and (g < 0).sum() > 100
-    near = (verts.norm(dim=-1) - 0.5).abs() < SPACING[0]
-    assert (g[~near] == 0).all() or (g[~near].abs().max() < g[near].abs().max())
+    # only ends of edges that cross the surface move it: nothing farther than a cube diagonal
+    beyond = (verts.norm(dim=-1) - 0.5).abs() >= 3**0.5 * SPACING[0]
+    assert beyond.sum() > 20000 and (g[beyond] == 0).all()
 
 
 def test_sdf_from_density_puts_the_surface_at_the_threshold():
@@ -105,9 +106,9 @@ def test_render_shaded_moves_the_silhouette_with_the_sdf(grid):
 
 def test_extract_mesh_stage_refines_geometry_and_resumes(tmp_path):
     from t3d.fields.hashgrid import choose_hashgrid
-    from t3d.fields.nerf import NeRFField
+    from t3d.fields.nerf import NeRFField, save_field
     from t3d.stages import default_registry
-    from t3d.stages.coarse import _default_field, save_field
+    from t3d.stages.coarse import _default_field
     from tests.test_mesh_export import _ctx
 
     reg = default_registry()
@@ -131,7 +132,13 @@ def test_extract_mesh_stage_refines_geometry_and_resumes(tmp_path):
     stage.run(ctx)
     assert ctx.metrics["watertight"] and 0 < ctx.metrics["faces"] <= 1500
     assert {"geometry_losses.json", "geometry_loss_curve.png", "mesh.glb"} <= {p.name for p in ctx.out.iterdir()}
-    assert "geometry_s" in ctx.timings and 0 <= ctx.metrics["iou"] <= 1
+    assert "geometry_s" in ctx.timings
+    # the untrained field is a grey ball (diameter ~0.43); 4 steps leave it a ball, which covers
+    # a fraction of the red cube's silhouette (measured: IoU 0.153, colour error 0.267)
+    radius = sum(ctx.metrics["extent"]) / 6
+    assert ctx.metrics["volume"] == pytest.approx(4 / 3 * np.pi * radius**3, rel=0.1)
+    assert ctx.metrics["iou"] == pytest.approx(0.153, abs=0.02)
+    assert ctx.metrics["color_err"] == pytest.approx(0.267, abs=0.02)
     # a checkpoint at step 2 resumes to the same result
     assert (ctx.checkpoint_dir / "state.json").exists()
     ctx_b = _ctx(stage, params, {"coarse": coarse, "encode_prompt": ectx.out}, tmp_path / "mesh_b")

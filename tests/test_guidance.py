@@ -108,11 +108,17 @@ def test_sjc_shape_and_equivalence_to_uniform_sds(tiny):
     )
     loss2.backward()
     torch.testing.assert_close(g_sjc, rgb.grad, atol=1e-4, rtol=1e-4)
-    # Averaging several draws lowers the variance of the gradient.
-    rgb.grad = None
-    loss3, info3 = sjc_loss(prior, rgb, cond, uncond, t=t, n_noise=4, var_red=False)
-    loss3.backward()
-    assert rgb.grad.shape == rgb.shape and torch.isfinite(rgb.grad).all()
+    # Averaging n draws divides the gradient's variance (over noise draws) by ~n (measured: 0.170 -> 0.042).
+    variance = {}
+    for n_noise in (1, 4):
+        grads = []
+        for draw in range(8):
+            x = rgb.detach().clone().requires_grad_(True)
+            gen = torch.Generator().manual_seed(100 + draw)
+            sjc_loss(prior, x, cond, uncond, t=t, n_noise=n_noise, var_red=False, generator=gen)[0].backward()
+            grads.append(x.grad)
+        variance[n_noise] = float(torch.stack(grads).var(0).mean())
+    assert variance[4] < 0.4 * variance[1]
 
 
 def test_dispatch_and_latent_prior():
@@ -165,12 +171,14 @@ def test_regularizers():
 
 
 @pytest.mark.slow
-def test_short_sds_run_against_the_embedded_prior_improves_silhouette():
+def test_short_sds_run_against_the_embedded_prior_improves_silhouette(tmp_path):
     """80 SDS steps (batch 2, 32 px) on "a red sphere": silhouette IoU vs the true primitive rises."""
     from t3d.priors import PriorNotFoundError, load_prior
+    from t3d.stage import run_resumable
     from t3d.stages.coarse import CoarseParams, CoarseTrainer
     from t3d.stages.encode_prompt import PromptEmbeddings
     from t3d.toy.metrics import evaluate_field as evaluate_toy
+    from tests.test_recovery import loop_ctx
 
     try:
         prior = load_prior("embedded")
@@ -185,8 +193,7 @@ def test_short_sds_run_against_the_embedded_prior_improves_silhouette():
     start = time.time()
     trainer.step()
     first = evaluate_toy(trainer.field, prompt, CameraParams(), n_views=4)
-    while trainer.step_idx < p.steps:
-        trainer.step()
+    run_resumable(loop_ctx(tmp_path), trainer, p.steps, every=p.steps)  # the stage's loop: lr decay included
     last = evaluate_toy(trainer.field, prompt, CameraParams(), n_views=4)
     print(
         f"IoU {first['iou']:.3f} -> {last['iou']:.3f}, colour error {first['color_err']:.3f} -> "

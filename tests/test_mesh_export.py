@@ -237,9 +237,9 @@ def _ctx(stage, params, inputs, out, prompt="a red cube"):
 
 
 def test_extract_mesh_and_export_stages(tmp_path):
-    from t3d.fields.nerf import NeRFField
+    from t3d.fields.nerf import NeRFField, save_field
     from t3d.stages import default_registry
-    from t3d.stages.coarse import _default_field, save_field
+    from t3d.stages.coarse import _default_field
     from t3d.stages.extract_mesh import load_mesh
 
     reg = default_registry()

@@ -194,7 +194,7 @@ def test_learned_background_and_empty_field():
 
 
 def test_state_dict_round_trip_and_config():
-    a = NeRFField(FieldParams(grid=SMALL_GRID, seed=1), CPU_GRID)
+    a = NeRFField(FieldParams(grid=SMALL_GRID), CPU_GRID, seed=1)
     b = NeRFField(FieldParams.model_validate(a.config_dict()), CPU_GRID)
     b.load_state_dict(a.state_dict())
     pts = torch.rand(32, 3) - 0.5

@@ -386,14 +386,14 @@ def test_every_rasterizing_function_requires_the_backend():
     """No default stands for the torch twin: leaving the backend out is an error, never a silent choice."""
     import inspect
 
-    from t3d.mesh.dmtet import refine_geometry, render_shaded
+    from t3d.mesh.dmtet import GeometryTrainer, render_shaded
     from t3d.mesh.export import bake_texture, turntable
     from t3d.toy.metrics import evaluate_mesh, render_textured_mesh
 
     for fn in (
         render_mesh,
         render_shaded,
-        refine_geometry,
+        GeometryTrainer,
         bake_texture,
         turntable,
         render_textured_mesh,

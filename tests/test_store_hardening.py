@@ -621,8 +621,7 @@ def test_stage_retried_on_another_worker_resumes_from_the_store(tmp_path, monkey
 # ---- artifacts never pin a backend ----------------------------------------------------------------------
 def test_field_saved_with_the_cuda_hash_grid_loads_on_the_torch_twin(tmp_path):
     from t3d.fields.hashgrid import choose_hashgrid
-    from t3d.fields.nerf import FieldParams, NeRFField
-    from t3d.stages.coarse import FIELD_CONFIG, load_field, save_field
+    from t3d.fields.nerf import FIELD_CONFIG, FieldParams, NeRFField, load_field, save_field
 
     grid = {
         "otype": "HashGrid",
@@ -633,7 +632,7 @@ def test_field_saved_with_the_cuda_hash_grid_loads_on_the_torch_twin(tmp_path):
         "per_level_scale": 2.0,
     }
     torch_grid = choose_hashgrid("torch", "cpu")
-    field = NeRFField(FieldParams(grid=grid, seed=3), torch_grid)
+    field = NeRFField(FieldParams(grid=grid), torch_grid, seed=3)
     with torch.no_grad():
         field.encoding.params.uniform_(-1, 1, generator=torch.Generator().manual_seed(0))
     # field.json names no backend: the architecture only

@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 
 from t3d.fields.hashgrid import choose_hashgrid
-from t3d.fields.nerf import FieldParams, NeRFField
+from t3d.fields.nerf import FieldParams, NeRFField, save_field
 from t3d.guidance.vsd import camera_condition, lora_state, make_lora_unet
 from t3d.priors import build_tiny_prior
 from t3d.render.cameras import CameraParams
-from t3d.stage import load_checkpoint, save_checkpoint
-from t3d.stages.coarse import save_field
+from t3d.stage import load_checkpoint, run_resumable, save_checkpoint
 from t3d.stages.encode_prompt import PromptEmbeddings
 from t3d.stages.refine import RefineParams, VSDTrainer, particle_distance
+from tests.test_recovery import loop_ctx
 
 CPU_GRID = choose_hashgrid("torch", "cpu")
 SMALL_GRID = {
@@ -85,7 +85,6 @@ def test_camera_embedding_changes_the_lora_prediction():
 
 def test_resume_restores_fields_lora_and_optimizers(tmp_path):
     prior, emb, params = _setup(tmp_path / "coarse")
-    params = params.model_copy(update={"lr_end_factor": 0.5})  # the decayed lr must resume too
     straight = _trainer(tmp_path / "coarse", prior, emb, params)
     for _ in range(4):
         straight.step()
@@ -133,8 +132,7 @@ def test_field_learning_rate_decays_to_the_end_factor_and_the_lora_rate_stays(tm
     prior, emb, params = _setup(tmp_path)
     params = params.model_copy(update={"lr_end_factor": 0.1})
     trainer = _trainer(tmp_path, prior, emb, params)
-    for _ in range(params.steps):
-        trainer.step()
+    run_resumable(loop_ctx(tmp_path / "loop", "refine"), trainer, params.steps, every=100)
     grid, mlp = trainer.field_opt.param_groups[:2]
     assert abs(grid["lr"] - params.lr_grid * 0.1) < 1e-12 and abs(mlp["lr"] - params.lr_mlp * 0.1) < 1e-12
     assert trainer.lora_opt.param_groups[0]["lr"] == params.lora_lr

@@ -9,12 +9,15 @@ normals differentiable for the orientation loss and Lambertian shading.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
 
 from t3d.backends import BackendChoice
 from t3d.fields.hashgrid import DEFAULT_CPU_CONFIG, HashGridBackend
@@ -38,13 +41,13 @@ class FieldParams(BaseModel):
     bg_hidden: int = Field(16, ge=4)
     normal_eps: float = Field(0.01, gt=0, description="finite-difference step for normals (world units)")
     normal_method: Literal["central", "forward"] = "central"
-    seed: int = 0
 
     @classmethod
     def from_saved(cls, config: dict) -> FieldParams:
         """FieldParams from a saved field.json. Artifacts never pin a backend: a `backend` request that
-        t3d wrote there before flow.yaml's `backends:` existed is dropped."""
-        return cls.model_validate({k: v for k, v in config.items() if k != "backend"})
+        t3d wrote there before flow.yaml's `backends:` existed is dropped, and so is the `seed` of
+        fields saved before the flow's seed drew the initial weights."""
+        return cls.model_validate({k: v for k, v in config.items() if k not in ("backend", "seed")})
 
 
 class _TruncExp(torch.autograd.Function):
@@ -66,15 +69,16 @@ def trunc_exp(x: torch.Tensor) -> torch.Tensor:
 
 
 class NeRFField(nn.Module):
-    """density [N] >= 0 and albedo [N,3] in [0,1] at world points [N,3]."""
+    """density [N] >= 0 and albedo [N,3] in [0,1] at world points [N,3]. `seed` draws the initial
+    weights (a stage passes one derived from the flow's seed)."""
 
-    def __init__(self, params: FieldParams, hashgrid: HashGridBackend):
+    def __init__(self, params: FieldParams, hashgrid: HashGridBackend, seed: int = 0):
         super().__init__()
         self.params = params
         p = self.params
         self.hashgrid = hashgrid
-        self.encoding = hashgrid.encoding(p.grid, seed=p.seed)
-        gen = torch.Generator().manual_seed(p.seed + 1)
+        self.encoding = hashgrid.encoding(p.grid, seed=seed)
+        gen = torch.Generator().manual_seed(seed + 1)
         layers: list[nn.Module] = []
         width_in = self.encoding.n_output_dims
         for _ in range(p.n_hidden_layers):
@@ -175,3 +179,22 @@ class NeRFField(nn.Module):
         """The architecture as saved next to the weights (field.json). It names no backend: the one
         that ran is in the stage manifest, and the weights load under either."""
         return self.params.model_dump(mode="json")
+
+
+# ---- on disk: weights as safetensors, the architecture as JSON ------------------------------
+FIELD_FILE = "field.safetensors"
+FIELD_CONFIG = "field.json"
+
+
+def save_field(field: NeRFField, folder: Path) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in field.state_dict().items()}, str(Path(folder) / FIELD_FILE))
+    (Path(folder) / FIELD_CONFIG).write_text(json.dumps(field.config_dict(), indent=2))
+
+
+def load_field(folder: Path, hashgrid: HashGridBackend) -> NeRFField:
+    """A field written by save_field (the coarse and refine stages' artifact), ready to render or
+    train under `hashgrid`, whichever backend wrote it."""
+    cfg = json.loads((Path(folder) / FIELD_CONFIG).read_text())
+    field = NeRFField(FieldParams.from_saved(cfg), hashgrid)
+    field.load_state_dict(load_file(str(Path(folder) / FIELD_FILE), device=str(hashgrid.device)))
+    return field

@@ -64,6 +64,15 @@ def make_lora_unet(unet: nn.Module, rank: int = 4, alpha: float | None = None, c
     return lora
 
 
+def make_lora_branch(prior, rank: int, lr: float, seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """VSD's LoRA branch of `prior` and its AdamW (no weight decay), as refine and texture train it.
+    The adapters' random init draws from `seed` inside a forked RNG, so the global stream is untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        lora = make_lora_unet(prior.unet, rank=rank)
+    return lora, torch.optim.AdamW(trainable_parameters(lora), lr=lr, weight_decay=0.0)
+
+
 def trainable_parameters(lora_unet: nn.Module) -> list[nn.Parameter]:
     named = trainable_state_names(lora_unet)
     params = dict(lora_unet.named_parameters())

@@ -13,7 +13,7 @@ Written here from the method's description:
 - `marching_tets`: one surface vertex per tetrahedron edge whose ends have opposite signs, at
   the linear zero crossing (so gradients reach the SDF values), one triangle per tetrahedron
   with 1 or 3 inside corners, two with 2; each triangle faces away from the inside corners;
-- `refine_geometry`: Adam on a smooth correction of the SDF (a coarse grid, trilinearly
+- `GeometryTrainer`: Adam on a smooth correction of the SDF (a coarse grid, trilinearly
   upsampled) against SDS on lambertian renders (colours from the field, fixed), with silhouette
   gradients from antialiasing, a Laplacian smoothness term and a pull towards the initial SDF.
 """
@@ -21,7 +21,6 @@ Written here from the method's description:
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -34,6 +33,8 @@ from t3d.guidance.sds import CFG_CONVENTION, TRange
 if TYPE_CHECKING:
     from t3d.render.raster import RasterBackend
 
+from t3d.optim import flatten_optimizer, restore_optimizer
+
 __all__ = [
     "tet_grid",
     "sdf_from_density",
@@ -41,7 +42,7 @@ __all__ = [
     "laplacian_loss",
     "render_shaded",
     "GeometryParams",
-    "refine_geometry",
+    "GeometryTrainer",
 ]
 
 
@@ -149,6 +150,7 @@ def render_shaded(
     """Lambertian render under the toy world's camera-fixed light, on white, antialiased so the
     silhouette moves with the vertices: (rgb [B,3,H,W], coverage [B,1,H,W]), row 0 at the top."""
     from t3d.render.raster import mvp_matrices, vertex_normals
+    from t3d.render.shading import composite_on_white, shade
     from t3d.render.volume import light_directions
 
     faces_i = faces.to(torch.int32)
@@ -166,16 +168,15 @@ def render_shaded(
             colours = albedo_fn(xyz[mask].detach()).to(xyz.dtype)
         albedo = albedo.masked_scatter(mask[..., None].expand_as(albedo), colours.reshape(-1))
     light = light_directions(cameras).to(verts.device, verts.dtype)
-    lam = (nrm * light[:, None, None, :]).sum(-1, keepdim=True).clamp_min(0)
     cov = mask[..., None].to(verts.dtype)
-    color = (albedo * (ambient + (1 - ambient) * lam)) * cov + (1 - cov)
+    color = composite_on_white(shade(albedo, nrm, light[:, None, None, :], "lambertian", ambient), cov)
     color = raster.antialias(torch.cat([color, cov], -1).contiguous(), rast, pos, faces_i)
     color = torch.flip(color, dims=[1]).permute(0, 3, 1, 2)
     return color[:, :3].clamp(0, 1), color[:, 3:]
 
 
 class GeometryParams(BaseModel):
-    """extract_mesh's `geometry:` block: everything `refine_geometry` takes, one key per setting."""
+    """extract_mesh's `geometry:` block: everything `GeometryTrainer` takes, one key per setting."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -204,100 +205,107 @@ class GeometryParams(BaseModel):
     ambient: float = Field(0.35, ge=0, le=1, description="lambertian shading of the renders: light never below this")
 
 
-def refine_geometry(
-    sigma: np.ndarray,
-    lo,
-    spacing,
-    threshold: float,
-    albedo_fn: Callable,
-    prior,
-    embeddings,
-    camera_params,
-    settings: GeometryParams,
-    generator: torch.Generator,
-    raster: RasterBackend,
-    device="cpu",
-    progress=None,
-    resume: tuple[int, dict, dict] | None = None,
-    on_step: Callable | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
-    """SDS on the SDF grid made from `sigma`; returns the final surface (vertices, faces) and the
-    loss history. `resume` is a checkpoint (step, tensors, meta) written from `on_step(step,
-    tensors, meta)`, which is called after every step."""
-    from t3d.guidance.sds import guidance_loss
-    from t3d.render.cameras import sample_cameras, view_names
-    from t3d.stage import flatten_optimizer, restore_optimizer
+class GeometryTrainer:
+    """SDS on the SDF grid made from `sigma` (a density grid sampled at `lo` + index x `spacing`),
+    one step at a time (stepped by `t3d.stage.run_resumable`); `surface()` is the result.
 
-    res = sigma.shape[0]
-    verts, tets = tet_grid(res, lo, spacing, device)
-    sdf0 = torch.as_tensor(sdf_from_density(sigma, threshold, spacing), device=device).reshape(-1)
-    voxel = float(np.mean(spacing))
-    band = sdf0.abs() < settings.band_voxels * voxel
-    tets = tets[band[tets].all(1)]  # only tets near the surface can hold it during refinement
-    # The SDF moves by a smooth correction: a coarse grid, trilinearly upsampled. Per-vertex
-    # freedom let SDS noise roughen the surface (a 32-px prior cannot ask for finer detail).
-    r = max(2, min(res, int(settings.correction_resolution)))
-    delta = torch.nn.Parameter(torch.zeros(1, 1, r, r, r, device=device))
-    opt = torch.optim.Adam([delta], lr=settings.lr)
+    The SDF moves by a smooth correction: a coarse grid, trilinearly upsampled. Per-vertex
+    freedom let SDS noise roughen the surface (a 32-px prior cannot ask for finer detail). Colours
+    come from `albedo_fn` (fixed): only the shape learns.
+    """
 
-    def current_sdf() -> torch.Tensor:
-        up = torch.nn.functional.interpolate(delta, size=(res, res, res), mode="trilinear", align_corners=True)
-        return sdf0 + up.reshape(-1)
+    def __init__(
+        self,
+        sigma: np.ndarray,
+        lo,
+        spacing,
+        threshold: float,
+        albedo_fn: Callable,
+        prior,
+        embeddings,
+        camera_params,
+        settings: GeometryParams,
+        generator: torch.Generator,
+        raster: RasterBackend,
+        device="cpu",
+    ):
+        self.albedo_fn, self.prior, self.embeddings, self.camera_params = albedo_fn, prior, embeddings, camera_params
+        self.settings, self.gen, self.raster, self.device = settings, generator, raster, device
+        self.res = sigma.shape[0]
+        self.verts, tets = tet_grid(self.res, lo, spacing, device)
+        self.sdf0 = torch.as_tensor(sdf_from_density(sigma, threshold, spacing), device=device).reshape(-1)
+        self.voxel = float(np.mean(spacing))
+        self.band = self.sdf0.abs() < settings.band_voxels * self.voxel
+        self.tets = tets[self.band[tets].all(1)]  # only tets near the surface can hold it during refinement
+        r = max(2, min(self.res, int(settings.correction_resolution)))
+        self.delta = torch.nn.Parameter(torch.zeros(1, 1, r, r, r, device=device))
+        self.opt = torch.optim.Adam([self.delta], lr=settings.lr)
+        self.lr_decay: list = []
+        self.step_idx = 0
+        self.history: list[dict] = []
 
-    step, history = 0, []
-    if resume is not None:
-        step, tensors, meta = resume
-        delta.data.copy_(tensors["delta"].to(device))
-        restore_optimizer(opt, tensors, meta["opt"])
-        generator.set_state(tensors["rng"])
-        history = list(meta["history"])
-    while step < settings.steps:
-        sdf = current_sdf()
-        mverts, faces = marching_tets(verts, tets, sdf)
+    def current_sdf(self) -> torch.Tensor:
+        res = self.res
+        up = torch.nn.functional.interpolate(self.delta, size=(res, res, res), mode="trilinear", align_corners=True)
+        return self.sdf0 + up.reshape(-1)
+
+    def step(self) -> dict:
+        from t3d.guidance.sds import guidance_loss
+        from t3d.render.cameras import sample_cameras, view_names
+
+        s, voxel = self.settings, self.voxel
+        sdf = self.current_sdf()
+        mverts, faces = marching_tets(self.verts, self.tets, sdf)
         if faces.shape[0] == 0:
-            raise FloatingPointError(f"geometry refinement lost the surface at step {step}; lower geometry.lr")
-        cams = sample_cameras(camera_params, settings.batch_size, generator).to(device)
-        rgb, _ = render_shaded(mverts, faces, cams, settings.render_size, albedo_fn, raster, settings.ambient)
-        cond, uncond = (
-            embeddings.for_views(view_names(cams, camera_params)),
-            embeddings.uncond_batch(settings.batch_size),
-        )
-        l_sds, info = guidance_loss(
+            raise FloatingPointError(f"geometry refinement lost the surface at step {self.step_idx}; lower geometry.lr")
+        cams = sample_cameras(self.camera_params, s.batch_size, self.gen).to(self.device)
+        rgb, _ = render_shaded(mverts, faces, cams, s.render_size, self.albedo_fn, self.raster, s.ambient)
+        cond = self.embeddings.for_views(view_names(cams, self.camera_params))
+        uncond = self.embeddings.uncond_batch(s.batch_size)
+        l_sds, _ = guidance_loss(
             "sds",
-            prior,
-            rgb.to(prior.dtype),
+            self.prior,
+            rgb.to(self.prior.dtype),
             cond,
             uncond,
-            guidance_scale=settings.guidance_scale,
-            t_range=settings.t_range,
-            generator=generator,
+            guidance_scale=s.guidance_scale,
+            t_range=s.t_range,
+            generator=self.gen,
         )
         l_lap = laplacian_loss(mverts, faces) / voxel**2  # in voxels^2: the same weight at any resolution
-        l_anchor = (sdf - sdf0)[band].square().mean() / voxel**2
-        loss = l_sds + settings.lambda_laplacian * l_lap + settings.lambda_anchor * l_anchor
-        opt.zero_grad(set_to_none=True)
+        l_anchor = (sdf - self.sdf0)[self.band].square().mean() / voxel**2
+        loss = l_sds + s.lambda_laplacian * l_lap + s.lambda_anchor * l_anchor
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        self.opt.step()
         rec = {
-            "step": step,
+            "step": self.step_idx,
             "loss": float(l_sds.detach()),
             "laplacian": float(l_lap.detach()),
             "anchor": float(l_anchor.detach()),
             "faces": int(faces.shape[0]),
         }
-        if not math.isfinite(rec["loss"]):
-            raise FloatingPointError(f"geometry refinement: loss is {rec['loss']} at step {step}; lower geometry.lr")
-        history.append(rec)
-        step += 1
-        if progress is not None:
-            progress(1, loss=rec["loss"])
-        if on_step is not None:
-            opt_t, opt_meta = flatten_optimizer(opt)
-            on_step(
-                step,
-                {"delta": delta.detach(), "rng": generator.get_state(), **opt_t},
-                {"opt": opt_meta, "history": history},
-            )
-    with torch.no_grad():
-        mverts, faces = marching_tets(verts, tets, current_sdf())
-    return mverts.detach(), faces, history
+        self.history.append(rec)
+        self.step_idx += 1
+        return rec
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        opt_t, opt_meta = flatten_optimizer(self.opt)
+        return {"delta": self.delta.detach(), "rng": self.gen.get_state(), **opt_t}, {
+            "opt": opt_meta,
+            "history": self.history,
+        }
+
+    def load_state(self, step: int, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        with torch.no_grad():
+            self.delta.copy_(tensors["delta"].to(self.device))
+        restore_optimizer(self.opt, tensors, meta["opt"])
+        self.gen.set_state(tensors["rng"])
+        self.history = list(meta["history"])
+        self.step_idx = int(step)
+
+    @torch.no_grad()
+    def surface(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The refined surface (vertices [M,3], faces [F,3]) at the current SDF."""
+        mverts, faces = marching_tets(self.verts, self.tets, self.current_sdf())
+        return mverts.detach(), faces

@@ -18,11 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from t3d.render.cameras import CameraBatch, camera_rays
-
-# Towards the light, camera frame (x right, y up, +z towards the viewer): the toy world's light.
-DEFAULT_LIGHT_CAM = (-0.45, 0.55, 0.70)
-
-Shading = Literal["albedo", "lambertian", "textureless"]
+from t3d.render.shading import LIGHT_CAM, Shading, shade
 
 
 def ray_sphere(
@@ -53,7 +49,7 @@ def light_directions(
     """
     c2w = cameras.c2w.float()
     n = c2w.shape[0]
-    base = torch.as_tensor(DEFAULT_LIGHT_CAM if light_dir is None else light_dir, dtype=torch.float32)
+    base = torch.as_tensor(LIGHT_CAM if light_dir is None else light_dir, dtype=torch.float32)
     base = base.to(c2w.device).reshape(-1, 3).expand(n, 3)
     if light_frame == "world":
         base = torch.einsum("bji,bj->bi", c2w[:, :3, :3], base)  # world -> camera (rotation transpose)
@@ -256,16 +252,6 @@ def render(
     }
 
 
-def _shade(albedo, normals, light, shading, ambient, diffuse):
-    lam = (normals * light).sum(-1, keepdim=True).clamp_min(0.0)
-    shade = ambient + diffuse * lam
-    if shading == "lambertian":
-        return albedo * shade
-    if shading == "textureless":
-        return shade.expand_as(albedo)
-    return albedo
-
-
 def _march(
     field,
     o,
@@ -320,7 +306,7 @@ def _march(
         if sel.numel():
             normals = normals.index_copy(0, sel, field.normals(pts[sel], raw[sel]))
         normals = normals.view(n, s, 3)
-        colour = _shade(albedo, normals, lights[view_idx][:, None, :], shading, ambient, diffuse)
+        colour = shade(albedo, normals, lights[view_idx][:, None, :], shading, ambient, diffuse)
         rgb = (weights[..., None] * colour).sum(1)
         out.update(sample_normals=normals, orient_weights=weights, orient_normals=normals)
         out["normal"] = (weights[..., None] * normals).sum(1)
@@ -331,7 +317,7 @@ def _march(
         if sel.numel():
             p_surf = o[sel] + surf_t[sel, None] * d[sel]
             normals = normals.index_copy(0, sel, field.normals(p_surf))
-        colour = _shade(
+        colour = shade(
             albedo_ray / opacity.clamp_min(1e-6)[:, None], normals, lights[view_idx], shading, ambient, diffuse
         )
         rgb = opacity[:, None] * colour

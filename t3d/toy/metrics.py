@@ -11,6 +11,7 @@ import torch
 
 from t3d.render.cameras import CameraParams, orbit_cameras
 from t3d.render.raster import RasterBackend
+from t3d.render.shading import composite_on_white, shade
 from t3d.render.volume import light_directions
 from t3d.toy import world as toyworld
 
@@ -74,10 +75,9 @@ def render_textured_mesh(
         tex=tex[..., :3],
         background=1.0,
     )
-    light = light_directions(cams)
-    lam = (out["normal"] * light[:, None, None, :]).sum(-1, keepdim=True).clamp_min(0)
-    shaded = out["rgb"][..., :3] * (toyworld.AMBIENT + toyworld.DIFFUSE * lam)
-    rgb = shaded * out["mask"] + (1 - out["mask"])
+    light = light_directions(cams)[:, None, None, :]
+    shaded = shade(out["rgb"][..., :3], out["normal"], light, "lambertian", toyworld.AMBIENT, toyworld.DIFFUSE)
+    rgb = composite_on_white(shaded, out["mask"])
     return rgb.permute(0, 3, 1, 2).clamp(0, 1), out["mask"].permute(0, 3, 1, 2)
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from t3d.render.cameras import VIEW_SUFFIXES, CameraBatch, camera_rays
+from t3d.render.shading import LIGHT_CAM
 
 SHAPES: tuple[str, ...] = ("cube", "sphere", "cone", "cylinder", "torus")
 
@@ -27,7 +28,7 @@ COLOURS: dict[str, tuple[float, float, float]] = {
 }
 
 # Light direction (towards the light) in the camera frame: x right, y up, +z towards the viewer.
-DEFAULT_LIGHT = (-0.45, 0.55, 0.70)
+DEFAULT_LIGHT = LIGHT_CAM  # t3d.render.shading's, the one light every renderer uses
 AMBIENT = 0.35
 DIFFUSE = 0.65
 
