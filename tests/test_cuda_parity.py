@@ -253,8 +253,7 @@ def test_tcnn_is_chosen_on_cuda(tcnn):
 def test_tcnn_field_loads_on_the_torch_twin_and_back(tcnn, tmp_path):
     """Artifacts never pin a backend: a field saved with tinycudann loads on the torch twin (a CPU
     worker's case, here on the GPU to compare outputs), and one saved with the twin loads on tinycudann."""
-    from t3d.fields.nerf import FieldParams, NeRFField
-    from t3d.fields.nerf import load_field, save_field
+    from t3d.fields.nerf import FieldParams, NeRFField, load_field, save_field
 
     fast = choose_hashgrid("auto", "cuda")
     if fast.choice.backend != "tinycudann":
