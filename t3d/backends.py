@@ -7,9 +7,10 @@ cached per (library, request, device) and recorded in each stage's manifest.
 Each library has one backend object that carries its choice and its operations, built by its own
 building block: `t3d.fields.hashgrid.choose_hashgrid` (constructs encodings) and
 `t3d.render.raster.choose_raster` (rasterize, interpolate, texture, antialias). A run holds both in
-a `Backends`, which the runner builds from flow.yaml's `backends:` block and hands to each stage as
-`ctx.backends`. The block is outside the artifact keys: both twins compute the same function
-(tests/test_cuda_parity.py), and an artifact written under one loads under the other.
+a `t3d.runner.Backends` (above the building blocks, as this module sits below them), built from
+flow.yaml's `backends:` block and handed to each stage as `ctx.backends`. The block is outside the
+artifact keys: both twins compute the same function (tests/test_cuda_parity.py), and an artifact
+written under one loads under the other.
 """
 
 from __future__ import annotations
@@ -17,15 +18,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
-
-if TYPE_CHECKING:
-    from t3d.fields.hashgrid import HashGridBackend
-    from t3d.render.raster import RasterBackend
 
 log = logging.getLogger(__name__)
 
@@ -103,31 +99,3 @@ def choose_backend(
             log.warning("%s unavailable, using the pure-torch twin (%s)", library, choice.reason)
     _cache[key] = choice
     return choice
-
-
-class Backends:
-    """The backend objects of one run on one device, as flow.yaml's `backends:` asks.
-
-    Each is chosen on first use (and then cached for the process, per device), so a stage that
-    never rasterizes never builds nvdiffrast. The building blocks are imported here, not at the
-    top, as t3d.stage imports the prior: this module stays below them.
-    """
-
-    def __init__(self, params: BackendsParams, device: torch.device | str):
-        self.params = params
-        self.device = normalise_device(device)
-
-    @cached_property
-    def hashgrid(self) -> HashGridBackend:
-        from t3d.fields.hashgrid import choose_hashgrid
-
-        return choose_hashgrid(self.params.hashgrid, self.device)
-
-    @cached_property
-    def raster(self) -> RasterBackend:
-        from t3d.render.raster import choose_raster
-
-        return choose_raster(self.params.raster, self.device)
-
-    def __repr__(self) -> str:
-        return f"Backends(hashgrid={self.params.hashgrid!r}, raster={self.params.raster!r}, device={self.device})"

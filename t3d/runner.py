@@ -12,18 +12,73 @@ import logging
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
 
 from t3d import __version__
-from t3d.backends import Backends
+from t3d.backends import BackendsParams, normalise_device
+from t3d.fields.hashgrid import HashGridBackend, choose_hashgrid
+from t3d.priors import DiffusionPrior, load_prior, prior_identity
+from t3d.priors.compute import ComputeParams
+from t3d.render.raster import RasterBackend, choose_raster
 from t3d.slug import slugify
 from t3d.stage import StageContext
 from t3d.store import Artifact, ArtifactStore, InputCorrupt, Workspace, artifact_key, short_id
 
 log = logging.getLogger("t3d")
+
+
+class Backends:
+    """The backend objects of one run on one device, as flow.yaml's `backends:` asks; a stage gets
+    them as `ctx.backends`.
+
+    Each is chosen on first use (and then cached for the process, per device), so a stage that
+    never rasterizes never builds nvdiffrast.
+    """
+
+    def __init__(self, params: BackendsParams, device: torch.device | str):
+        self.params = params
+        self.device = normalise_device(device)
+
+    @cached_property
+    def hashgrid(self) -> HashGridBackend:
+        return choose_hashgrid(self.params.hashgrid, self.device)
+
+    @cached_property
+    def raster(self) -> RasterBackend:
+        return choose_raster(self.params.raster, self.device)
+
+    def __repr__(self) -> str:
+        return f"Backends(hashgrid={self.params.hashgrid!r}, raster={self.params.raster!r}, device={self.device})"
+
+
+_prior_cache: dict[tuple, DiffusionPrior] = {}
+
+
+def _cached_prior(loader, source: str, device: str, compute: ComputeParams | None = None):
+    """One loaded prior per (source, device, compute options that shape the loaded object). A new
+    set of options for the same source and device replaces the old copy rather than holding two
+    models in GPU memory."""
+    key = (source, device, compute.load_key() if compute is not None else None)
+    if key not in _prior_cache:
+        for old in [k for k in _prior_cache if k[:2] == key[:2]]:
+            del _prior_cache[old]
+        _prior_cache[key] = (
+            loader(source, device=device) if compute is None else loader(source, device=device, compute=compute)
+        )
+    return _prior_cache[key]
+
+
+def prior_loader(
+    source: str, device: torch.device | str, compute: ComputeParams | None = None
+) -> Callable[[], DiffusionPrior]:
+    """What a stage context calls to get the flow's prior: loaded on first call, then shared by
+    every stage of this process on the same device with the same compute: options."""
+    return lambda: _cached_prior(load_prior, source, str(device), compute)
 
 
 class StageFailed(Exception):
@@ -85,12 +140,6 @@ def cpu_threads(device: torch.device):
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-def prior_identity(source: str) -> str:
-    from t3d.priors import prior_identity as identity
-
-    return identity(source)
 
 
 def run_id_for(cfg, prompt: str, flow_file: str | None) -> str:
@@ -167,7 +216,6 @@ def execute(
             seed=cfg.seed,
             prompt=prompt,
             negative_prompt=cfg.negative_prompt,
-            prior_source=cfg.prior,
             device=device,
             inputs=work.inputs,
             out=work.out,
@@ -175,7 +223,7 @@ def execute(
             backends=Backends(cfg.backends, device),
             checkpoint_sync=work.sync_checkpoint,
             recovery=cfg.recovery,
-            compute=cfg.compute,
+            prior_loader=prior_loader(cfg.prior, device, cfg.compute),
             camera=cfg.camera,
             log=stage_log,
             progress_hooks=list(progress_hooks or []),

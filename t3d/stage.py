@@ -4,6 +4,9 @@ A stage is a pure function of (params, seed, upstream artifacts, prior): it read
 from `ctx.inputs`, writes files into `ctx.out` (a temp folder the store commits atomically),
 and records metrics/backends in the context. It never computes keys, touches the store or
 knows about Prefect; that is the runner's job. Example: stages/encode_prompt.py.
+
+This module sits at the bottom with the store: what a stage is handed (the prior, the backend
+objects, the camera distribution) is built by the runner and only named here for type checkers.
 """
 
 from __future__ import annotations
@@ -17,18 +20,20 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from t3d.backends import Backends
 from t3d.optim import decay_learning_rates
-from t3d.priors.compute import ComputeParams
-from t3d.render.cameras import CameraParams
 from t3d.store import apply_umask
+
+if TYPE_CHECKING:
+    from t3d.priors.base import DiffusionPrior
+    from t3d.render.cameras import CameraParams
+    from t3d.runner import Backends
 
 _log = logging.getLogger("t3d.stage")
 
@@ -92,13 +97,13 @@ class StageContext:
     seed: int
     prompt: str
     negative_prompt: str
-    prior_source: str
     device: torch.device
     inputs: dict[str, Path]  # upstream stage name -> local folder of its verified artifact
     out: Path  # write outputs here; committed atomically when run() returns
     checkpoint_dir: Path  # survives failures of this key; mid-stage resume reads it
     backends: Backends  # flow.yaml `backends:` on this device: ctx.backends.hashgrid, ctx.backends.raster
-    camera: CameraParams = field(default_factory=CameraParams)  # the flow's camera distribution
+    camera: CameraParams  # the flow's camera distribution
+    prior_loader: Callable[[], DiffusionPrior] | None = None  # the runner's: once per process, device and compute:
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("t3d.stage"))
     metrics: dict = field(default_factory=dict)
     backend: dict = field(default_factory=dict)
@@ -107,15 +112,14 @@ class StageContext:
     show_progress: bool = True
     checkpoint_sync: Callable[[], None] | None = None  # called after each checkpoint write (the store makes it durable)
     recovery: RecoveryParams = field(default_factory=RecoveryParams)
-    compute: ComputeParams = field(default_factory=ComputeParams)  # flow.yaml `compute:`
 
     # ---- shared resources -----------------------------------------------------------------
-    def load_prior(self):
-        """The prior for this run (loaded once per process, device and compute: options); what
-        compute: applied lands in the manifest's backend."""
-        from t3d.priors import load_prior
-
-        prior = _cached_prior(load_prior, self.prior_source, str(self.device), self.compute)
+    def load_prior(self) -> DiffusionPrior:
+        """The flow's prior, from the loader the runner wired in; what compute: applied lands in
+        the manifest's backend."""
+        if self.prior_loader is None:
+            raise RuntimeError(f"{self.stage}: this stage context has no prior_loader (see t3d.runner.prior_loader)")
+        prior = self.prior_loader()
         self.backend["compute"] = prior.compute
         return prior
 
@@ -189,23 +193,6 @@ def stream_seed(seed: int, stage: str, stream: str) -> int:
     (tinycudann's seed is 32-bit)."""
     digest = hashlib.sha256(f"{int(seed)}/{stage}/{stream}".encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFF_FFFF
-
-
-_prior_cache: dict[tuple, Any] = {}
-
-
-def _cached_prior(loader, source: str, device: str, compute: ComputeParams | None = None):
-    """One loaded prior per (source, device, compute options that shape the loaded object). A new
-    set of options for the same source and device replaces the old copy rather than holding two
-    models in GPU memory."""
-    key = (source, device, compute.load_key() if compute is not None else None)
-    if key not in _prior_cache:
-        for old in [k for k in _prior_cache if k[:2] == key[:2]]:
-            del _prior_cache[old]
-        _prior_cache[key] = (
-            loader(source, device=device) if compute is None else loader(source, device=device, compute=compute)
-        )
-    return _prior_cache[key]
 
 
 # ---- the one training loop ----------------------------------------------------------------

@@ -20,11 +20,13 @@ import pytest
 import torch
 
 from t3d import runner
-from t3d.backends import Backends, BackendsParams
+from t3d.backends import BackendsParams
 from t3d.flows.config import ConfigError, validate
 from t3d.guidance.sds import guidance_loss
 from t3d.priors import load_prior
 from t3d.priors.compute import PROFILES, ComputeParams
+from t3d.render.cameras import CameraParams
+from t3d.runner import Backends, prior_loader
 from t3d.stages import default_registry
 from t3d.store import ArtifactStore, artifact_key
 
@@ -304,26 +306,24 @@ def test_real_compile_matches_eager():
 
 
 def test_prior_cache_keys_on_the_options(monkeypatch):
-    from t3d import stage
-
-    monkeypatch.setattr(stage, "_prior_cache", {})
+    monkeypatch.setattr(runner, "_prior_cache", {})
     calls = []
 
     def loader(source, device, compute=None):
         calls.append(compute)
         return object()
 
-    a = stage._cached_prior(loader, "tiny-pixel", "cpu", ComputeParams())
-    assert stage._cached_prior(loader, "tiny-pixel", "cpu", ComputeParams(profile="default")) is a
-    b = stage._cached_prior(loader, "tiny-pixel", "cpu", ComputeParams(attention="sliced"))
+    a = runner._cached_prior(loader, "tiny-pixel", "cpu", ComputeParams())
+    assert runner._cached_prior(loader, "tiny-pixel", "cpu", ComputeParams(profile="default")) is a
+    b = runner._cached_prior(loader, "tiny-pixel", "cpu", ComputeParams(attention="sliced"))
     assert b is not a and len(calls) == 2
-    assert len(stage._prior_cache) == 1  # the old copy is dropped, not kept beside the new one
+    assert len(runner._prior_cache) == 1  # the old copy is dropped, not kept beside the new one
 
 
 def test_stage_context_loads_with_the_flow_options_and_records_them(monkeypatch, tmp_path):
     from t3d import stage
 
-    monkeypatch.setattr(stage, "_prior_cache", {})
+    monkeypatch.setattr(runner, "_prior_cache", {})
     ctx = stage.StageContext(
         stage="encode_prompt",
         key="k",
@@ -331,13 +331,13 @@ def test_stage_context_loads_with_the_flow_options_and_records_them(monkeypatch,
         seed=0,
         prompt="a",
         negative_prompt="",
-        prior_source="tiny-latent",
         device=torch.device("cpu"),
         inputs={},
         out=tmp_path,
         checkpoint_dir=tmp_path / "ckpt",
         backends=Backends(BackendsParams(), "cpu"),
-        compute=ComputeParams(vae="sliced", precision="bf16"),
+        camera=CameraParams(),
+        prior_loader=prior_loader("tiny-latent", "cpu", ComputeParams(vae="sliced", precision="bf16")),
     )
     prior = ctx.load_prior()
     assert prior.dtype == torch.bfloat16 and prior.vae.use_slicing

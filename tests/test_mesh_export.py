@@ -12,7 +12,7 @@ import torch
 import trimesh
 from PIL import Image
 
-from t3d.backends import Backends, BackendsParams
+from t3d.backends import BackendsParams
 from t3d.fields.hashgrid import choose_hashgrid
 from t3d.mesh.export import (
     TexturedMesh,
@@ -25,7 +25,9 @@ from t3d.mesh.export import (
     unwrap,
 )
 from t3d.mesh.extract import auto_threshold, decimate, extract_mesh, largest_component, orient_outward
+from t3d.render.cameras import CameraParams
 from t3d.render.raster import TorchRaster
+from t3d.runner import Backends, prior_loader
 from tests.gltf_check import assert_valid_glb
 
 REPO = Path(__file__).resolve().parents[1]
@@ -227,12 +229,13 @@ def _ctx(stage, params, inputs, out, prompt="a red cube"):
         seed=0,
         prompt=prompt,
         negative_prompt="",
-        prior_source="embedded",
         device=torch.device("cpu"),
         inputs=inputs,
         out=out,
         checkpoint_dir=out.parent / f"{stage.name}.ckpt",
         backends=Backends(BackendsParams(), "cpu"),
+        camera=CameraParams(),
+        prior_loader=prior_loader("embedded", "cpu"),
     )
 
 

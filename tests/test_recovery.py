@@ -11,11 +11,13 @@ import textwrap
 import pytest
 import torch
 
-from t3d.backends import Backends, BackendsParams
+from t3d.backends import BackendsParams
 from t3d.fields.hashgrid import choose_hashgrid
 from t3d.fields.nerf import FieldParams, load_field
 from t3d.flows.config import load_config
 from t3d.flows.flow import run_prompt
+from t3d.render.cameras import CameraParams
+from t3d.runner import Backends
 from t3d.stage import RecoveryParams, StageContext, divergence, run_resumable, stream_seed
 from t3d.stages import default_registry
 from t3d.stages.coarse import CoarseTrainer
@@ -56,12 +58,12 @@ def loop_ctx(folder, stage: str = "coarse", seed: int = 0) -> StageContext:
         seed=seed,
         prompt="a red cube",
         negative_prompt="",
-        prior_source="tiny-pixel",
         device=torch.device("cpu"),
         inputs={},
         out=folder / "out",
         checkpoint_dir=folder / "ckpt",
         backends=Backends(BackendsParams(hashgrid="torch", raster="torch"), "cpu"),
+        camera=CameraParams(),
         show_progress=False,
     )
 

@@ -27,7 +27,9 @@ import torch
 from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
 from safetensors.torch import save_file
 
-from t3d.backends import Backends, BackendsParams
+from t3d.backends import BackendsParams
+from t3d.render.cameras import CameraParams
+from t3d.runner import Backends
 from t3d.stage import Stage, StageContext, StageParams, load_checkpoint, save_checkpoint
 from t3d.store import ArtifactCorrupt, ArtifactStore, check_manifest_path, current_umask, files_digest
 
@@ -489,12 +491,12 @@ def test_checkpoint_synced_to_a_remote_store_resumes_on_another_machine(tmp_path
         seed=0,
         prompt="",
         negative_prompt="",
-        prior_source="tiny-pixel",
         device=torch.device("cpu"),
         inputs={},
         out=tmp_path / "out",
         checkpoint_dir=folder,
         backends=Backends(BackendsParams(), "cpu"),
+        camera=CameraParams(),
         checkpoint_sync=lambda: a.sync_checkpoint(K1),
     )
     ctx.save_checkpoint(4, {"w": torch.arange(3.0)}, {"note": "four"})
