@@ -71,6 +71,26 @@ class ExtractMeshParams(StageParams):
         return params
 
 
+def write_mesh(folder: Path, tmesh: TexturedMesh, camera, raster: RasterBackend, device, frames: int, size: int):
+    """This stage's artifact layout, which texture writes too and export reads: mesh.glb,
+    texture.png and a turntable of the GLB read back (gif + png strip)."""
+    from PIL import Image
+
+    export_glb(folder / MESH_FILE, tmesh)
+    Image.fromarray(tmesh.texture).save(folder / TEXTURE_FILE)
+    turntable(
+        folder / MESH_FILE,
+        folder / "turntable.gif",
+        frames,
+        size,
+        radius=camera.radius,
+        fov_deg=camera.fov_deg,
+        strip_path=folder / "turntable.png",
+        raster=raster,
+        device=device,
+    )
+
+
 def load_mesh(folder: Path) -> TexturedMesh:
     """The textured mesh this stage wrote, in t3d world coordinates (z up)."""
     return load_textured(Path(folder) / MESH_FILE)
@@ -156,24 +176,9 @@ def run(ctx: StageContext) -> None:
     timings["bake_s"] = time.perf_counter() - t2
     tmesh = TexturedMesh(verts, faces, uvs, texture)
 
-    export_glb(ctx.out / MESH_FILE, tmesh)
-    from PIL import Image
-
-    Image.fromarray(texture).save(ctx.out / TEXTURE_FILE)
     t3 = time.perf_counter()
-    cam = ctx.camera
-    turntable(
-        ctx.out / MESH_FILE,
-        ctx.out / "turntable.gif",
-        p.preview_frames,
-        p.preview_size,
-        radius=cam.radius,
-        fov_deg=cam.fov_deg,
-        strip_path=ctx.out / "turntable.png",
-        raster=raster,
-        device=ctx.device,
-    )
-    timings["turntable_s"] = time.perf_counter() - t3
+    write_mesh(ctx.out, tmesh, ctx.camera, raster, ctx.device, p.preview_frames, p.preview_size)
+    timings["write_and_turntable_s"] = time.perf_counter() - t3
     ctx.timings.update({k: round(v, 3) for k, v in timings.items()})
     ctx.metrics.update(
         {
@@ -186,7 +191,7 @@ def run(ctx: StageContext) -> None:
             "extent": [round(float(x), 4) for x in mesh.extents],
         }
     )
-    ctx.metrics.update(evaluate_mesh(tmesh, ctx.prompt, cam, raster=raster, device=ctx.device))
+    ctx.metrics.update(evaluate_mesh(tmesh, ctx.prompt, ctx.camera, raster=raster, device=ctx.device))
 
 
 STAGE = Stage(

@@ -108,23 +108,24 @@ class VSDTrainer:
         self.step_idx = 0
         self.history: list[dict] = []
 
+    def _render(self, field, cams) -> dict:
+        p = self.p
+        return render(
+            field,
+            cams,
+            p.resolution,
+            n_samples=p.n_samples,
+            shading=p.shading,
+            ambient=p.ambient,
+            perturb=True,
+            generator=self.gen,
+        )
+
     def step(self) -> dict:
         p = self.p
         t0 = time.perf_counter()
         cams = [sample_cameras(self.camera, p.batch_size, self.gen) for _ in self.fields]
-        renders = [
-            render(
-                f,
-                c,
-                p.resolution,
-                n_samples=p.n_samples,
-                shading=p.shading,
-                ambient=p.ambient,
-                perturb=True,
-                generator=self.gen,
-            )
-            for f, c in zip(self.fields, cams)
-        ]
+        renders = [self._render(f, c) for f, c in zip(self.fields, cams)]
         rgb = torch.cat([r["rgb"] for r in renders])
         c2w = torch.cat([c.c2w for c in cams])
         names = sum((view_names(c, self.camera) for c in cams), [])
@@ -179,21 +180,7 @@ class VSDTrainer:
         for _ in range(steps):
             cams = [sample_cameras(self.camera, p.batch_size, self.gen) for _ in self.fields]
             with torch.no_grad():
-                rgb = torch.cat(
-                    [
-                        render(
-                            f,
-                            c,
-                            p.resolution,
-                            n_samples=p.n_samples,
-                            shading=p.shading,
-                            ambient=p.ambient,
-                            perturb=True,
-                            generator=self.gen,
-                        )["rgb"]
-                        for f, c in zip(self.fields, cams)
-                    ]
-                )
+                rgb = torch.cat([self._render(f, c)["rgb"] for f, c in zip(self.fields, cams)])
                 x0 = self.prior.images_to_model(rgb).float()
             c2w = torch.cat([c.c2w for c in cams])
             names = sum((view_names(c, self.camera) for c in cams), [])

@@ -20,7 +20,7 @@ from pydantic import Field
 from t3d.fields.nerf import load_field
 from t3d.guidance.sds import CFG_CONVENTION, TRange, anneal_t_range, guidance_loss
 from t3d.guidance.vsd import load_lora_state, lora_loss, lora_state, make_lora_branch, vsd_loss
-from t3d.mesh.export import TexturedMesh, bake_texture, export_glb, turntable
+from t3d.mesh.export import TexturedMesh, bake_texture
 from t3d.optim import flatten_optimizer, restore_optimizer
 from t3d.render.cameras import CameraBatch, sample_cameras, view_names
 from t3d.render.previews import write_loss_curve
@@ -29,7 +29,7 @@ from t3d.render.shading import composite_on_white, shade
 from t3d.render.volume import light_directions
 from t3d.stage import Stage, StageContext, StageParams, run_resumable, stream_seed
 from t3d.stages.encode_prompt import load_embeddings
-from t3d.stages.extract_mesh import MESH_FILE, TEXTURE_FILE, load_mesh
+from t3d.stages.extract_mesh import load_mesh, write_mesh
 from t3d.toy.metrics import evaluate_mesh
 
 
@@ -194,21 +194,7 @@ def run(ctx: StageContext) -> None:
             raster=raster,
         )
     out_mesh = TexturedMesh(tmesh.verts, tmesh.faces, tmesh.uvs, texture)
-    export_glb(ctx.out / MESH_FILE, out_mesh)
-    from PIL import Image
-
-    Image.fromarray(texture).save(ctx.out / TEXTURE_FILE)
-    turntable(
-        ctx.out / MESH_FILE,
-        ctx.out / "turntable.gif",
-        p.preview_frames,
-        p.preview_size,
-        radius=camera.radius,
-        fov_deg=camera.fov_deg,
-        strip_path=ctx.out / "turntable.png",
-        raster=raster,
-        device=ctx.device,
-    )
+    write_mesh(ctx.out, out_mesh, camera, raster, ctx.device, p.preview_frames, p.preview_size)
     (ctx.out / "losses.json").write_text(json.dumps(history))
     write_loss_curve(history, ctx.out / "loss_curve.png")
     ctx.timings["bake_and_preview_s"] = round(time.perf_counter() - started, 3)
