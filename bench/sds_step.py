@@ -26,7 +26,7 @@ import sys
 
 import torch
 
-from t3d.fields.hashgrid import choose_hashgrid
+from t3d.fields.hashgrid import INSTANT_NGP_CONFIG, choose_hashgrid
 from t3d.render.cameras import VIEW_SUFFIXES, CameraParams
 from t3d.stages.coarse import CoarseParams, CoarseTrainer
 from t3d.stages.encode_prompt import PromptEmbeddings
@@ -100,14 +100,7 @@ def sd21_setup(dtype_name: str = "fp16"):
     gen = torch.Generator().manual_seed(0)
     rand = lambda: torch.randn(1, 77, 1024, generator=gen)  # noqa: E731
     embeddings = PromptEmbeddings(rand(), rand(), {v: rand() for v in VIEW_SUFFIXES}, {})
-    gpu_grid = {
-        "otype": "HashGrid",
-        "n_levels": 16,
-        "n_features_per_level": 2,
-        "log2_hashmap_size": 19,
-        "base_resolution": 16,
-        "per_level_scale": 1.447269237440378,
-    }
+    gpu_grid = INSTANT_NGP_CONFIG
     params = CoarseParams(resolution=64, batch_size=1, n_samples=64, field=FieldParams(grid=gpu_grid, bound=1.0))
     return prior, f"sd21-sized (random weights, {dtype_name})", embeddings, params
 

@@ -15,21 +15,21 @@ import numpy as np
 import pytest
 import torch
 
-from t3d.fields.hashgrid import DEFAULT_CPU_CONFIG, TcnnHashGrid, TorchHashGrid, choose_hashgrid, n_params
+from t3d.fields.hashgrid import (
+    DEFAULT_CPU_CONFIG,
+    INSTANT_NGP_CONFIG,
+    TcnnHashGrid,
+    TorchHashGrid,
+    choose_hashgrid,
+    n_params,
+)
 from t3d.render.cameras import make_cameras
 from t3d.render.raster import NvdiffrastRaster, TorchRaster, choose_raster, mvp_matrices
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 # The GPU config of bench/sds_step.py --sd21 (Instant-NGP's): 16 levels, 2^19 entries per level.
-GPU_GRID = {
-    "otype": "HashGrid",
-    "n_levels": 16,
-    "n_features_per_level": 2,
-    "log2_hashmap_size": 19,
-    "base_resolution": 16,
-    "per_level_scale": 1.447269237440378,
-}
+GPU_GRID = INSTANT_NGP_CONFIG
 SMALL_GRID = {
     "otype": "HashGrid",
     "n_levels": 4,

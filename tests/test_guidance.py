@@ -7,7 +7,6 @@ import time
 import pytest
 import torch
 
-from t3d.fields.hashgrid import choose_hashgrid
 from t3d.fields.nerf import FieldParams, NeRFField
 from t3d.guidance.sds import (
     anneal_t_range,
@@ -24,16 +23,7 @@ from t3d.guidance.sds import (
 from t3d.priors import build_tiny_prior
 from t3d.render.cameras import CameraParams, sample_cameras
 from t3d.render.volume import render
-
-CPU_GRID = choose_hashgrid("torch", "cpu")
-SMALL_GRID = {
-    "otype": "HashGrid",
-    "n_levels": 4,
-    "n_features_per_level": 2,
-    "log2_hashmap_size": 12,
-    "base_resolution": 8,
-    "per_level_scale": 1.6,
-}
+from tests.grids import CPU_GRID, SMALL_GRID
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from t3d.fields.hashgrid import DEFAULT_CPU_CONFIG, TorchHashGrid, choose_hashgrid, level_layout, n_params
+from t3d.fields.hashgrid import (
+    DEFAULT_CPU_CONFIG,
+    INSTANT_NGP_CONFIG,
+    TorchHashGrid,
+    choose_hashgrid,
+    level_layout,
+    n_params,
+)
 
 # Level 0: scale 3*1-1 = 2, resolution 3, 27 entries -> table 32 (multiple of 8): dense.
 # Level 1: scale 3*4-1 = 11, resolution 12, 1728 entries > 2^6: hashed, table 64.
@@ -135,14 +142,7 @@ def _tcnn_n_params(config: dict) -> int:
     "config",
     [
         DEFAULT_CPU_CONFIG,
-        {
-            "otype": "HashGrid",
-            "n_levels": 16,
-            "n_features_per_level": 2,
-            "log2_hashmap_size": 19,
-            "base_resolution": 16,
-            "per_level_scale": 1.447269237440378,
-        },
+        INSTANT_NGP_CONFIG,
         {
             "otype": "HashGrid",
             "n_levels": 5,

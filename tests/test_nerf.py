@@ -9,21 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from t3d.fields.hashgrid import choose_hashgrid
 from t3d.fields.nerf import FieldParams, NeRFField
 from t3d.render.cameras import CameraParams, make_cameras, sample_cameras
 from t3d.render.volume import light_directions, ray_sphere, render
 from t3d.toy.world import sphere_disc_fraction
-
-CPU_GRID = choose_hashgrid("torch", "cpu")
-SMALL_GRID = {
-    "otype": "HashGrid",
-    "n_levels": 4,
-    "n_features_per_level": 2,
-    "log2_hashmap_size": 12,
-    "base_resolution": 8,
-    "per_level_scale": 1.6,
-}
+from tests.grids import CPU_GRID, SMALL_GRID
 
 
 class SphereField(torch.nn.Module):

@@ -18,6 +18,7 @@ from t3d.render.raster import TorchRaster, render_mesh
 from t3d.stages import default_registry
 from t3d.stages.texture import shade_mesh_image
 from tests.gltf_check import assert_valid_glb
+from tests.grids import TINY_GRID
 
 TINY = textwrap.dedent("""
     prompt: a red cube
@@ -65,14 +66,7 @@ def test_full_pipeline_on_tiny_prior(tmp_path):
 def test_texture_gradients_reach_the_field_through_the_rasterizer():
     field = NeRFField(
         FieldParams(
-            grid={
-                "otype": "HashGrid",
-                "n_levels": 4,
-                "n_features_per_level": 2,
-                "log2_hashmap_size": 10,
-                "base_resolution": 4,
-                "per_level_scale": 1.5,
-            },
+            grid=TINY_GRID,
             hidden=16,
         ),
         choose_hashgrid("torch", "cpu"),

@@ -21,8 +21,7 @@ from t3d.runner import Backends
 from t3d.stage import RecoveryParams, StageContext, divergence, run_resumable, stream_seed
 from t3d.stages import default_registry
 from t3d.stages.coarse import CoarseTrainer
-
-CPU_GRID = choose_hashgrid("torch", "cpu")
+from tests.grids import CPU_GRID, TINY_GRID
 
 FLOW = textwrap.dedent("""
     prompt: a red cube
@@ -172,14 +171,6 @@ def test_recovery_block_is_validated(tmp_path, bad):
 
 
 # ---- run_resumable: a run killed mid-way and resumed ends where an uninterrupted one does ------
-SMALL_GRID = {
-    "otype": "HashGrid",
-    "n_levels": 4,
-    "n_features_per_level": 2,
-    "log2_hashmap_size": 10,
-    "base_resolution": 4,
-    "per_level_scale": 1.5,
-}
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +187,7 @@ def tiny():
 def _small_field(folder=None):
     from t3d.fields.nerf import FieldParams, NeRFField, save_field
 
-    field = NeRFField(FieldParams(grid=SMALL_GRID, hidden=16, bound=0.9, blob_radius=0.4), CPU_GRID)
+    field = NeRFField(FieldParams(grid=TINY_GRID, hidden=16, bound=0.9, blob_radius=0.4), CPU_GRID)
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
         save_field(field, folder)
@@ -208,7 +199,7 @@ def _coarse(tmp_path, prior, emb):
 
     p = CoarseParams(steps=5, resolution=8, n_samples=8, batch_size=1, occupancy_res=8, occupancy_every=2)
     p = p.model_copy(update={"albedo_warmup": 0.2, "lr_end_factor": 0.3})
-    p = p.model_copy(update={"field": p.field.model_copy(update={"grid": SMALL_GRID, "hidden": 16})})
+    p = p.model_copy(update={"field": p.field.model_copy(update={"grid": TINY_GRID, "hidden": 16})})
     return CoarseTrainer(p, prior, emb, _camera(), CPU_GRID, seed=3)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from t3d.fields.hashgrid import choose_hashgrid
 from t3d.fields.nerf import FieldParams, NeRFField, save_field
 from t3d.guidance.vsd import camera_condition, lora_state, make_lora_unet
 from t3d.priors import build_tiny_prior
@@ -12,17 +11,8 @@ from t3d.render.cameras import CameraParams
 from t3d.stage import load_checkpoint, run_resumable, save_checkpoint
 from t3d.stages.encode_prompt import PromptEmbeddings
 from t3d.stages.refine import RefineParams, VSDTrainer, particle_distance
+from tests.grids import CPU_GRID, TINY_GRID
 from tests.test_recovery import loop_ctx
-
-CPU_GRID = choose_hashgrid("torch", "cpu")
-SMALL_GRID = {
-    "otype": "HashGrid",
-    "n_levels": 4,
-    "n_features_per_level": 2,
-    "log2_hashmap_size": 10,
-    "base_resolution": 4,
-    "per_level_scale": 1.5,
-}
 
 
 def _setup(tmp_path, particles=1):
@@ -37,7 +27,7 @@ def _setup(tmp_path, particles=1):
     ]
     e = prior.encode_text(texts).float()
     emb = PromptEmbeddings(e[0:1], e[1:2], {"front": e[2:3], "side": e[3:4], "back": e[4:5], "overhead": e[5:6]}, {})
-    field = NeRFField(FieldParams(grid=SMALL_GRID, hidden=16), CPU_GRID)
+    field = NeRFField(FieldParams(grid=TINY_GRID, hidden=16), CPU_GRID)
     tmp_path.mkdir(parents=True, exist_ok=True)
     save_field(field, tmp_path)
     params = RefineParams(steps=4, particles=particles, batch_size=1, resolution=16, n_samples=8, lora_rank=2)

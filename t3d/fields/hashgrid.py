@@ -36,6 +36,15 @@ DEFAULT_CPU_CONFIG = {
     "base_resolution": 8,
     "per_level_scale": 1.5,  # 8 -> ~137 cells across the bound: finer than a pixel at 64 px
 }
+# Instant-NGP's grid (16 levels, 2^19 entries each): what GPU benches and the CUDA parity tests use.
+INSTANT_NGP_CONFIG = {
+    "otype": "HashGrid",
+    "n_levels": 16,
+    "n_features_per_level": 2,
+    "log2_hashmap_size": 19,
+    "base_resolution": 16,
+    "per_level_scale": 1.447269237440378,
+}
 
 
 def _norm_config(config: dict) -> dict:
