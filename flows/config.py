@@ -367,12 +367,20 @@ def check_store_uri(uri: str, where: str, must_exist: bool = False) -> None:
 
 
 def check_environment(cfg: FlowBase, source: str) -> None:
-    """What the config cannot say by itself: the device exists, the prior is there."""
-    if cfg.device == "cuda":
-        import torch
+    """What the config cannot say by itself: the device exists, a library named in `backends:` can
+    run on it (checked here, not minutes later when the first stage that uses it starts), the prior
+    is there."""
+    import torch
 
-        if not torch.cuda.is_available():
-            raise ConfigError(f"{source}: 'device: cuda' but torch sees no CUDA device here; set device: auto (or cpu)")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{source}: 'device: cuda' but torch sees no CUDA device here; set device: auto (or cpu)")
+    if cfg.device == "auto" and not torch.cuda.is_available():
+        for name, request in cfg.backends.model_dump().items():
+            if request not in ("auto", "torch"):
+                raise ConfigError(
+                    f"{source}: 'backends.{name}: {request}' needs CUDA, but torch sees no CUDA device here; "
+                    "use auto or torch there"
+                )
     from t3d.priors import PriorNotFoundError, prior_identity
 
     try:

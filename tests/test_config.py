@@ -237,6 +237,25 @@ def test_old_backend_key_exits_2_with_one_line(tmp_path):
     assert len(lines) == 1 and "'stages.export.raster_backend' moved to 'backends.raster'" in lines[0], res.output
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks a machine without CUDA")
+def test_a_library_backend_without_cuda_fails_before_any_stage_runs(tmp_path, monkeypatch):
+    """device auto on a CPU machine: the run must stop at once, not after minutes of coarse work
+    when extract_mesh first asks for nvdiffrast."""
+    from typer.testing import CliRunner
+
+    from t3d.cli.main import app
+
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "prompt: a red cube\nprior: tiny-pixel\nbackends: {raster: nvdiffrast}\n")
+    res = CliRunner().invoke(app, ["run", "flow.yaml", "--no-prefect"])
+    assert res.exit_code == 2, res.output
+    assert res.output.strip() == (
+        "error: flow.yaml: 'backends.raster: nvdiffrast' needs CUDA, but torch sees no CUDA device here; "
+        "use auto or torch there"
+    )
+    assert not (tmp_path / "artifacts" / "objects").exists()
+
+
 def test_backends_block_is_outside_the_artifact_keys(tmp_path):
     from t3d.runner import plan
     from t3d.store import ArtifactStore
