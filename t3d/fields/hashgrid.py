@@ -249,8 +249,8 @@ class TorchHashGrid(nn.Module):
         return rows.view(L, n, self.n_features_per_level).transpose(0, 1).reshape(n, self.n_output_dims)
 
     def _native(self, x: torch.Tensor):
-        """The fused C kernel when it applies: CPU, float32 table, no gradient wanted w.r.t. x."""
-        if x.device.type != "cpu" or x.requires_grad or self.params.dtype != torch.float32:
+        """The fused C kernel when it applies: CPU, float32 table, 2 or 3 input dims."""
+        if x.device.type != "cpu" or self.params.dtype != torch.float32:
             return None
         lib = native_grid.load()
         native_grid.keep_freed_memory()

@@ -91,16 +91,18 @@ static inline void forward_body(const float *x, int64_t n, int d, int L, int F, 
     }
 }
 
-/* grad[rows*F] (float64, zeroed by the caller) += weight * grad_out for every corner. */
+/* grad[rows*F] (float64, zeroed by the caller) += weight * grad_out for every corner; with grad_x
+   (not NULL) also d(features . grad_out)/dx [n,d]: the weights' derivative, frac = x * scale + 0.5 - cell. */
 static inline void backward_body(const float *x, int64_t n, int d, int L, int F, const float *scale,
                  const int64_t *size, const int64_t *offset, const int64_t *stride, int n_dense, uint32_t mask,
-                 const float *grad_out, double *grad) {
+                 const float *grad_out, double *grad, const float *table, float *grad_x) {
     int64_t row[8];
     float w[8];
     int nc = 1 << d;
     for (int64_t i = 0; i < n; i++) {
         const float *xi = x + i * d;
         const float *gi = grad_out + i * (int64_t)L * F;
+        float gx[3] = {0, 0, 0};
         for (int l = 0; l < L; l++) {
             corners(xi, d, scale[l], size[l], offset[l], stride + l * d, l < n_dense, mask, row, w);
             for (int k = 0; k < nc; k++) {
@@ -110,7 +112,29 @@ static inline void backward_body(const float *x, int64_t n, int d, int L, int F,
                     g[f] += (double)c;
                 }
             }
+            if (grad_x) {
+                float frac[3];
+                for (int j = 0; j < d; j++) {
+                    float pos = xi[j] * scale[l];
+                    pos = pos + 0.5f;
+                    frac[j] = pos - floorf(pos);
+                }
+                for (int k = 0; k < nc; k++) {
+                    const float *t = table + row[k] * F;
+                    float dot = 0.0f;
+                    for (int f = 0; f < F; f++) dot = dot + t[f] * gi[l * F + f];
+                    for (int j = 0; j < d; j++) {
+                        float other = 1.0f;  /* product of the other dimensions' weights */
+                        for (int m = 0; m < d; m++)
+                            if (m != j) other = other * (((k >> m) & 1) ? frac[m] : 1.0f - frac[m]);
+                        float dw = ((k >> j) & 1) ? other : -other;
+                        gx[j] = gx[j] + dot * dw * scale[l];
+                    }
+                }
+            }
         }
+        if (grad_x)
+            for (int j = 0; j < d; j++) grad_x[i * d + j] = gx[j];
     }
 }
 
@@ -126,11 +150,11 @@ void hg_forward(const float *x, int64_t n, int d, int L, int F, const float *sca
 
 void hg_backward(const float *x, int64_t n, int d, int L, int F, const float *scale, const int64_t *size,
                  const int64_t *offset, const int64_t *stride, int n_dense, uint32_t mask,
-                 const float *grad_out, double *grad) {
+                 const float *grad_out, double *grad, const float *table, float *grad_x) {
     if (d == 3 && F == 2)
-        backward_body(x, n, 3, L, 2, scale, size, offset, stride, n_dense, mask, grad_out, grad);
+        backward_body(x, n, 3, L, 2, scale, size, offset, stride, n_dense, mask, grad_out, grad, table, grad_x);
     else
-        backward_body(x, n, d, L, F, scale, size, offset, stride, n_dense, mask, grad_out, grad);
+        backward_body(x, n, d, L, F, scale, size, offset, stride, n_dense, mask, grad_out, grad, table, grad_x);
 }
 """
 
@@ -194,8 +218,9 @@ def load() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError) as exc:
         log.warning("hash grid C kernel unavailable (%s); using the pure-torch path", exc)
         return None
+    lib.hg_forward.argtypes = _ARGS
+    lib.hg_backward.argtypes = [*_ARGS, ctypes.c_void_p, ctypes.c_void_p]  # + table, grad_x (or NULL)
     for name in ("hg_forward", "hg_backward"):
-        getattr(lib, name).argtypes = _ARGS
         getattr(lib, name).restype = None
     _lib = lib
     return lib
@@ -263,22 +288,26 @@ class GridLayout:
 
 
 class NativeEncode(torch.autograd.Function):
-    """features [N, L*F] of x [N,d] (float32, contiguous, in [0,1], no gradient) from `table`."""
+    """features [N, L*F] of x [N,d] (float32, contiguous, in [0,1]) from `table`; gradients to both."""
 
     @staticmethod
     def forward(ctx, table: torch.Tensor, x: torch.Tensor, layout: GridLayout, lib) -> torch.Tensor:
         out = torch.empty(x.shape[0], layout.L * layout.F, dtype=torch.float32)
         tab = table.detach().contiguous()
-        lib.hg_forward(*layout.args(x), _ptr(tab), _ptr(out))
-        ctx.save_for_backward(x)
-        ctx.layout, ctx.lib, ctx.rows = layout, lib, table.shape[0]
+        xd = x.detach().contiguous()
+        lib.hg_forward(*layout.args(xd), _ptr(tab), _ptr(out))
+        ctx.save_for_backward(xd, tab)
+        ctx.layout, ctx.lib = layout, lib
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        (x,) = ctx.saved_tensors
+        x, tab = ctx.saved_tensors
         layout = ctx.layout
-        grad = torch.zeros(ctx.rows, layout.F, dtype=torch.float64)
+        grad = torch.zeros(tab.shape[0], layout.F, dtype=torch.float64)
+        grad_x = torch.empty_like(x) if ctx.needs_input_grad[1] else None
         g = grad_out.float().contiguous()
-        ctx.lib.hg_backward(*layout.args(x), _ptr(g), _ptr(grad))
-        return grad.to(torch.float32), None, None, None
+        ctx.lib.hg_backward(
+            *layout.args(x), _ptr(g), _ptr(grad), _ptr(tab), _ptr(grad_x) if grad_x is not None else None
+        )
+        return grad.to(torch.float32) if ctx.needs_input_grad[0] else None, grad_x, None, None
