@@ -7,7 +7,6 @@ import pytest
 import torch
 import trimesh
 
-from t3d.mesh import dmtet
 from t3d.mesh.dmtet import laplacian_loss, marching_tets, render_shaded, sdf_from_density, tet_grid
 
 R = 32
@@ -140,68 +139,3 @@ def test_extract_mesh_stage_refines_geometry_and_resumes(tmp_path):
     stage.run(ctx_b)
     assert ctx_b.metrics["resumed_from"] == 2
     assert ctx_b.metrics["faces"] == ctx.metrics["faces"] and ctx_b.metrics["area"] == ctx.metrics["area"]
-
-
-def _marching_tets_reference(verts, tets, sdf):
-    """marching_tets as first written: topology rebuilt on every call (the reference for the cache)."""
-    n = verts.shape[0]
-    with torch.no_grad():
-        occ = sdf < 0
-        occ_t = occ[tets]
-        n_in = occ_t.sum(1)
-        keep = (n_in > 0) & (n_in < 4)
-        tv, n_in = tets[keep], n_in[keep]
-        order = torch.argsort((~occ_t[keep]).to(torch.int8), dim=1, stable=True)
-        q = torch.gather(tv, 1, order)  # inside corners first
-        tris, owner = [], []
-        for count, cases in ((1, (dmtet._ONE_INSIDE,)), (3, (dmtet._THREE_INSIDE,)), (2, dmtet._TWO_INSIDE)):
-            sel = (n_in == count).nonzero().squeeze(1)
-            for edges in cases:
-                ends = torch.stack([torch.stack([q[sel, i], q[sel, j]], -1) for i, j in edges], 1)  # [S,3,2]
-                tris.append(ends)
-                owner.append(sel)
-        if not tris or sum(t.shape[0] for t in tris) == 0:
-            return verts.new_zeros(0, 3), torch.zeros(0, 3, dtype=torch.long, device=verts.device)
-        ends = torch.cat(tris)  # [F,3,2]
-        owner = torch.cat(owner)
-        a, b = ends.min(-1).values, ends.max(-1).values
-        uniq, inv = torch.unique((a * n + b).reshape(-1), return_inverse=True)
-        ea, eb = uniq // n, uniq % n
-        faces = inv.reshape(-1, 3)
-    s_a, s_b = sdf[ea], sdf[eb]
-    w = (s_a / (s_a - s_b)).unsqueeze(-1)
-    mverts = verts[ea] + w * (verts[eb] - verts[ea])
-    with torch.no_grad():  # face away from the tet's inside corners
-        p = mverts.detach()[faces]
-        normal = torch.linalg.cross(p[:, 1] - p[:, 0], p[:, 2] - p[:, 0], dim=-1)
-        corners = verts[q[owner]]  # [F,4,3]
-        k = n_in[owner].unsqueeze(-1).float()
-        slot = torch.arange(4, device=verts.device)[None, :]
-        is_in = (slot < n_in[owner][:, None]).float().unsqueeze(-1)
-        centre_in = (corners * is_in).sum(1) / k
-        centre_out = (corners * (1 - is_in)).sum(1) / (4 - k)
-        flip = (normal * (centre_out - centre_in)).sum(-1) < 0
-        faces = torch.where(flip[:, None], faces[:, [0, 2, 1]], faces)
-    return mverts, faces
-
-
-def test_marching_tets_cache_gives_the_reference_surface_as_the_sdf_moves(grid):
-    """Cached topology (same sign pattern) and rebuilt topology (new pattern) both equal the reference."""
-    verts, tets = grid
-    sdf0 = verts.norm(dim=-1) - 0.6
-    gen = torch.Generator().manual_seed(0)
-    hits = 0
-    for shift in (0.0, 1e-5, 2e-5, 0.05, 0.05 + 1e-5):  # tiny shifts keep every sign, 0.05 changes many
-        sdf = (sdf0 + shift).requires_grad_(True)
-        before = list(dmtet._last_topology)
-        mv, faces = marching_tets(verts, tets, sdf)
-        hits += bool(before) and dmtet._last_topology[0] is before[0]
-        ref_sdf = sdf.detach().clone().requires_grad_(True)
-        mv_ref, faces_ref = _marching_tets_reference(verts, tets, ref_sdf)
-        assert torch.equal(faces, faces_ref)
-        assert torch.equal(mv, mv_ref)
-        g = torch.randn(mv.shape, generator=gen)
-        (mv * g).sum().backward()
-        (mv_ref * g).sum().backward()
-        assert torch.equal(sdf.grad, ref_sdf.grad)
-    assert hits == 3  # the unchanged sign patterns were really reused

@@ -81,85 +81,46 @@ _THREE_INSIDE = ((0, 3), (1, 3), (2, 3))
 _TWO_INSIDE = (((0, 2), (0, 3), (1, 3)), ((0, 2), (1, 3), (1, 2)))
 
 
-@dataclass
-class _Topology:
-    """What marching_tets derives from the inside/outside pattern alone (no positions)."""
-
-    verts: torch.Tensor
-    tets: torch.Tensor
-    occ: torch.Tensor
-    ea: torch.Tensor
-    eb: torch.Tensor
-    faces: torch.Tensor
-    centre_in: torch.Tensor
-    centre_out: torch.Tensor
-
-
-# The last call's topology: during refinement the SDF moves a little per step and the sign
-# pattern, hence every face, usually stays the same; only the crossing points move.
-_last_topology: list[_Topology] = []
-
-
-def _topology(verts: torch.Tensor, tets: torch.Tensor, occ: torch.Tensor) -> _Topology | None:
-    n = verts.shape[0]
-    occ_t = occ[tets]
-    n_in = occ_t.sum(1)
-    keep = (n_in > 0) & (n_in < 4)
-    tv, n_in = tets[keep], n_in[keep]
-    order = torch.argsort((~occ_t[keep]).to(torch.int8), dim=1, stable=True)
-    q = torch.gather(tv, 1, order)  # inside corners first
-    tris, owner = [], []
-    for count, cases in ((1, (_ONE_INSIDE,)), (3, (_THREE_INSIDE,)), (2, _TWO_INSIDE)):
-        sel = (n_in == count).nonzero().squeeze(1)
-        for edges in cases:
-            ends = torch.stack([torch.stack([q[sel, i], q[sel, j]], -1) for i, j in edges], 1)  # [S,3,2]
-            tris.append(ends)
-            owner.append(sel)
-    if not tris or sum(t.shape[0] for t in tris) == 0:
-        return None
-    ends = torch.cat(tris)  # [F,3,2]
-    owner = torch.cat(owner)
-    a, b = ends.min(-1).values, ends.max(-1).values
-    uniq, inv = torch.unique((a * n + b).reshape(-1), return_inverse=True)
-    corners = verts[q[owner]]  # [F,4,3]
-    k = n_in[owner].unsqueeze(-1).float()
-    slot = torch.arange(4, device=verts.device)[None, :]
-    is_in = (slot < n_in[owner][:, None]).float().unsqueeze(-1)
-    return _Topology(
-        verts=verts,
-        tets=tets,
-        occ=occ,
-        ea=uniq // n,
-        eb=uniq % n,
-        faces=inv.reshape(-1, 3),
-        centre_in=(corners * is_in).sum(1) / k,
-        centre_out=(corners * (1 - is_in)).sum(1) / (4 - k),
-    )
-
-
 def marching_tets(verts: torch.Tensor, tets: torch.Tensor, sdf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Surface of sdf < 0: (vertices [M,3], faces [F,3] int64), outward-facing, watertight when the
     grid encloses the surface. Differentiable w.r.t. `sdf` (and `verts`)."""
+    n = verts.shape[0]
     with torch.no_grad():
-        occ = sdf.detach() < 0
-        last = _last_topology[0] if _last_topology else None
-        if last is not None and last.verts is verts and last.tets is tets and torch.equal(last.occ, occ):
-            topo = last
-        else:
-            _last_topology.clear()
-            topo = _topology(verts, tets, occ)
-            if topo is None:
-                return verts.new_zeros(0, 3), torch.zeros(0, 3, dtype=torch.long, device=verts.device)
-            if not verts.requires_grad:  # positions that change in place cannot be cached
-                _last_topology.append(topo)
-    ea, eb, faces = topo.ea, topo.eb, topo.faces
+        occ = sdf < 0
+        occ_t = occ[tets]
+        n_in = occ_t.sum(1)
+        keep = (n_in > 0) & (n_in < 4)
+        tv, n_in = tets[keep], n_in[keep]
+        order = torch.argsort((~occ_t[keep]).to(torch.int8), dim=1, stable=True)
+        q = torch.gather(tv, 1, order)  # inside corners first
+        tris, owner = [], []
+        for count, cases in ((1, (_ONE_INSIDE,)), (3, (_THREE_INSIDE,)), (2, _TWO_INSIDE)):
+            sel = (n_in == count).nonzero().squeeze(1)
+            for edges in cases:
+                ends = torch.stack([torch.stack([q[sel, i], q[sel, j]], -1) for i, j in edges], 1)  # [S,3,2]
+                tris.append(ends)
+                owner.append(sel)
+        if not tris or sum(t.shape[0] for t in tris) == 0:
+            return verts.new_zeros(0, 3), torch.zeros(0, 3, dtype=torch.long, device=verts.device)
+        ends = torch.cat(tris)  # [F,3,2]
+        owner = torch.cat(owner)
+        a, b = ends.min(-1).values, ends.max(-1).values
+        uniq, inv = torch.unique((a * n + b).reshape(-1), return_inverse=True)
+        ea, eb = uniq // n, uniq % n
+        faces = inv.reshape(-1, 3)
     s_a, s_b = sdf[ea], sdf[eb]
     w = (s_a / (s_a - s_b)).unsqueeze(-1)
     mverts = verts[ea] + w * (verts[eb] - verts[ea])
     with torch.no_grad():  # face away from the tet's inside corners
         p = mverts.detach()[faces]
         normal = torch.linalg.cross(p[:, 1] - p[:, 0], p[:, 2] - p[:, 0], dim=-1)
-        flip = (normal * (topo.centre_out - topo.centre_in)).sum(-1) < 0
+        corners = verts[q[owner]]  # [F,4,3]
+        k = n_in[owner].unsqueeze(-1).float()
+        slot = torch.arange(4, device=verts.device)[None, :]
+        is_in = (slot < n_in[owner][:, None]).float().unsqueeze(-1)
+        centre_in = (corners * is_in).sum(1) / k
+        centre_out = (corners * (1 - is_in)).sum(1) / (4 - k)
+        flip = (normal * (centre_out - centre_in)).sum(-1) < 0
         faces = torch.where(flip[:, None], faces[:, [0, 2, 1]], faces)
     return mverts, faces
 

@@ -512,36 +512,12 @@ def _silhouette_edges(pos: torch.Tensor, tri: torch.Tensor) -> tuple[torch.Tenso
     or between two triangles of which one faces the camera and the other away (a fold). Edges with
     more than two triangles count as silhouettes.
     """
+    nv = pos.shape[1]
     nf = tri.shape[0]
-    other, manifold = _edge_neighbours(tri, pos.shape[1])
-    # D = p0 . (p1 x p2) of (x, y, w): _edge_coefficients' determinant, without its other edges
+    # D = p0 . (p1 x p2) of (x, y, w): _edge_coefficients' determinant, without its other two edges
     pv = pos[..., [0, 1, 3]]
     d = (torch.linalg.cross(pv[:, tri[:, 1]], pv[:, tri[:, 2]], dim=-1) * pv[:, tri[:, 0]]).sum(-1)
     facing = d > 0  # [B,F]
-    fid = torch.arange(nf * 3, device=tri.device) // 3
-    fold = facing[:, fid] != facing[:, other]
-    return (~manifold[None] | fold).reshape(-1, nf, 3), other.reshape(nf, 3)
-
-
-_last_neighbours: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = []
-
-
-def _edge_neighbours(tri: torch.Tensor, nv: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per triangle edge [3F]: the triangle across it, and whether exactly two triangles share it.
-
-    Depends on the topology only, so the last answer is kept: a mesh refined step by step
-    (t3d.mesh.dmtet) usually keeps its faces, and this sort was a third of the antialias pass.
-    """
-    if _last_neighbours:
-        last_tri, last_nv, other, manifold = _last_neighbours[0]
-        if (
-            last_nv == nv
-            and last_tri.shape == tri.shape
-            and last_tri.device == tri.device
-            and torch.equal(last_tri, tri)
-        ):
-            return other, manifold
-    nf = tri.shape[0]
     edges = torch.stack([tri[:, [1, 2]], tri[:, [2, 0]], tri[:, [0, 1]]], 1)  # [F,3,2]
     key = (edges.amin(-1) * nv + edges.amax(-1)).reshape(-1)
     _, inv, counts = torch.unique(key, return_inverse=True, return_counts=True)
@@ -553,8 +529,8 @@ def _edge_neighbours(tri: torch.Tensor, nv: int) -> tuple[torch.Tensor, torch.Te
     slot1 = face_of[(first[inv] + 1).clamp_max(nf * 3 - 1)]
     other = torch.where(slot0 == fid, slot1, slot0)
     manifold = counts[inv] == 2
-    _last_neighbours[:] = [(tri.clone(), nv, other, manifold)]
-    return other, manifold
+    fold = facing[:, fid] != facing[:, other]
+    return (~manifold[None] | fold).reshape(-1, nf, 3), other.reshape(nf, 3)
 
 
 _AA_MAX_WALK = 8  # triangles followed along a pixel pair's segment
