@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from t3d.backends import BackendChoice
+from t3d.render import raster as raster_impl
 from t3d.render.cameras import camera_rays, make_cameras, projection_matrix
 from t3d.render.raster import NvdiffrastRaster, RasterBackend, TorchRaster, choose_raster, render_mesh
 
@@ -445,3 +446,43 @@ def test_nvdiffrast_agrees_with_torch_twin():
     assert diff < 0.02
     both = (a["mask"][..., 0] > 0) & (b["mask"][..., 0] > 0)
     assert torch.allclose(a["xyz"][both], b["xyz"][both], atol=2e-2)
+
+
+def _silhouette_edges_reference(pos: torch.Tensor, tri: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """_silhouette_edges as first written: the edge sort redone on every call."""
+    nv = pos.shape[1]
+    nf = tri.shape[0]
+    _, d = raster_impl._edge_coefficients(pos[:, tri][..., [0, 1, 3]])
+    facing = d > 0  # [B,F]
+    edges = torch.stack([tri[:, [1, 2]], tri[:, [2, 0]], tri[:, [0, 1]]], 1)  # [F,3,2]
+    key = (edges.amin(-1) * nv + edges.amax(-1)).reshape(-1)
+    _, inv, counts = torch.unique(key, return_inverse=True, return_counts=True)
+    order = torch.argsort(inv, stable=True)
+    first = torch.cumsum(counts, 0) - counts
+    face_of = order // 3  # faces of each unique edge, contiguous
+    fid = torch.arange(nf * 3, device=tri.device) // 3
+    slot0 = face_of[first[inv]]
+    slot1 = face_of[(first[inv] + 1).clamp_max(nf * 3 - 1)]
+    other = torch.where(slot0 == fid, slot1, slot0)
+    manifold = counts[inv] == 2
+    fold = facing[:, fid] != facing[:, other]
+    return (~manifold[None] | fold).reshape(-1, nf, 3), other.reshape(nf, 3)
+
+
+def test_silhouette_edges_equal_the_reference():
+    """Computing only the facing determinant gives the same silhouettes as the full edge coefficients."""
+    from t3d.render.cameras import make_cameras
+    from t3d.render.raster import mvp_matrices
+
+    v, f = _ico(subdivisions=2)
+    cams = make_cameras([30.0, 200.0], [20.0, -10.0], 2.5, 40.0)
+    mvp = mvp_matrices(cams)
+    f = f.long()
+    for faces in (f, f[:-7]):  # a closed mesh, and one with a hole (border edges)
+        for shift in (0.0, 0.05):
+            vv = v + shift
+            pos = torch.einsum("bij,vj->bvi", mvp, torch.cat([vv, torch.ones_like(vv[:, :1])], -1))
+            sil, across = raster_impl._silhouette_edges(pos, faces)
+            sil_ref, across_ref = _silhouette_edges_reference(pos, faces)
+            assert torch.equal(sil, sil_ref) and torch.equal(across, across_ref)
+    assert sil.any() and not sil.all()

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from t3d.backends import BackendChoice, HashGridRequest, choose_backend, normalise_device
+from t3d.fields import native_grid
 
 PRIMES = (1, 2654435761, 805459861)
 
@@ -154,6 +155,7 @@ class TorchHashGrid(nn.Module):
         self.n_features_per_level = self.config["n_features_per_level"]
         self.n_output_dims = self.n_levels * self.n_features_per_level
         self.chunk = int(chunk)
+        self._layout = None  # the C kernel's per-level constants, built on first use
         self.levels = level_layout(self.config, n_input_dims)
         total = n_params(self.config, n_input_dims)
         gen = torch.Generator().manual_seed(seed)
@@ -254,11 +256,26 @@ class TorchHashGrid(nn.Module):
         rows = _CornerBlend.apply(self.table, idx.view(2**d, L * n), w.view(2**d, L * n))
         return rows.view(L, n, self.n_features_per_level).transpose(0, 1).reshape(n, self.n_output_dims)
 
+    def _native(self, x: torch.Tensor):
+        """The fused C kernel when it applies: CPU, float32 table, 2 or 3 input dims."""
+        if x.device.type != "cpu" or self.params.dtype != torch.float32:
+            return None
+        lib = native_grid.load()
+        native_grid.keep_freed_memory()
+        if lib is not None and self._layout is None:
+            self._layout = native_grid.GridLayout(
+                self.levels, self.n_input_dims, self.n_features_per_level, self.config["log2_hashmap_size"]
+            )
+        return lib
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 2 or x.shape[1] != self.n_input_dims:
             raise ValueError(f"expected [N,{self.n_input_dims}] inputs, got {tuple(x.shape)}")
         if x.shape[0] == 0:
             return x.new_zeros(0, self.n_output_dims, dtype=torch.float32)
+        lib = self._native(x)
+        if lib is not None:
+            return native_grid.NativeEncode.apply(self.table, x.float().clamp(0.0, 1.0).contiguous(), self._layout, lib)
         if x.shape[0] <= self.chunk:
             return self._forward_chunk(x)
         return torch.cat([self._forward_chunk(c) for c in x.split(self.chunk)], 0)

@@ -553,7 +553,9 @@ def _silhouette_edges(pos: torch.Tensor, tri: torch.Tensor) -> tuple[torch.Tenso
     """
     nv = pos.shape[1]
     nf = tri.shape[0]
-    _, d = _edge_coefficients(pos[:, tri][..., [0, 1, 3]])
+    # D = p0 . (p1 x p2) of (x, y, w): _edge_coefficients' determinant, without its other two edges
+    pv = pos[..., [0, 1, 3]]
+    d = (torch.linalg.cross(pv[:, tri[:, 1]], pv[:, tri[:, 2]], dim=-1) * pv[:, tri[:, 0]]).sum(-1)
     facing = d > 0  # [B,F]
     edges = torch.stack([tri[:, [1, 2]], tri[:, [2, 0]], tri[:, [0, 1]]], 1)  # [F,3,2]
     key = (edges.amin(-1) * nv + edges.amax(-1)).reshape(-1)
