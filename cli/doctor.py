@@ -55,6 +55,9 @@ def checks() -> list[tuple[str, bool, str]]:
         fix = f"; install: {INSTALL[lib]}" if cuda else f"; with a GPU and CUDA torch: {INSTALL[lib]}"
         rows.append((lib, ok, "smoke op passed" if ok else f"{choice.reason}; {cost}{fix}"))
 
+    if not cuda:
+        rows.append(("CPU hash-grid kernel", *_native_kernel()))
+
     for mod in ("diffusers", "transformers", "peft", "prefect", "trimesh", "xatlas", "mcubes"):
         ok, detail = _try(lambda m=mod: __import__(m).__dict__.get("__version__", "installed"))
         rows.append((mod, ok, str(detail) if ok else f"{detail}; `bash scripts/install.sh` installs it"))
@@ -97,6 +100,18 @@ INSTALL = {
         "(needs nvcc; builds for minutes)"
     ),
 }
+
+
+def _native_kernel() -> tuple[bool, str]:
+    """Whether CPU runs get the fused C hash-grid kernel (about half an SDS step) or the torch path."""
+    from t3d.fields import native_grid
+
+    if os.environ.get("T3D_NATIVE_KERNELS", "1") == "0":
+        return False, "off (T3D_NATIVE_KERNELS=0): the pure-torch path runs, about 2x slower per SDS step"
+    if native_grid._compiler() is None:
+        return False, "no C compiler (cc, gcc or $CC): the pure-torch path runs; install gcc for ~2x faster CPU steps"
+    ok = native_grid.load() is not None
+    return ok, "compiled and loaded" if ok else "the build failed (see the warning above): the pure-torch path runs"
 
 
 def _no_cuda() -> str:

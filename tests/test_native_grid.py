@@ -85,3 +85,17 @@ def test_input_gradient_equals_torch_path(dims, config, monkeypatch):
 def test_disabled_by_environment(monkeypatch):
     monkeypatch.setenv("T3D_NATIVE_KERNELS", "0")
     assert native_grid.load() is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="doctor shows the CPU kernel only without CUDA")
+def test_doctor_says_whether_cpu_runs_get_the_kernel(monkeypatch):
+    from t3d.cli.doctor import checks
+
+    def row():
+        return next(r for r in checks() if r[0] == "CPU hash-grid kernel")
+
+    monkeypatch.setenv("T3D_NATIVE_KERNELS", "0")
+    assert row()[1] is False and "T3D_NATIVE_KERNELS=0" in row()[2]
+    monkeypatch.setenv("T3D_NATIVE_KERNELS", "1")
+    monkeypatch.setattr(native_grid, "_compiler", lambda: None)
+    assert row()[1] is False and "no C compiler" in row()[2]
