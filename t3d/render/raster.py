@@ -543,6 +543,13 @@ def _torch_texture(tex: torch.Tensor, uv: torch.Tensor, filter_mode: str, bounda
 # ----------------------------------------------------------------------------------------------
 
 
+def _facing_determinant(pos: torch.Tensor, tri: torch.Tensor) -> torch.Tensor:
+    """[B,F] D = p0 . (p1 x p2) of each triangle's clip (x, y, w): _edge_coefficients' determinant
+    without its three edge functions (the silhouette test needs only its sign)."""
+    pv = pos[..., [0, 1, 3]]
+    return (torch.linalg.cross(pv[:, tri[:, 1]], pv[:, tri[:, 2]], dim=-1) * pv[:, tri[:, 0]]).sum(-1)
+
+
 def _silhouette_edges(pos: torch.Tensor, tri: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """([B,F,3] bool: is the edge opposite vertex k of triangle f a silhouette in view b?,
     [F,3] the triangle across that edge (meaningless for border edges)).
@@ -553,10 +560,7 @@ def _silhouette_edges(pos: torch.Tensor, tri: torch.Tensor) -> tuple[torch.Tenso
     """
     nv = pos.shape[1]
     nf = tri.shape[0]
-    # D = p0 . (p1 x p2) of (x, y, w): _edge_coefficients' determinant, without its other two edges
-    pv = pos[..., [0, 1, 3]]
-    d = (torch.linalg.cross(pv[:, tri[:, 1]], pv[:, tri[:, 2]], dim=-1) * pv[:, tri[:, 0]]).sum(-1)
-    facing = d > 0  # [B,F]
+    facing = _facing_determinant(pos, tri) > 0  # [B,F]
     edges = torch.stack([tri[:, [1, 2]], tri[:, [2, 0]], tri[:, [0, 1]]], 1)  # [F,3,2]
     key = (edges.amin(-1) * nv + edges.amax(-1)).reshape(-1)
     _, inv, counts = torch.unique(key, return_inverse=True, return_counts=True)
