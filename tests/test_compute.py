@@ -37,23 +37,24 @@ BF16_REL_NORM, FP16_REL_NORM = 0.08, 0.02
 # must keep them (every artifact already in a store stays reusable). Re-recorded once for issue 13:
 # coarse.method became coarse.guidance and extract_mesh's geometry_* keys a geometry block; the
 # backend requests left the stage params for flow.yaml's `backends:`; the flow's seed draws every
-# stream (coarse.field.seed removed; coarse, refine, extract_mesh and texture versions bumped).
+# stream (coarse.field.seed removed; coarse, refine, extract_mesh and texture versions bumped);
+# texture.albedo_prob's default went from 0.3 to 0 (issue 14's note).
 TINY_FLOW = {"prompt": "a red cube", "prior": "tiny-pixel", "stages": {"refine": {"enabled": True}}}
 TINY_KEYS = {
     "encode_prompt": "encode_prompt-68ffb64f0ec4aa9b7d9d",
     "coarse": "coarse-b9f727d0b224b9c55cfd",
     "refine": "refine-1e34edcf54c9144a720c",
     "extract_mesh": "extract_mesh-a84ae52be926efdb5740",
-    "texture": "texture-76f4a1ea96f3540521bf",
-    "export": "export-086dd3bd04b789dda35f",
+    "texture": "texture-ff14f4e37c56606cc029",
+    "export": "export-141c861950bafcf2fa44",
 }
 LATENT_FLOW = {"prompt": "a red cube", "prior": "tiny-latent"}
 LATENT_KEYS = {
     "encode_prompt": "encode_prompt-4306cdb9323ec486ff21",
     "coarse": "coarse-8b2611b06e619e41912e",
     "extract_mesh": "extract_mesh-1a60bc37c3a8f09ee420",
-    "texture": "texture-f6b7ae272f91cf9ec288",
-    "export": "export-1aa44c596ff6fdb58515",
+    "texture": "texture-558489b580aef0c8e6f4",
+    "export": "export-eac2b87b81fc570614a0",
 }
 
 
