@@ -20,15 +20,14 @@ import pytest
 import torch
 
 from t3d import runner
-from t3d.backends import BackendsParams
 from t3d.flows.config import ConfigError, validate
 from t3d.guidance.sds import guidance_loss
 from t3d.priors import load_prior
 from t3d.priors.compute import PROFILES, ComputeParams
-from t3d.render.cameras import CameraParams
-from t3d.runner import Backends, prior_loader
+from t3d.runner import prior_loader
 from t3d.stages import default_registry
 from t3d.store import ArtifactStore, artifact_key
+from tests.contexts import stage_context
 
 EXACT_REL = 1e-5
 BF16_REL_NORM, FP16_REL_NORM = 0.08, 0.02
@@ -322,22 +321,11 @@ def test_prior_cache_keys_on_the_options(monkeypatch):
 
 
 def test_stage_context_loads_with_the_flow_options_and_records_them(monkeypatch, tmp_path):
-    from t3d import stage
 
     monkeypatch.setattr(runner, "_prior_cache", {})
-    ctx = stage.StageContext(
-        stage="encode_prompt",
-        key="k",
-        params=None,
-        seed=0,
-        prompt="a",
-        negative_prompt="",
-        device=torch.device("cpu"),
-        inputs={},
-        out=tmp_path,
-        checkpoint_dir=tmp_path / "ckpt",
-        backends=Backends(BackendsParams(), "cpu"),
-        camera=CameraParams(),
+    ctx = stage_context(
+        tmp_path,
+        "encode_prompt",
         prior_loader=prior_loader("tiny-latent", "cpu", ComputeParams(vae="sliced", precision="bf16")),
     )
     prior = ctx.load_prior()

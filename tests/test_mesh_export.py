@@ -25,9 +25,9 @@ from t3d.mesh.export import (
     unwrap,
 )
 from t3d.mesh.extract import auto_threshold, decimate, extract_mesh, largest_component, orient_outward
-from t3d.render.cameras import CameraParams
 from t3d.render.raster import TorchRaster
 from t3d.runner import Backends, prior_loader
+from tests.contexts import stage_context
 from tests.gltf_check import assert_valid_glb
 
 REPO = Path(__file__).resolve().parents[1]
@@ -219,23 +219,19 @@ def test_turntable_renders_the_exported_file(textured, tmp_path):
 
 
 def _ctx(stage, params, inputs, out, prompt="a red cube"):
-    from t3d.stage import StageContext
 
     out.mkdir(parents=True, exist_ok=True)
-    return StageContext(
-        stage=stage.name,
-        key="test",
+    return stage_context(
+        out.parent,
+        stage.name,
         params=params,
-        seed=0,
         prompt=prompt,
-        negative_prompt="",
-        device=torch.device("cpu"),
         inputs=inputs,
         out=out,
         checkpoint_dir=out.parent / f"{stage.name}.ckpt",
         backends=Backends(BackendsParams(), "cpu"),
-        camera=CameraParams(),
         prior_loader=prior_loader("embedded", "cpu"),
+        show_progress=True,
     )
 
 

@@ -11,16 +11,15 @@ import textwrap
 import pytest
 import torch
 
-from t3d.backends import BackendsParams
 from t3d.fields.hashgrid import choose_hashgrid
 from t3d.fields.nerf import FieldParams, load_field
 from t3d.flows.config import load_config
 from t3d.flows.flow import run_prompt
 from t3d.render.cameras import CameraParams
-from t3d.runner import Backends
 from t3d.stage import RecoveryParams, StageContext, divergence, run_resumable, stream_seed
 from t3d.stages import default_registry
 from t3d.stages.coarse import CoarseTrainer
+from tests.contexts import stage_context
 from tests.grids import CPU_GRID, TINY_GRID
 
 FLOW = textwrap.dedent("""
@@ -50,21 +49,7 @@ def _run(tmp_path, extra: str = ""):
 def loop_ctx(folder, stage: str = "coarse", seed: int = 0) -> StageContext:
     """A bare stage context for driving a trainer through run_resumable (checkpoints in folder/ckpt)."""
     folder.mkdir(parents=True, exist_ok=True)
-    return StageContext(
-        stage=stage,
-        key="test",
-        params=None,
-        seed=seed,
-        prompt="a red cube",
-        negative_prompt="",
-        device=torch.device("cpu"),
-        inputs={},
-        out=folder / "out",
-        checkpoint_dir=folder / "ckpt",
-        backends=Backends(BackendsParams(hashgrid="torch", raster="torch"), "cpu"),
-        camera=CameraParams(),
-        show_progress=False,
-    )
+    return stage_context(folder, stage, seed=seed)
 
 
 def _manifest(store, key):
@@ -253,7 +238,6 @@ def _texture(guidance):
 
 
 def _camera():
-    from t3d.render.cameras import CameraParams
 
     return CameraParams()
 

@@ -29,9 +29,9 @@ from safetensors.torch import save_file
 
 from t3d.backends import BackendsParams
 from t3d.render.cameras import CameraParams
-from t3d.runner import Backends
-from t3d.stage import Stage, StageContext, StageParams, load_checkpoint, save_checkpoint
+from t3d.stage import Stage, StageParams, load_checkpoint, save_checkpoint
 from t3d.store import ArtifactCorrupt, ArtifactStore, check_manifest_path, current_umask, files_digest
+from tests.contexts import stage_context
 
 ROOT = Path(__file__).resolve().parents[1]
 K1, K2, K3, K4 = (f"x-{c * 20}" for c in "1234")
@@ -484,21 +484,7 @@ def test_checkpoint_synced_to_a_remote_store_resumes_on_another_machine(tmp_path
     uri = _memory_uri()
     a = ArtifactStore(uri, cache_dir=tmp_path / "machine-a")
     folder = a.checkpoint_dir(K1)
-    ctx = StageContext(
-        stage="x",
-        key=K1,
-        params=None,
-        seed=0,
-        prompt="",
-        negative_prompt="",
-        device=torch.device("cpu"),
-        inputs={},
-        out=tmp_path / "out",
-        checkpoint_dir=folder,
-        backends=Backends(BackendsParams(), "cpu"),
-        camera=CameraParams(),
-        checkpoint_sync=lambda: a.sync_checkpoint(K1),
-    )
+    ctx = stage_context(tmp_path, "x", key=K1, checkpoint_dir=folder, checkpoint_sync=lambda: a.sync_checkpoint(K1))
     ctx.save_checkpoint(4, {"w": torch.arange(3.0)}, {"note": "four"})
     ctx.save_checkpoint(7, {"w": torch.arange(3.0) * 7}, {"note": "seven"})
     blobs = a.fs.ls(f"{a.root}/checkpoints/{K1}/blobs", detail=False)
@@ -585,7 +571,6 @@ def _run_ck(ctx) -> None:
 def test_stage_retried_on_another_worker_resumes_from_the_store(tmp_path, monkeypatch):
     from t3d import runner
     from t3d.priors.compute import ComputeParams
-    from t3d.render.cameras import CameraParams
     from t3d.stage import RecoveryParams
 
     registry = {"ck": Stage(name="ck", version="1", params=CkParams, inputs=(), run=_run_ck)}
