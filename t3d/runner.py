@@ -158,6 +158,7 @@ def plan(cfg, prompt: str, registry, store: ArtifactStore, force_from: str | Non
     keys: dict[str, str] = {}
     planned: list[PlannedStage] = []
     forcing = False
+    compute_context = cfg.compute.key_context()  # only compute: options that change results (priors/compute.py)
     for name in enabled:
         stage = registry[name]
         params = getattr(cfg.stages, name)
@@ -172,10 +173,8 @@ def plan(cfg, prompt: str, registry, store: ArtifactStore, force_from: str | Non
         context = {"camera": cfg.camera.model_dump(mode="json")}
         if stage.uses_prompt:
             context.update(prompt=prompt, negative_prompt=cfg.negative_prompt)
-        if (
-            stage.uses_prior and cfg.compute.key_context()
-        ):  # only compute: options that change results (priors/compute.py)
-            context["compute"] = cfg.compute.key_context()
+        if stage.uses_prior and compute_context:
+            context["compute"] = compute_context
         key = artifact_key(name, stage.version, params.key_params(), cfg.seed, inputs, prior, context)
         keys[name] = key
         forcing = forcing or name == force_from
