@@ -27,10 +27,12 @@ TEXT_DIM = 64
 
 # A few words beyond the toy world's, so near-miss prompts map to known tokens.
 EXTRA_WORDS = ("a", "an", "the", "of", "view", "front", "side", "back", "overhead", ",", ".")
+# Toy world v2's words: "a red cube with a black spot", "a red object".
+WORLD_V2_WORDS = ("with", "black", "spot", "object")
 
 
 def toy_vocab() -> list[str]:
-    words = [PAD, UNK] + list(EXTRA_WORDS) + list(COLOURS) + list(SHAPES)
+    words = [PAD, UNK] + list(EXTRA_WORDS) + list(COLOURS) + list(SHAPES) + list(WORLD_V2_WORDS)
     for suffix in VIEW_SUFFIXES.values():
         for w in suffix.replace(",", " , ").split():
             if w not in words:

@@ -13,6 +13,11 @@ so each view can be painted any toy colour on the fly (the render is linear in t
 Prompts are "a <colour> <shape>" plus the view suffix that t3d.render.cameras.view_name gives for the
 camera (sometimes dropped, so plain prompts work), and the empty prompt with probability
 `cond_dropout` (classifier-free guidance).
+
+Toy world v2 (t3d.toy.world): with probability `mark_prob` the object carries its front spot and
+the prompt says "with a black spot"; with `drop_colour_prob` / `drop_shape_prob` the prompt leaves
+the colour out ("a cube") or the shape ("a red object"), so those prompts have several modes, drawn
+uniformly as the data is.
 """
 
 from __future__ import annotations
@@ -28,7 +33,16 @@ import torch
 import torch.nn.functional as F
 
 from t3d.render.cameras import VIEW_SUFFIXES, CameraParams, sample_cameras, view_names
-from t3d.toy.world import COLOURS, SHAPES, render_primitive, toy_prompts
+from t3d.toy.world import (
+    COLOURS,
+    MARK_COLOUR,
+    SHAPES,
+    ToyPrompt,
+    marked_prompts,
+    render_primitive,
+    toy_prompts,
+    underspecified_prompts,
+)
 
 from .toy import (
     build_toy_scheduler,
@@ -43,7 +57,7 @@ from .toy import (
 @dataclass
 class TrainConfig:
     seed: int = 0
-    steps: int = 6000
+    steps: int = 8000
     batch_size: int = 32
     lr: float = 1e-3
     warmup_steps: int = 100
@@ -53,6 +67,9 @@ class TrainConfig:
     supersample: int = 2
     cond_dropout: float = 0.1
     no_suffix_prob: float = 0.15
+    mark_prob: float = 0.35  # the object has its front spot and the prompt says so
+    drop_colour_prob: float = 0.12  # "a cube": colour left out of the prompt
+    drop_shape_prob: float = 0.12  # "a red object": shape left out of the prompt
     min_snr_gamma: float = 5.0  # Min-SNR-5 loss weighting (0 = plain epsilon MSE)
     ema_decay: float = 0.999
     sample_steps: int = 50
@@ -60,6 +77,17 @@ class TrainConfig:
     max_minutes: float | None = None  # safety stop only: a run cut short is not the reproducible one
     text_time_embedding: bool = True  # the prompt also reaches every ResNet block (see toy_unet_config)
     threads: int = 2  # fixed thread count: same seed + same threads -> same weights on a CPU
+
+
+def sample_grid_prompts() -> list[str]:
+    """samples.png's rows: every base prompt (front view), one marked prompt per shape from the
+    front and from the back, and the under-specified prompts without a suffix."""
+    marked = marked_prompts()[:: len(COLOURS)]
+    return (
+        [p + VIEW_SUFFIXES["front"] for p in toy_prompts()]
+        + [p + VIEW_SUFFIXES[v] for p in marked for v in ("front", "back")]
+        + underspecified_prompts()
+    )
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -70,20 +98,30 @@ def pick_device(device: str = "auto") -> torch.device:
 
 @torch.no_grad()
 def render_dataset(cfg: TrainConfig, generator: torch.Generator, chunk: int = 250) -> dict:
-    """Per shape: colour-free shading S and coverage M [N,1,H,W] and view names, so that a view in
-    colour c is c*S + (1-M) (white background)."""
+    """Per shape: colour-free shading of the body S and of the front spot K, coverage M [N,1,H,W]
+    and view names, so that a view in colour c is c*S + (1-M) (white background), or
+    c*S + m*K + (1-M) with the spot in colour m."""
     params = CameraParams()
     data = {}
     for shape in SHAPES:
         cams = sample_cameras(params, cfg.views_per_shape, generator=generator)
-        shade, cover = [], []
+        shade, spot, cover = [], [], []
         for i in range(0, len(cams), chunk):
             sl = slice(i, i + chunk)
             sub = type(cams)(cams.azimuth[sl], cams.elevation[sl], cams.radius[sl], cams.fov_deg, cams.c2w[sl])
-            rgb, mask = render_primitive(shape, (1.0, 1.0, 1.0), sub, cfg.image_size, supersample=cfg.supersample)
+            white, black = (1.0, 1.0, 1.0), (0.0, 0.0, 0.0)
+            kw = dict(supersample=cfg.supersample)
+            rgb, mask = render_primitive(shape, white, sub, cfg.image_size, mark=black, **kw)
+            rgb_spot, _ = render_primitive(shape, black, sub, cfg.image_size, mark=white, **kw)
             cover.append(mask)
             shade.append(rgb[:, :1] - 1.0 + mask)
-        data[shape] = {"shade": torch.cat(shade), "cover": torch.cat(cover), "views": view_names(cams, params)}
+            spot.append(rgb_spot[:, :1] - 1.0 + mask)
+        data[shape] = {
+            "shade": torch.cat(shade),
+            "spot": torch.cat(spot),
+            "cover": torch.cat(cover),
+            "views": view_names(cams, params),
+        }
     return data
 
 
@@ -95,16 +133,24 @@ def make_batch(data: dict, cfg: TrainConfig, generator: torch.Generator) -> tupl
     s_idx = torch.randint(len(SHAPES), (b,), generator=generator).tolist()
     c_idx = torch.randint(len(colour_names), (b,), generator=generator).tolist()
     v_idx = torch.randint(cfg.views_per_shape, (b,), generator=generator).tolist()
-    u = torch.rand(b, 2, generator=generator).tolist()
+    u = torch.rand(b, 4, generator=generator).tolist()
+    mark_rgb = torch.tensor(MARK_COLOUR).view(3, 1, 1)
     images, prompts = [], []
-    for s, c, v, (u_drop, u_suffix) in zip(s_idx, c_idx, v_idx, u):
+    for s, c, v, (u_drop, u_suffix, u_mark, u_under) in zip(s_idx, c_idx, v_idx, u):
         d = data[SHAPES[s]]
-        images.append(colours[c].view(3, 1, 1) * d["shade"][v] + (1.0 - d["cover"][v]))
+        marked = u_mark < cfg.mark_prob
+        body = d["shade"][v] if marked else d["shade"][v] + d["spot"][v]
+        image = colours[c].view(3, 1, 1) * body + (1.0 - d["cover"][v])
+        if marked:
+            image = image + mark_rgb * d["spot"][v]
+        images.append(image)
         if u_drop < cfg.cond_dropout:
             prompts.append("")
-        else:
-            suffix = "" if u_suffix < cfg.no_suffix_prob else VIEW_SUFFIXES[d["views"][v]]
-            prompts.append(f"a {colour_names[c]} {SHAPES[s]}{suffix}")
+            continue
+        drop_colour = u_under < cfg.drop_colour_prob
+        drop_shape = cfg.drop_colour_prob <= u_under < cfg.drop_colour_prob + cfg.drop_shape_prob
+        toy = ToyPrompt(None if drop_shape else SHAPES[s], None if drop_colour else colour_names[c], marked)
+        prompts.append(toy.text(None if u_suffix < cfg.no_suffix_prob else d["views"][v]))
     return torch.stack(images) * 2.0 - 1.0, prompts
 
 
@@ -202,16 +248,18 @@ def _train(cfg: TrainConfig, out, dev: torch.device, progress: bool) -> Path:
         "guidance_scale": cfg.guidance_scale,
         "shapes": list(SHAPES),
         "colours": COLOURS,
+        "world": 2,
     }
     out = save_toy_folder(out, tokenizer, ema_te.cpu(), ema_unet.cpu(), scheduler, meta)
     (out / "loss_log.json").write_text(json.dumps([round(v, 5) for v in losses[::10]]) + "\n")
 
-    # Sample grid: one row per base prompt (front view), 4 samples each.
+    # Sample grid: one row per prompt, 4 samples each.
     from .loading import load_prior
     from .sample import image_grid, sample_images, save_png
 
     prior = load_prior(str(out), device=dev, dtype=torch.float32)
-    prompts = [p + VIEW_SUFFIXES["front"] for p in toy_prompts()]
-    images = sample_images(prior, prompts, n=4, steps=cfg.sample_steps, guidance=cfg.guidance_scale, seed=cfg.seed)
+    images = sample_images(
+        prior, sample_grid_prompts(), n=4, steps=cfg.sample_steps, guidance=cfg.guidance_scale, seed=cfg.seed
+    )
     save_png(image_grid(images, nrow=4), out / "samples.png", upscale=2)
     return out

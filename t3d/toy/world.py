@@ -5,12 +5,19 @@ object is centred at the origin and fits inside a radius of about 0.75 (the defa
 radius 2.5 with a 40 degree fov sees about +-0.9 around the origin). Shading is Lambertian plus
 ambient, with the light fixed relative to the camera (upper left, slightly in front), so an
 object's colour stays recognizable from every view. Background is white.
+
+World v2 adds two kinds of prompt where the methods differ (issue #16):
+- objects with a front: "a red cube with a black spot" puts a dark disc on the side facing +x
+  (azimuth 0, the "front view" camera). Only the view suffixes tell which side that is, so a
+  result without them tends to grow the spot on several sides (the Janus problem);
+- under-specified prompts with several modes: "a cube" (any colour), "a red object" (any shape).
 """
 
 from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +39,14 @@ DEFAULT_LIGHT = LIGHT_CAM  # t3d.render.shading's, the one light every renderer 
 AMBIENT = 0.35
 DIFFUSE = 0.65
 
+# The mark of objects with a front: surface facing +x (normal x > MARK_MIN_FACING) within
+# MARK_RADIUS of the x axis. Dark and unsaturated, so it never reads as one of COLOURS.
+MARK_WORDS = "with a black spot"
+MARK_COLOUR = (0.06, 0.06, 0.06)
+MARK_RADIUS = 0.22
+MARK_MIN_FACING = 0.7
+ANY_SHAPE_WORD = "object"  # "a red object": any shape
+
 BOUND_RADIUS = 0.8  # every shape fits inside this sphere
 
 # Shape dimensions (kept here so the benchmark and docs can quote them).
@@ -45,6 +60,45 @@ TORUS_MAJOR, TORUS_MINOR = 0.5, 0.2
 def toy_prompts() -> list[str]:
     """Base prompts ("a red cube"), shapes major, colours minor."""
     return [f"a {c} {s}" for s in SHAPES for c in COLOURS]
+
+
+def marked_prompts() -> list[str]:
+    """Objects with a front: "a red cube with a black spot", in toy_prompts() order."""
+    return [f"{p} {MARK_WORDS}" for p in toy_prompts()]
+
+
+def underspecified_prompts() -> list[str]:
+    """Prompts with several modes: "a cube" (any colour) per shape, "a red object" (any shape) per colour."""
+    return [f"a {s}" for s in SHAPES] + [f"a {c} {ANY_SHAPE_WORD}" for c in COLOURS]
+
+
+@dataclass(frozen=True)
+class ToyPrompt:
+    """What a toy-world prompt asks for; None means "any" (an under-specified prompt)."""
+
+    shape: str | None
+    colour: str | None
+    mark: bool = False
+    view: str | None = None
+
+    @property
+    def modes(self) -> list[tuple[str, str]]:
+        """Every (shape, colour) the prompt allows, shapes major."""
+        shapes = [self.shape] if self.shape else list(SHAPES)
+        colours = [self.colour] if self.colour else list(COLOURS)
+        return [(s, c) for s in shapes for c in colours]
+
+    @property
+    def fully_specified(self) -> bool:
+        return self.shape is not None and self.colour is not None
+
+    def text(self, view: str | None = None) -> str:
+        """The prompt in canonical form, e.g. "a red cube with a black spot, front view"."""
+        words = ["a"] + ([self.colour] if self.colour else []) + [self.shape or ANY_SHAPE_WORD]
+        if self.mark:
+            words.append(MARK_WORDS)
+        view = view if view is not None else self.view
+        return " ".join(words) + (VIEW_SUFFIXES[view] if view else "")
 
 
 def toy_prompts_with_views() -> list[str]:
@@ -64,18 +118,35 @@ def split_view(prompt: str) -> tuple[str, str | None]:
     return p[: m.start()].strip(), m.group(1)
 
 
-def parse_prompt(prompt: str) -> tuple[str, str]:
-    """Shape and colour named by a toy prompt, e.g. "A red cube, front view" -> ("cube", "red")."""
-    base, _ = split_view(prompt)
+def parse_toy_prompt(prompt: str) -> ToyPrompt:
+    """A toy prompt's shape, colour (either may be "any"), mark and view; ValueError otherwise.
+
+    "A red cube, front view" -> ToyPrompt("cube", "red", False, "front"); "a cube" -> any colour;
+    "a red object with a black spot" -> any shape, marked.
+    """
+    base, view = split_view(prompt)
+    mark = base.endswith(MARK_WORDS)
+    if mark:
+        base = base[: -len(MARK_WORDS)].strip()
     words = re.findall(r"[a-z]+", base)
     shapes = [w for w in words if w in SHAPES]
     colours = [w for w in words if w in COLOURS]
-    if len(shapes) != 1 or len(colours) != 1:
+    any_shape = ANY_SHAPE_WORD in words
+    if len(shapes) > 1 or len(colours) > 1 or (not shapes and not (any_shape and colours)) or (shapes and any_shape):
         raise ValueError(
-            f"not a toy-world prompt: {prompt!r} (want 'a <colour> <shape>' with colour in "
-            f"{list(COLOURS)} and shape in {list(SHAPES)}, optionally ', front view' etc.)"
+            f"not a toy-world prompt: {prompt!r} (want 'a <colour> <shape>', 'a <shape>' or 'a <colour> "
+            f"{ANY_SHAPE_WORD}' with colour in {list(COLOURS)} and shape in {list(SHAPES)}, optionally "
+            f"'{MARK_WORDS}' and ', front view' etc.)"
         )
-    return shapes[0], colours[0]
+    return ToyPrompt(shapes[0] if shapes else None, colours[0] if colours else None, mark, view)
+
+
+def parse_prompt(prompt: str) -> tuple[str, str]:
+    """Shape and colour named by a fully specified toy prompt, e.g. "A red cube, front view" -> ("cube", "red")."""
+    toy = parse_toy_prompt(prompt)
+    if not toy.fully_specified:
+        raise ValueError(f"toy prompt {prompt!r} does not name both a colour and a shape (it has several modes)")
+    return toy.shape, toy.colour
 
 
 # ---- signed distance functions ---------------------------------------------------------------
@@ -158,12 +229,14 @@ def render_primitive(
     light=DEFAULT_LIGHT,
     supersample: int = 1,
     max_steps: int = 64,
+    mark=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Render one primitive from each camera.
 
     Returns rgb [B,3,H,W] in [0,1] composited on white and mask [B,1,H,W] (soft when
     supersampled). `colour` is a COLOURS name or an RGB triple; `light` points towards the light
-    in the camera frame (x right, y up, z towards the viewer).
+    in the camera frame (x right, y up, z towards the viewer). `mark` (an RGB triple, or True for
+    MARK_COLOUR) paints the front spot of objects with a front.
     """
     device = cameras.c2w.device
     res = size * supersample
@@ -199,15 +272,34 @@ def render_primitive(
     l_world = torch.einsum("bij,j->bi", cameras.c2w[:, :3, :3].float(), l_cam)  # [B,3]
     l_pix = l_world[:, None, :].expand(b, res * res, 3).reshape(-1, 3)
     shade = AMBIENT + DIFFUSE * (n * l_pix).sum(-1).clamp_min(0)
-    col = colour_tensor(colour, device)
+    col = colour_tensor(colour, device)[None, :].expand(p.shape[0], 3)
+    if mark is not None and mark is not False:
+        spot = mark_region(p, n) & hit
+        mark_rgb = colour_tensor(MARK_COLOUR if mark is True else mark, device)
+        col = torch.where(spot[:, None], mark_rgb[None, :], col)
     mask = hit.float()
-    rgb = shade[:, None] * col[None, :] * mask[:, None] + (1 - mask[:, None])
+    rgb = shade[:, None] * col * mask[:, None] + (1 - mask[:, None])
     rgb = rgb.reshape(b, res, res, 3).permute(0, 3, 1, 2).contiguous()
     mask = mask.reshape(b, 1, res, res)
     if supersample > 1:
         rgb = F.avg_pool2d(rgb, supersample)
         mask = F.avg_pool2d(mask, supersample)
     return rgb.clamp(0, 1), mask
+
+
+def mark_region(points: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
+    """bool [...]: surface points [...,3] (with unit normals) inside the front spot."""
+    near_axis = points[..., 1:].norm(dim=-1) < MARK_RADIUS
+    return near_axis & (points[..., 0] > 0) & (normals[..., 0] > MARK_MIN_FACING)
+
+
+def render_toy(toy: ToyPrompt, cameras: CameraBatch, size: int, shape: str | None = None, colour=None, **kw):
+    """render_primitive for a parsed prompt; `shape`/`colour` pick a mode of an under-specified one."""
+    shape = shape or toy.shape
+    colour = colour or toy.colour
+    if shape is None or colour is None:
+        raise ValueError(f"{toy.text()!r} has several modes: pass the shape and colour to render")
+    return render_primitive(shape, colour, cameras, size, mark=True if toy.mark else None, **kw)
 
 
 def sphere_disc_fraction(radius: float, distance: float, fov_deg: float) -> float:
