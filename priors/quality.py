@@ -5,6 +5,12 @@
 - shape: the sample's silhouette is compared (IoU) with every shape's ground-truth silhouettes
   over the camera views the prompt's suffix allows (all views without a suffix); the shape whose
   best view matches best must be the prompted one.
+
+Toy world v2 adds two checks (`evaluate_world_v2`):
+- objects with a front ("... with a black spot, front view"): the spot must show in front-view
+  samples and not in back-view ones (t3d.toy.metrics.mark_visible);
+- under-specified prompts ("a cube", "a red object"): 64 samples must cover every mode, each
+  colour (or shape) in >= 10 % of them.
 """
 
 from __future__ import annotations
@@ -14,8 +20,21 @@ from functools import lru_cache
 
 import torch
 
-from t3d.render.cameras import CameraParams, make_cameras, view_names
-from t3d.toy.world import COLOURS, SHAPES, parse_prompt, render_primitive, split_view, toy_prompts_with_views
+from t3d.render.cameras import VIEW_SUFFIXES, CameraParams, make_cameras, view_names
+from t3d.toy.metrics import mark_visible
+from t3d.toy.world import (
+    COLOURS,
+    SHAPES,
+    marked_prompts,
+    parse_prompt,
+    parse_toy_prompt,
+    render_primitive,
+    split_view,
+    toy_prompts_with_views,
+    underspecified_prompts,
+)
+
+MIN_MODE_SHARE = 0.10  # an under-specified prompt covers a mode when >= 10 % of its samples show it
 
 BACKGROUND_THRESHOLD = 0.25  # a pixel is foreground when some channel is this far below white
 MIN_SATURATION = 0.3
@@ -149,3 +168,64 @@ def evaluate_prior(
     if return_images:
         result["images"] = images
     return result
+
+
+def marked_gate_prompts() -> list[str]:
+    """Every marked prompt from the front and from the back: the views where the spot's place is unambiguous."""
+    return [p + VIEW_SUFFIXES[v] for p in marked_prompts() for v in ("front", "back")]
+
+
+def evaluate_world_v2(
+    prior,
+    n_marked: int = 4,
+    n_modes: int = 64,
+    steps: int = 50,
+    guidance: float = 7.5,
+    seed: int = 0,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> dict:
+    """The v2 gate's two checks: the spot's placement per view, and mode coverage of under-specified prompts."""
+    from .sample import sample_images
+
+    marked = marked_gate_prompts()
+    images = sample_images(
+        prior, marked, n=n_marked, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size, progress=progress
+    )
+    per_marked, ok_all = {}, 0
+    for i, prompt in enumerate(marked):
+        view = parse_toy_prompt(prompt).view
+        shown = mark_visible(images[i * n_marked : (i + 1) * n_marked]).tolist()
+        ok = sum(s == (view == "front") for s in shown)
+        ok_all += ok
+        per_marked[prompt] = {"mark_acc": ok / n_marked, "shown": shown}
+
+    under = underspecified_prompts()
+    images = sample_images(
+        prior, under, n=n_modes, steps=steps, guidance=guidance, seed=seed + 1, batch_size=batch_size, progress=progress
+    )
+    per_under, covered_all = {}, True
+    for i, prompt in enumerate(under):
+        toy = parse_toy_prompt(prompt)
+        imgs = images[i * n_modes : (i + 1) * n_modes]
+        if toy.colour is None:  # "a cube": colour modes; the shape must still be right
+            found = dominant_colour(imgs)
+            modes = list(COLOURS)
+            fixed_ok = sum(s == toy.shape for s in classify_shapes(imgs, None)[0]) / n_modes
+        else:  # "a red object": shape modes; the colour must still be right
+            found = classify_shapes(imgs, None)[0]
+            modes = list(SHAPES)
+            fixed_ok = sum(c == toy.colour for c in dominant_colour(imgs)) / n_modes
+        share = {m: round(sum(f == m for f in found) / n_modes, 4) for m in modes}
+        covered = all(v >= MIN_MODE_SHARE for v in share.values())
+        covered_all &= covered
+        per_under[prompt] = {"mode_share": share, "covered": covered, "named_attribute_acc": fixed_ok}
+    return {
+        "mark_acc": ok_all / max(1, len(marked) * n_marked),
+        "modes_covered": covered_all,
+        "min_mode_share": min(min(r["mode_share"].values()) for r in per_under.values()),
+        "per_marked": per_marked,
+        "per_underspecified": per_under,
+        "n_marked": n_marked,
+        "n_modes": n_modes,
+    }
