@@ -91,7 +91,11 @@ def evaluate_mesh(
     raster: RasterBackend,
     device="cpu",
 ) -> dict:
-    """{} for prompts outside the toy world."""
+    """IoU and colour error as `score`, plus the 3D metrics against the true primitive
+    (t3d.toy.shape_metrics: chamfer, normal consistency, edge sharpness for cubes). {} for prompts
+    outside the toy world."""
+    from t3d.toy.shape_metrics import mesh_shape_metrics
+
     try:
         shape, colour = toyworld.parse_prompt(prompt)
     except ValueError:
@@ -99,4 +103,4 @@ def evaluate_mesh(
     cams = eval_cameras(camera, n_views)
     rgb, mask = render_textured_mesh(tmesh, cams, size, raster, device)
     true_rgb, true_mask = toyworld.render_primitive(shape, colour, cams.to(device), size)
-    return score(rgb, mask, true_rgb, true_mask)
+    return {**score(rgb, mask, true_rgb, true_mask), **mesh_shape_metrics(tmesh.verts, tmesh.faces, shape)}
