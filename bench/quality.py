@@ -1,6 +1,6 @@
 """Toy-world quality: silhouette IoU and foreground colour error against the true primitive, and
 for meshes the 3D metrics of t3d.toy.shape_metrics (Chamfer distance, normal consistency, cube
-edge sharpness).
+edge sharpness; the summary's mean_edge_sharpness is over cube prompts only).
 
 For each prompt the real flow runs (default params of examples/sds_red_cube.yaml, this machine's
 device) up to --upto; every stage that renders something is scored from 8 held-out orbit views
