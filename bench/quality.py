@@ -1,4 +1,6 @@
-"""Toy-world quality: silhouette IoU and foreground colour error against the true primitive.
+"""Toy-world quality: silhouette IoU and foreground colour error against the true primitive, and
+for meshes the 3D metrics of t3d.toy.shape_metrics (Chamfer distance, normal consistency, cube
+edge sharpness; the summary's mean_edge_sharpness is over cube prompts only).
 
 For each prompt the real flow runs (default params of examples/sds_red_cube.yaml, this machine's
 device) up to --upto; every stage that renders something is scored from 8 held-out orbit views
@@ -8,7 +10,9 @@ is scored against this shape's truth; it should be clearly lower than the matche
 
 Goals (issues 4-6): coarse SDS IoU >= 0.80 and colour error <= 0.15 for >= 8/10 prompts, each in
 <= 8 min on 2 CPU cores; exported mesh IoU >= 0.85, colour error <= 0.10 for >= 9/10, the full
-flow <= 10 min per prompt; refine's IoU not more than 0.02 below coarse's.
+flow <= 10 min per prompt; refine's IoU not more than 0.02 below coarse's. Cube gate (issue #16,
+summary["cube_gate"]): every cube prompt's exported mesh reaches IoU >= 0.92, normal consistency
+>= 0.95 and edge sharpness >= 0.84 (thresholds and their derivation: t3d.toy.shape_metrics).
 
 Last output: one JSON object {"results": [...], "controls": [...], "summary": {...}}.
 Usage: python bench/quality.py [--prompt "a red cube" ...] [--upto coarse] [--set stages.coarse.guidance=sjc] [--jobs 2]
@@ -41,6 +45,48 @@ DEFAULT_PROMPTS = [
     "a blue torus",
 ]
 SCORED = ("coarse", "refine", "texture", "export", "extract_mesh")
+MESH_STAGES = ("extract_mesh", "texture", "export")
+SHAPE_COLUMNS = ("chamfer", "normal_consistency", "edge_sharpness")
+
+
+def _mesh_of(stage: str, folder: Path):
+    if stage == "export":
+        from t3d.mesh.export import load_textured
+
+        return load_textured(next(folder.glob("*.glb")))
+    from t3d.stages.extract_mesh import load_mesh
+
+    return load_mesh(folder)
+
+
+def _shape_columns(stage: str, metrics: dict, folder: str | None, prompt: str) -> dict:
+    """The 3D metrics of a mesh stage: from its manifest, or computed here for artifacts made before
+    the stages recorded them (same files, so no stage version changed)."""
+    if "normal_consistency" not in metrics and folder:
+        from t3d.toy import world as toyworld
+        from t3d.toy.shape_metrics import mesh_shape_metrics
+
+        mesh = _mesh_of(stage, Path(folder))
+        metrics = mesh_shape_metrics(mesh.verts, mesh.faces, toyworld.parse_prompt(prompt)[0])
+    return {k: metrics[k] for k in SHAPE_COLUMNS if k in metrics}
+
+
+def cube_gate(results: list[dict]) -> dict:
+    """Per cube prompt: does its last mesh stage (the export when run) pass t3d.toy.shape_metrics.cube_gate?"""
+    from t3d.toy import world as toyworld
+    from t3d.toy.shape_metrics import cube_gate as passes
+
+    prompts = {}
+    for row in results:
+        if row["stage"] in MESH_STAGES and toyworld.parse_prompt(row["prompt"])[0] == "cube":
+            best = prompts.get(row["prompt"])
+            if best is None or MESH_STAGES.index(row["stage"]) >= MESH_STAGES.index(best["stage"]):
+                prompts[row["prompt"]] = row
+    per_prompt = {
+        p: {"stage": r["stage"], **{k: r.get(k) for k in ("iou", *SHAPE_COLUMNS)}, "pass": passes(r)}
+        for p, r in prompts.items()
+    }
+    return {"prompts": per_prompt, "pass": bool(per_prompt) and all(v["pass"] for v in per_prompt.values())}
 
 
 def _score_artifact(stage: str, folder: Path, prompt: str, camera) -> dict:
@@ -55,13 +101,7 @@ def _score_artifact(stage: str, folder: Path, prompt: str, camera) -> dict:
         from t3d.toy.metrics import evaluate_field
 
         return evaluate_field(load_field(folder, choose_hashgrid("torch", "cpu")), prompt, camera)
-    if stage == "export":
-        from t3d.mesh.export import load_textured
-
-        return evaluate_mesh(load_textured(next(folder.glob("*.glb"))), prompt, camera, raster=raster)
-    from t3d.stages.extract_mesh import load_mesh
-
-    return evaluate_mesh(load_mesh(folder), prompt, camera, raster=raster)
+    return evaluate_mesh(_mesh_of(stage, folder), prompt, camera, raster=raster)
 
 
 def _manifest_seconds(path: str | None, default: float) -> float:
@@ -152,6 +192,8 @@ def main() -> None:
                 }
                 if r.stage == "refine":
                     row["particle_pixel_distance"] = r.metrics.get("particle_pixel_distance")
+                if r.stage in MESH_STAGES:
+                    row.update(_shape_columns(r.stage, r.metrics, r.path, prompt))
                 results.append(row)
                 print(json.dumps(row), file=sys.stderr)
         by_prompt[prompt] = (run, cfg.camera)
@@ -184,6 +226,11 @@ def main() -> None:
             "max_cumulative_seconds": max(r["cumulative_seconds"] for r in rows),
             "control_mean_iou": round(sum(ctrl) / len(ctrl), 4) if ctrl else None,
         }
+        for col in SHAPE_COLUMNS:
+            vals = [r[col] for r in rows if col in r]
+            if vals:
+                summary[stage][f"mean_{col}"] = round(sum(vals) / len(vals), 5 if col == "chamfer" else 4)
+    summary["cube_gate"] = cube_gate(results)
     print(
         json.dumps(
             {"results": results, "controls": controls, "summary": summary, "store": store, "overrides": args.sets}

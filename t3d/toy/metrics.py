@@ -142,11 +142,17 @@ def evaluate_mesh(
     raster: RasterBackend,
     device="cpu",
 ) -> dict:
-    """{} for prompts outside the toy world."""
+    """IoU and colour error as `score`, plus the 3D metrics against the true primitive
+    (t3d.toy.shape_metrics: chamfer, normal consistency, edge sharpness for cubes). {} for prompts
+    outside the toy world."""
+    from t3d.toy.shape_metrics import mesh_shape_metrics
+
     try:
         toy = toyworld.parse_toy_prompt(prompt)
     except ValueError:
         return {}
     cams = eval_cameras(camera, n_views)
     rgb, mask = render_textured_mesh(tmesh, cams, size, raster, device)
-    return score_against_truth(rgb, mask, toy, cams.to(device), size)
+    result = score_against_truth(rgb, mask, toy, cams.to(device), size)
+    shape = toy.shape or result["mode"].split()[-1]  # an under-specified prompt: its nearest mode's shape
+    return {**result, **mesh_shape_metrics(tmesh.verts, tmesh.faces, shape)}
