@@ -23,6 +23,7 @@ from pydantic import Field
 
 from t3d.fields.hashgrid import HashGridBackend
 from t3d.fields.nerf import FieldParams, NeRFField, save_field
+from t3d.guidance.perp_neg import F_FS, F_FSB, F_SB, F_SF, ExpDecay, perp_neg_embeddings
 from t3d.guidance.sds import (
     CFG_CONVENTION,
     TRange,
@@ -78,6 +79,20 @@ class CoarseParams(StageParams):
     grad_clip: float | None = None
     sjc_n_noise: int = Field(1, ge=1, description="SJC: noise draws averaged per score (PAAS)")
     sjc_var_red: bool = True
+    sds_noise_baseline: bool = Field(
+        True, description="SDS: subtract the injected noise (False: DreamFusion's ablation, grad = w(t) eps_hat)"
+    )
+    sjc_perturb: bool = Field(
+        True,
+        description="SJC: score noised copies (PAAS); False scores the clean render (the out-of-distribution case)",
+    )
+    perp_neg: bool = Field(
+        False, description="Perp-Neg: azimuth-interpolated view prompt, front/side negatives pushed perpendicularly"
+    )
+    perp_neg_f_fs: ExpDecay = Field(F_FS, description="Perp-Neg weight (a, b, c) of a exp(-b r) + c; threestudio's")
+    perp_neg_f_sf: ExpDecay = F_SF
+    perp_neg_f_sb: ExpDecay = F_SB
+    perp_neg_f_fsb: ExpDecay = F_FSB
     albedo_warmup: float = Field(0.1, ge=0, le=1, description="fraction of steps rendered with albedo shading only")
     shading: Literal["lambertian", "albedo"] = "lambertian"
     textureless_prob: float = Field(0.0, ge=0, le=1)
@@ -100,9 +115,16 @@ class CoarseParams(StageParams):
 
     def key_params(self) -> dict:
         """Leave out what changes nothing: the options of the guidance method not chosen
-        (guidance_loss drops them) and, without a learned background, its MLP's size and rate."""
+        (guidance_loss drops them), ablation switches left at their defaults, Perp-Neg's weights
+        when it is off and, without a learned background, its MLP's size and rate."""
         params = super().key_params()
-        unused = ["sjc_n_noise", "sjc_var_red"] if self.guidance == "sds" else ["weighting"]
+        if self.guidance == "sds":
+            unused = ["sjc_n_noise", "sjc_var_red", "sjc_perturb"]
+        else:
+            unused = ["weighting", "sds_noise_baseline"]
+        unused += [k for k in ("sds_noise_baseline", "sjc_perturb") if getattr(self, k)]
+        if not self.perp_neg:
+            unused += [k for k in params if k.startswith("perp_neg")]
         if self.field.background != "learned":
             unused.append("lr_bg")
             del params["field"]["bg_hidden"]
@@ -169,8 +191,21 @@ class CoarseTrainer:
         if self.occupancy is not None and self.step_idx % p.occupancy_every == 0:
             self.occupancy.update(self.field, self.gen)
         cams = sample_cameras(self.camera, p.batch_size, self.gen)
-        cond = self.emb.for_views(view_names(cams, self.camera))
+        names = view_names(cams, self.camera)
         uncond = self.emb.uncond_batch(p.batch_size)
+        perp_neg = None
+        if p.perp_neg:
+            cond, perp_neg = perp_neg_embeddings(
+                self.emb.views,
+                cams.azimuth,
+                [n == "overhead" for n in names],
+                p.perp_neg_f_fs,
+                p.perp_neg_f_sf,
+                p.perp_neg_f_sb,
+                p.perp_neg_f_fsb,
+            )
+        else:
+            cond = self.emb.for_views(names)
         shading = self.shading_at(self.step_idx)
         out = render(
             self.field,
@@ -203,6 +238,9 @@ class CoarseTrainer:
             generator=self.gen,
             n_noise=p.sjc_n_noise,
             var_red=p.sjc_var_red,
+            noise_baseline=p.sds_noise_baseline,
+            perturb=p.sjc_perturb,
+            perp_neg=perp_neg,
         )
         loss = loss_g
         terms = {"guidance": float(loss_g.detach())}

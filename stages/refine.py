@@ -19,6 +19,7 @@ from pydantic import Field
 
 from t3d.fields.hashgrid import HashGridBackend
 from t3d.fields.nerf import load_field, save_field
+from t3d.guidance.perp_neg import F_FS, F_FSB, F_SB, F_SF, ExpDecay, perp_neg_embeddings
 from t3d.guidance.sds import CFG_CONVENTION, TRange, Weighting, anneal_t_range, opacity_entropy
 from t3d.guidance.vsd import load_lora_state, lora_loss, lora_state, make_lora_branch, vsd_loss
 from t3d.optim import flatten_optimizer, restore_optimizer
@@ -61,6 +62,20 @@ class RefineParams(StageParams):
         ),
     )
     camera_dropout: float = Field(0.1, ge=0, le=1)
+    lora_prompt: Literal["view", "plain"] = Field(
+        "view",
+        description=(
+            "the LoRA branch's text condition: the per-view prompt (view) or the view-independent one "
+            "(plain, threestudio's choice)"
+        ),
+    )
+    perp_neg: bool = Field(
+        False, description="Perp-Neg on the pretrained branch: interpolated view prompt, perpendicular negatives"
+    )
+    perp_neg_f_fs: ExpDecay = Field(F_FS, description="Perp-Neg weight (a, b, c) of a exp(-b r) + c; threestudio's")
+    perp_neg_f_sf: ExpDecay = F_SF
+    perp_neg_f_sb: ExpDecay = F_SB
+    perp_neg_f_fsb: ExpDecay = F_FSB
     lr_grid: float = Field(5e-3, gt=0)
     lr_mlp: float = Field(1e-3, gt=0)
     lr_end_factor: float = Field(
@@ -86,6 +101,14 @@ class RefineParams(StageParams):
     preview_size: int = Field(64, ge=16)
     preview_frames: int = Field(24, ge=4)
     eval_views: int = Field(8, ge=1)
+
+    def key_params(self) -> dict:
+        """Leave out the ablation switch at its default and Perp-Neg's weights when it is off."""
+        params = super().key_params()
+        unused = ["lora_prompt"] if self.lora_prompt == "view" else []
+        if not self.perp_neg:
+            unused += [k for k in params if k.startswith("perp_neg")]
+        return {k: v for k, v in params.items() if k not in unused}
 
 
 class VSDTrainer:
@@ -121,6 +144,27 @@ class VSDTrainer:
             generator=self.gen,
         )
 
+    def lora_condition(self, names: list[str]) -> torch.Tensor:
+        """The LoRA branch's text condition for cameras with these view names."""
+        if self.p.lora_prompt == "plain":
+            return self.emb.cond.expand(len(names), -1, -1)
+        return self.emb.for_views(names)
+
+    def pretrained_condition(self, cams: list, names: list[str]):
+        """The pretrained branch's condition: per-view embeddings, or Perp-Neg's positive and terms."""
+        p = self.p
+        if not p.perp_neg:
+            return self.emb.for_views(names), None
+        return perp_neg_embeddings(
+            self.emb.views,
+            torch.cat([c.azimuth for c in cams]),
+            [n == "overhead" for n in names],
+            p.perp_neg_f_fs,
+            p.perp_neg_f_sf,
+            p.perp_neg_f_sb,
+            p.perp_neg_f_fsb,
+        )
+
     def step(self) -> dict:
         p = self.p
         t0 = time.perf_counter()
@@ -129,7 +173,8 @@ class VSDTrainer:
         rgb = torch.cat([r["rgb"] for r in renders])
         c2w = torch.cat([c.c2w for c in cams])
         names = sum((view_names(c, self.camera) for c in cams), [])
-        cond, uncond = self.emb.for_views(names), self.emb.uncond_batch(len(names))
+        (cond, perp_neg), uncond = self.pretrained_condition(cams, names), self.emb.uncond_batch(len(names))
+        lora_cond = self.lora_condition(names)
         t_range = anneal_t_range(self.step_idx, p.steps, p.t_range, p.t_range_end, "linear")
         loss_vsd, x0, info = vsd_loss(
             self.prior,
@@ -144,6 +189,8 @@ class VSDTrainer:
             weighting=p.weighting,
             grad_clip=p.grad_clip,
             generator=self.gen,
+            lora_cond=lora_cond,
+            perp_neg=perp_neg,
         )
         loss = loss_vsd
         if p.lambda_entropy > 0:
@@ -155,7 +202,7 @@ class VSDTrainer:
         lora_losses = []
         for _ in range(p.lora_steps_per_step):
             l_lora = lora_loss(
-                self.prior, self.lora, x0, c2w, cond, camera_dropout=p.camera_dropout, generator=self.gen
+                self.prior, self.lora, x0, c2w, lora_cond, camera_dropout=p.camera_dropout, generator=self.gen
             )
             self.lora_opt.zero_grad(set_to_none=True)
             l_lora.backward()
@@ -189,7 +236,7 @@ class VSDTrainer:
                 self.lora,
                 x0,
                 c2w,
-                self.emb.for_views(names),
+                self.lora_condition(names),
                 camera_dropout=p.camera_dropout,
                 generator=self.gen,
             )

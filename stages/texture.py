@@ -18,6 +18,7 @@ import torch
 from pydantic import Field
 
 from t3d.fields.nerf import load_field
+from t3d.guidance.perp_neg import perp_neg_embeddings
 from t3d.guidance.sds import CFG_CONVENTION, TRange, anneal_t_range, guidance_loss
 from t3d.guidance.vsd import load_lora_state, lora_loss, lora_state, make_lora_branch, vsd_loss
 from t3d.mesh.export import TexturedMesh, bake_texture
@@ -57,6 +58,9 @@ class TextureParams(StageParams):
         ),
     )
     ambient: float = Field(0.35, ge=0, le=1)
+    perp_neg: bool = Field(
+        False, description="Perp-Neg (threestudio's default weights) on the prior's guided prediction"
+    )
     lora_rank: int = Field(4, ge=1, description="vsd only")
     lora_lr: float = Field(1e-3, gt=0, description="vsd only")
     texture_size: int = Field(512, ge=64, le=4096)
@@ -66,10 +70,12 @@ class TextureParams(StageParams):
     preview_frames: int = Field(24, ge=4)
 
     def key_params(self) -> dict:
-        """SDS trains no LoRA: its rank and learning rate change nothing then."""
+        """SDS trains no LoRA: its rank and learning rate change nothing then. Perp-Neg off: as before it existed."""
         params = super().key_params()
         if self.guidance == "sds":
             del params["lora_rank"], params["lora_lr"]
+        if not self.perp_neg:
+            del params["perp_neg"]
         return params
 
 
@@ -120,12 +126,24 @@ class TextureTrainer:
             rendered = render_mesh(self.verts, self.faces, cams, p.resolution, raster=self.raster, antialias_rgb=False)
         shading = "albedo" if torch.rand(1, generator=gen).item() < p.albedo_prob else p.shading
         rgb = shade_mesh_image(self.field, rendered, cams, shading, p.ambient)
-        cond, uncond = self.emb.for_views(view_names(cams, self.camera)), self.emb.uncond_batch(p.batch_size)
+        names = view_names(cams, self.camera)
+        cond, uncond = self.emb.for_views(names), self.emb.uncond_batch(p.batch_size)
+        guided, perp_neg = cond, None
+        if p.perp_neg:
+            guided, perp_neg = perp_neg_embeddings(self.emb.views, cams.azimuth, [n == "overhead" for n in names])
         t_range = anneal_t_range(self.step_idx, p.steps, p.t_range, p.t_range_end, "linear")
         record = {"step": self.step_idx}
         if self.lora is None:
             loss, info = guidance_loss(
-                "sds", prior, rgb, cond, uncond, guidance_scale=p.guidance_scale, t_range=t_range, generator=gen
+                "sds",
+                prior,
+                rgb,
+                guided,
+                uncond,
+                guidance_scale=p.guidance_scale,
+                t_range=t_range,
+                generator=gen,
+                perp_neg=perp_neg,
             )
         else:
             loss, x0, info = vsd_loss(
@@ -133,11 +151,13 @@ class TextureTrainer:
                 self.lora,
                 rgb,
                 cams.c2w,
-                cond,
+                guided,
                 uncond,
                 guidance_scale=p.guidance_scale or 7.5,
                 t_range=t_range,
                 generator=gen,
+                lora_cond=cond,
+                perp_neg=perp_neg,
             )
             l_lora = lora_loss(prior, self.lora, x0, cams.c2w, cond, generator=gen)
             self.lora_opt.zero_grad(set_to_none=True)

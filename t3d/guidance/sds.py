@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import AfterValidator
 
+from t3d.guidance.perp_neg import PerpNegTerms, predict_noise_perp_neg
+
 Weighting = Literal["sds", "uniform", "fantasia"]
 
 # The classifier-free guidance convention of every `guidance_scale` key, said once for all of them.
@@ -98,6 +100,16 @@ def _expand(cond: torch.Tensor, b: int) -> torch.Tensor:
     return cond.expand(b, -1, -1) if cond.shape[0] == 1 and b > 1 else cond
 
 
+def guided_noise(prior, x_t, t, cond, uncond, scale, perp_neg: PerpNegTerms | None = None, **unet_kwargs):
+    """The CFG noise prediction, or Perp-Neg's when `perp_neg` holds negatives (cond is then the
+    interpolated positive)."""
+    if perp_neg is None:
+        return prior.predict_noise(x_t, t, cond, uncond, guidance_scale=scale, **unet_kwargs)
+    if uncond is None:
+        raise ValueError("perp_neg needs the unconditional embedding")
+    return predict_noise_perp_neg(prior, x_t, t, cond, uncond, perp_neg, scale, **unet_kwargs)
+
+
 def _prepare(prior, rgb, guidance_scale, t_range, generator, t):
     """Shared by SDS and SJC: the guidance scale, the renders in model space, the timesteps."""
     scale = prior.default_guidance_scale if guidance_scale is None else guidance_scale
@@ -120,8 +132,13 @@ def sds_loss(
     generator: torch.Generator | None = None,
     t: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
+    noise_baseline: bool = True,
+    perp_neg: PerpNegTerms | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """DreamFusion's SDS loss for renders rgb [B,3,H,W] in [0,1]; cond/uncond [B or 1, L, D]."""
+    """DreamFusion's SDS loss for renders rgb [B,3,H,W] in [0,1]; cond/uncond [B or 1, L, D].
+
+    noise_baseline=False is DreamFusion's ablation: grad = w(t) eps_hat, without subtracting the
+    injected noise (the baseline that cancels its variance). perp_neg: Perp-Neg guidance."""
     scale, x, t = _prepare(prior, rgb, guidance_scale, t_range, generator, t)
     b = x.shape[0]
     if noise is None:
@@ -129,10 +146,11 @@ def sds_loss(
     alphas = prior.alphas_cumprod.to(x.device)[t].view(-1, 1, 1, 1)
     with torch.no_grad():
         x_t = alphas.sqrt() * x.detach() + (1 - alphas).sqrt() * noise
-        eps_hat = prior.predict_noise(
-            x_t, t, _expand(cond, b), None if uncond is None else _expand(uncond, b), guidance_scale=scale
+        eps_hat = guided_noise(
+            prior, x_t, t, _expand(cond, b), None if uncond is None else _expand(uncond, b), scale, perp_neg
         ).float()
-        grad = _clip(sds_weight(alphas, weighting) * (eps_hat - noise), grad_clip)
+        residual = eps_hat - noise if noise_baseline else eps_hat
+        grad = _clip(sds_weight(alphas, weighting) * residual, grad_clip)
     loss = _reparam_loss(x, grad)
     return loss, {"t": t.detach().cpu(), "grad_norm": float(grad.norm()), "guidance_scale": float(scale)}
 
@@ -150,22 +168,32 @@ def sjc_loss(
     grad_clip: float | None = None,
     generator: torch.Generator | None = None,
     t: torch.Tensor | None = None,
+    perturb: bool = True,
+    perp_neg: PerpNegTerms | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """SJC's Perturb-and-Average Scoring chained through the renderer (ascends log p)."""
+    """SJC's Perturb-and-Average Scoring chained through the renderer (ascends log p).
+
+    perturb=False scores the clean render itself (z = x, no noise, one draw): D(x, sigma) =
+    x - sigma eps_hat(sqrt(a) x, t), the out-of-distribution input PAAS exists to avoid.
+    perp_neg: Perp-Neg guidance."""
     scale, x, t = _prepare(prior, rgb, guidance_scale, t_range, generator, t)
     b = x.shape[0]
     a = prior.alphas_cumprod.to(x.device)[t].view(-1, 1, 1, 1)
     sigma = ((1 - a) / a).sqrt()
     with torch.no_grad():
         y = x.detach()
-        k = int(n_noise)
-        noise = torch.randn((k,) + tuple(x.shape), generator=generator).to(x.device)  # [K,B,...]
-        z = y[None] + sigma[None] * noise
+        if perturb:
+            k = int(n_noise)
+            noise = torch.randn((k,) + tuple(x.shape), generator=generator).to(x.device)  # [K,B,...]
+            z = y[None] + sigma[None] * noise
+        else:
+            k, z = 1, y[None]
         x_t = (a.sqrt()[None] * z).flatten(0, 1)
         tt = t.repeat(k)
         c = _expand(cond, b).repeat(k, 1, 1)
         u = None if uncond is None else _expand(uncond, b).repeat(k, 1, 1)
-        eps_hat = prior.predict_noise(x_t, tt, c, u, guidance_scale=scale).float().view_as(z)
+        terms = None if perp_neg is None else perp_neg.repeat(k)
+        eps_hat = guided_noise(prior, x_t, tt, c, u, scale, terms).float().view_as(z)
         denoised = z - sigma[None] * eps_hat  # D(z, sigma), [K,B,...]
         if var_red:
             score_sigma = (denoised.mean(0) - y) / sigma
@@ -185,9 +213,11 @@ def guidance_loss(method: Literal["sds", "sjc"], prior, rgb, cond, uncond, **kwa
     """Dispatch by name; kwargs that the chosen method does not take are ignored."""
     if method == "sds":
         allowed = {"guidance_scale", "t_range", "weighting", "grad_clip", "generator", "t", "noise"}
+        allowed |= {"noise_baseline", "perp_neg"}
         return sds_loss(prior, rgb, cond, uncond, **{k: v for k, v in kwargs.items() if k in allowed})
     if method == "sjc":
         allowed = {"guidance_scale", "t_range", "n_noise", "var_red", "grad_clip", "generator", "t"}
+        allowed |= {"perturb", "perp_neg"}
         return sjc_loss(prior, rgb, cond, uncond, **{k: v for k, v in kwargs.items() if k in allowed})
     raise ValueError(f"unknown guidance method {method!r}: use sds or sjc")
 

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from t3d.guidance.sds import _clip, _expand, _reparam_loss, sample_timesteps, sds_weight
+from t3d.guidance.perp_neg import PerpNegTerms
+from t3d.guidance.sds import _clip, _expand, _reparam_loss, guided_noise, sample_timesteps, sds_weight
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -115,8 +116,14 @@ def vsd_loss(
     weighting: str = "sds",
     grad_clip: float | None = None,
     generator: torch.Generator | None = None,
+    lora_cond: torch.Tensor | None = None,
+    perp_neg: PerpNegTerms | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """The field's VSD loss on renders, plus the model-space renders for the LoRA's own loss."""
+    """The field's VSD loss on renders, plus the model-space renders for the LoRA's own loss.
+
+    lora_cond: the LoRA branch's text condition (None: `cond`), e.g. the view-independent prompt
+    while the pretrained branch gets per-view ones. perp_neg: Perp-Neg on the pretrained branch
+    only (cond is then its interpolated positive); the LoRA models the renders, not the prompt."""
     x = prior.images_to_model(rgb).float()
     b = x.shape[0]
     t = sample_timesteps(b, t_range, prior.num_train_timesteps, generator).to(x.device)
@@ -125,13 +132,13 @@ def vsd_loss(
     camera = camera_condition(c2w).to(x.device)
     with torch.no_grad():
         x_t = alphas.sqrt() * x.detach() + (1 - alphas).sqrt() * noise
-        eps_pretrained = prior.predict_noise(
-            x_t, t, _expand(cond, b), _expand(uncond, b), guidance_scale=guidance_scale
+        eps_pretrained = guided_noise(
+            prior, x_t, t, _expand(cond, b), _expand(uncond, b), guidance_scale, perp_neg
         ).float()
         eps_lora = prior.predict_noise(
             x_t,
             t,
-            _expand(cond, b),
+            _expand(cond if lora_cond is None else lora_cond, b),
             _expand(uncond, b),
             guidance_scale=lora_guidance_scale,
             unet=lora_unet,
