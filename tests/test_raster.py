@@ -12,6 +12,7 @@ from t3d.backends import BackendChoice
 from t3d.render import raster as raster_impl
 from t3d.render.cameras import camera_rays, make_cameras, projection_matrix
 from t3d.render.raster import NvdiffrastRaster, RasterBackend, TorchRaster, choose_raster, render_mesh
+from t3d.toy.world import sphere_disc_fraction
 
 RASTER = TorchRaster("cpu")
 TRI = torch.tensor([[0, 1, 2]], dtype=torch.int32)
@@ -408,28 +409,18 @@ def test_every_rasterizing_function_requires_the_backend():
         RasterBackend("cpu", BackendChoice("x", "torch", "test"))  # the interface itself rasterizes nothing
 
 
-def test_torch_twin_speed_10k_faces_128():
-    import time
-
+def test_torch_twin_10k_faces_128():
+    """A 10k-face mesh at 128 px covers the expected disc. Its speed is bench/raster.py's to report:
+    a timed assertion fails on a busy shared machine and passes a slow rasterizer on an idle one."""
     import trimesh
 
     m = trimesh.creation.uv_sphere(radius=0.7, count=[51, 51])  # 10,400 faces
     v = torch.tensor(m.vertices, dtype=torch.float32)
     f = torch.tensor(m.faces, dtype=torch.int32)
     cams = make_cameras([30.0], [20.0], 2.5, 40.0)
-    # One intra-op thread: on a shared 2-core machine OpenMP threads fighting other processes
-    # make the timing meaningless (10-40x slower under load); bench/raster.py reports both.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        render_mesh(v, f, cams, 128, raster=RASTER)  # warm-up
-        t0 = time.perf_counter()
-        out = render_mesh(v, f, cams, 128, raster=RASTER)
-        dt = time.perf_counter() - t0
-    finally:
-        torch.set_num_threads(threads)
-    assert out["mask"].sum() > 1000
-    assert dt < 1.0, f"torch rasterizer took {dt:.2f}s for 10k faces at 128x128"
+    out = render_mesh(v, f, cams, 128, raster=RASTER)
+    covered = out["mask"].sum().item() / 128**2
+    assert covered == pytest.approx(sphere_disc_fraction(0.7, 2.5, 40.0), rel=0.03)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

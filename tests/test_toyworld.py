@@ -1,21 +1,25 @@
 import colorsys
-import time
 
 import pytest
 import torch
 
 from t3d.render.cameras import CameraParams, make_cameras, orbit_cameras, sample_cameras
+from t3d.toy.metrics import canonical_cameras, janus_readout, mark_visible, score_against_truth
 from t3d.toy.world import (
     COLOURS,
+    MARK_WORDS,
     SHAPES,
     SPHERE_RADIUS,
+    marked_prompts,
     parse_prompt,
+    parse_toy_prompt,
     render_primitive,
     sdf,
     sphere_disc_fraction,
     split_view,
     toy_prompts,
     toy_prompts_with_views,
+    underspecified_prompts,
 )
 
 
@@ -119,9 +123,65 @@ def test_supersampling_gives_soft_edges():
     assert soft.mean().item() == pytest.approx(hard.mean().item(), rel=0.05)
 
 
-def test_render_speed():
-    cams = sample_cameras(CameraParams(), 64, torch.Generator().manual_seed(0))
-    render_primitive("torus", "red", cams, 16)  # warm up
-    t = time.perf_counter()
-    render_primitive("torus", "green", cams, 64)
-    assert time.perf_counter() - t < 3.0  # ~0.1 s on an idle 2-core machine
+# ---- toy world v2: objects with a front, under-specified prompts --------------------------------
+
+
+@pytest.mark.parametrize(
+    "prompt,shape,colour,mark,view,n_modes",
+    [
+        ("a red cube with a black spot, front view", "cube", "red", True, "front", 1),
+        ("a cube", "cube", None, False, None, 4),
+        ("A Blue Object, back view", None, "blue", False, "back", 5),
+        ("a torus with a black spot", "torus", None, True, None, 4),
+    ],
+)
+def test_parse_toy_prompt(prompt, shape, colour, mark, view, n_modes):
+    toy = parse_toy_prompt(prompt)
+    assert (toy.shape, toy.colour, toy.mark, toy.view) == (shape, colour, mark, view)
+    assert len(toy.modes) == n_modes
+    assert parse_toy_prompt(toy.text()) == toy  # the canonical text parses back
+
+
+def test_parse_toy_prompt_rejects():
+    for bad in ["an object", "a red cube object", "a red", "a black spot", "a purple cube"]:
+        with pytest.raises(ValueError):
+            parse_toy_prompt(bad)
+    with pytest.raises(ValueError, match="several modes"):
+        parse_prompt("a cube")  # the fully specified parser refuses a prompt with modes
+
+
+def test_world_v2_prompt_lists():
+    assert len(marked_prompts()) == len(toy_prompts()) and all(p.endswith(MARK_WORDS) for p in marked_prompts())
+    under = underspecified_prompts()
+    assert len(under) == len(SHAPES) + len(COLOURS)
+    assert all(not parse_toy_prompt(p).fully_specified for p in under)
+
+
+def test_spot_shows_from_the_front_only():
+    """The true marked object is never Janus; an unmarked one reads as 'no spot at the front'."""
+    cams = canonical_cameras(CameraParams())
+    for shape in SHAPES:
+        marked, _ = render_primitive(shape, "blue", cams, 32, supersample=2, mark=True)
+        readout = janus_readout(marked)
+        assert readout["mark_sides"] == ["front"] and not readout["janus"], (shape, readout)
+        plain, _ = render_primitive(shape, "blue", cams, 32, supersample=2)
+        assert not mark_visible(plain).any() and janus_readout(plain)["janus"]
+    # A spot painted on every side (the Janus failure) is caught: the back view shows one too.
+    back = make_cameras([180.0], [15.0], 2.5, 40.0)
+    rgb, _ = render_primitive("sphere", "red", back, 32, supersample=2, mark=True)
+    assert not mark_visible(rgb).any()
+
+
+def test_underspecified_prompt_scores_against_its_nearest_mode():
+    cams = orbit_cameras(CameraParams(), 4)
+    rgb, mask = render_primitive("cube", "green", cams, 32)
+    result = score_against_truth(rgb, mask, parse_toy_prompt("a cube"), cams, 32)
+    assert result["mode"] == "green cube" and result["iou"] == 1.0 and result["color_err"] < 1e-6
+    rgb, mask = render_primitive("torus", "red", cams, 32)
+    result = score_against_truth(rgb, mask, parse_toy_prompt("a red object"), cams, 32)
+    assert result["mode"] == "red torus" and result["iou"] == 1.0
+    # A marked prompt's truth has the spot: the plain object scores a colour error against it.
+    rgb, mask = render_primitive("sphere", "red", cams, 32)
+    plain = score_against_truth(rgb, mask, parse_toy_prompt("a red sphere"), cams, 32)
+    marked = score_against_truth(rgb, mask, parse_toy_prompt("a red sphere with a black spot"), cams, 32)
+    assert plain["color_err"] < 1e-6 < marked["color_err"]

@@ -83,15 +83,10 @@ def score_against_truth(rgb, mask, toy: toyworld.ToyPrompt, cams, size: int) -> 
 
 
 @torch.no_grad()
-def evaluate_field(field, prompt: str, camera: CameraParams, n_views: int = 8, size: int = 32) -> dict:
-    """A radiance field, volume-rendered lambertian under the toy world's light. {} if not a toy prompt."""
+def render_field_lit(field, cams, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """A radiance field volume-rendered lambertian under the toy world's light: rgb [B,3,H,W], opacity [B,1,H,W]."""
     from t3d.render.volume import render
 
-    try:
-        toy = toyworld.parse_toy_prompt(prompt)
-    except ValueError:
-        return {}
-    cams = eval_cameras(camera, n_views)
     out = render(
         field,
         cams,
@@ -103,7 +98,29 @@ def evaluate_field(field, prompt: str, camera: CameraParams, n_views: int = 8, s
         diffuse=toyworld.DIFFUSE,
         background="white",
     )
-    return score_against_truth(out["rgb"], out["opacity"], toy, cams.to(field.device), size)
+    return out["rgb"], out["opacity"]
+
+
+@torch.no_grad()
+def evaluate_field(field, prompt: str, camera: CameraParams, n_views: int = 8, size: int = 32) -> dict:
+    """A radiance field against the truth from held-out orbit views. {} if not a toy prompt."""
+    try:
+        toy = toyworld.parse_toy_prompt(prompt)
+    except ValueError:
+        return {}
+    cams = eval_cameras(camera, n_views)
+    rgb, opacity = render_field_lit(field, cams, size)
+    return score_against_truth(rgb, opacity, toy, cams.to(field.device), size)
+
+
+def foreground_saturation(rgb: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean HSV saturation over pixels with mask > 0.5 ([B,3,H,W], [B,1,H,W]); the spot (dark,
+    unsaturated) is left out so it does not read as lost colour."""
+    px = rgb.permute(0, 2, 3, 1)[(mask[:, 0] > 0.5) & (rgb.amax(dim=1) >= MARK_MAX_CHANNEL)]
+    if px.shape[0] == 0:
+        return 0.0
+    mx, mn = px.max(dim=-1).values, px.min(dim=-1).values
+    return float(((mx - mn) / mx.clamp_min(1e-6)).mean())
 
 
 @torch.no_grad()

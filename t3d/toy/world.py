@@ -132,7 +132,14 @@ def parse_toy_prompt(prompt: str) -> ToyPrompt:
     shapes = [w for w in words if w in SHAPES]
     colours = [w for w in words if w in COLOURS]
     any_shape = ANY_SHAPE_WORD in words
-    if len(shapes) > 1 or len(colours) > 1 or (not shapes and not (any_shape and colours)) or (shapes and any_shape):
+    unknown = [w for w in words if w not in SHAPES and w not in COLOURS and w not in (ANY_SHAPE_WORD, "a", "an", "the")]
+    if (
+        unknown
+        or len(shapes) > 1
+        or len(colours) > 1
+        or (not shapes and not (any_shape and colours))
+        or (shapes and any_shape)
+    ):
         raise ValueError(
             f"not a toy-world prompt: {prompt!r} (want 'a <colour> <shape>', 'a <shape>' or 'a <colour> "
             f"{ANY_SHAPE_WORD}' with colour in {list(COLOURS)} and shape in {list(SHAPES)}, optionally "
