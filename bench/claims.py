@@ -477,12 +477,15 @@ def _coarse_to_fine(arms: dict, done: dict, settings: Settings) -> dict:
     budgets, rows_c2f = {}, []
     for run in c2f_runs:
         st = done[run]["stages"]
+        if "extract_mesh" not in st:
+            continue
         spent = _per_step(st["coarse"], settings.coarse_steps) * settings.coarse_steps + st["extract_mesh"][
             "timings"
         ].get("geometry_s", 0.0)
         budgets[run.prompt] = spent
         rows_c2f.append({"prompt": run.prompt, "seconds": round(spent, 1), **_mesh_row(st["extract_mesh"]["metrics"])})
     steps_hi = {p: max(20, int(b / step64)) for p, b in budgets.items()}
+    c2f_runs = [r for r in c2f_runs if r.prompt in budgets]
     hi_runs = [
         Run(
             p,
@@ -496,7 +499,7 @@ def _coarse_to_fine(arms: dict, done: dict, settings: Settings) -> dict:
             ),
             "extract_mesh",
         )
-        for p in CUBES
+        for p in budgets
     ]
     done_hi = run_all(hi_runs, settings)
     rows_hi = []
