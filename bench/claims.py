@@ -77,6 +77,7 @@ class Settings:
     store: str = ""
     jobs: int = 1
     extra: tuple[str, ...] = ()  # --set overrides for every run
+    cached_only: bool = False  # analyse what the store holds; compute nothing
 
     def coarse(self, *extra: str) -> tuple[str, ...]:
         return (
@@ -99,17 +100,22 @@ class Settings:
 # ---- running flows ------------------------------------------------------------------------------
 
 
-def _execute(run: Run, store: str) -> dict:
-    """In a worker: run the flow up to run.upto; per stage its folder, metrics and compute seconds."""
+def _execute(run: Run, store: str, cached_only: bool = False) -> dict:
+    """In a worker: run the flow up to run.upto; per stage its folder, metrics and compute seconds.
+    `cached_only`: a run whose stages are not all in the store is reported, not computed."""
     from t3d.flows.config import load_config
     from t3d.flows.flow import run_prompt
+    from t3d.runner import plan
     from t3d.stages import default_registry
+    from t3d.store import ArtifactStore
 
     reg = default_registry()
     names = list(reg)
     after = names[names.index(run.upto) + 1 :]
     sets = [*run.sets, f"store={store}", f"seed={run.seed}", *(f"stages.{n}.enabled=false" for n in after)]
     cfg = load_config(str(BASE_FLOW), sets, reg, prompt=run.prompt)
+    if cached_only and any(step.needs_run for step in plan(cfg, run.prompt, reg, ArtifactStore(cfg.store))):
+        return {"error": "not computed (--cached-only)", "stages": {}}
     result = run_prompt(cfg, run.prompt, reg, use_prefect=False, show_progress=False)
     stages = {}
     for r in result.results:
@@ -128,7 +134,7 @@ def run_all(runs: list[Run], settings: Settings) -> dict[Run, dict]:
     out: dict[Run, dict] = {}
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(settings.jobs, mp_context=ctx) as pool:
-        futures = {pool.submit(_execute, r, settings.store): r for r in todo}
+        futures = {pool.submit(_execute, r, settings.store, settings.cached_only): r for r in todo}
         for i, fut in enumerate(as_completed(futures), 1):
             run = futures[fut]
             try:
@@ -570,6 +576,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--refine-steps", type=int, default=150)
     ap.add_argument("--set", dest="sets", action="append", default=[], help="flow override for every run")
     ap.add_argument("--store", default=None, help="artifact store to reuse (default: a temporary folder)")
+    ap.add_argument("--cached-only", action="store_true", help="analyse the runs --store holds; compute nothing")
     ap.add_argument("--table", metavar="JSON", help="print the README table of a finished run's JSON and exit")
     args = ap.parse_args(argv)
     if args.table:
@@ -585,6 +592,7 @@ def main(argv: list[str] | None = None) -> dict:
         store=args.store or tempfile.mkdtemp(prefix="t3d-claims-"),
         jobs=args.jobs,
         extra=tuple(args.sets),
+        cached_only=args.cached_only,
     )
     started = time.time()
     arms = plan(settings, list(args.claim or CLAIMS))
