@@ -153,7 +153,13 @@ def test_evaluate_mesh_adds_the_3d_metrics(true_cube):
     out = evaluate_mesh(tmesh, "a red cube", CameraParams(), n_views=2, size=24, raster=raster)
     assert out["iou"] > 0.9 and out["color_err"] < 0.1
     assert out == {**out, **sm.mesh_shape_metrics(tmesh.verts, tmesh.faces, "cube")}
-    assert evaluate_mesh(tmesh, "a cube", CameraParams(), raster=raster) == {}  # under-specified: not scored
+    # An under-specified prompt is scored against its nearest mode: a red cube is "a cube"'s red mode,
+    # and "a red object"'s cube mode, with the cube's 3D metrics.
+    any_colour = evaluate_mesh(tmesh, "a cube", CameraParams(), n_views=2, size=24, raster=raster)
+    assert any_colour["mode"] == "red cube" and any_colour["iou"] == out["iou"]
+    any_shape = evaluate_mesh(tmesh, "a red object", CameraParams(), n_views=2, size=24, raster=raster)
+    assert any_shape["mode"] == "red cube" and any_shape["normal_consistency"] == out["normal_consistency"]
+    assert evaluate_mesh(tmesh, "a red teapot", CameraParams(), raster=raster) == {}  # outside the toy world
 
 
 def _quality():
