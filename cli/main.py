@@ -90,20 +90,27 @@ def run(
     from_stage: str | None = typer.Option(None, "--from", help="force this stage and every later one to re-run"),
     prompt: str | None = typer.Option(None, "--prompt", help="run this prompt instead of the file's prompt(s)"),
     no_prefect: bool = typer.Option(False, "--no-prefect", help="run the stages in-process without Prefect"),
+    seeds: int | None = typer.Option(
+        None, "--seeds", min=1, max=64, help="best-of-N: run N seeds and deliver the one the prior scores best"
+    ),
+    out_dir: Path | None = typer.Option(
+        None, "--out", help="deliver into DIR/<name>/ (default: the flow's `outputs:`, ./outputs next to it)"
+    ),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="also show Prefect's, HTTP and library logs"),
 ) -> None:
-    """Run a flow: finished stages are reused (cached), the first missing one continues."""
+    """Run a flow: finished stages are reused (cached), the first missing one continues; the result is
+    delivered by name to outputs/<name>/ with a report.html."""
     _quiet_third_parties(verbose)
     from t3d.flows.config import ConfigError, check_environment, load_config
     from t3d.stages import registry_from_env
 
     registry = registry_from_env()
     try:
-        cfg = load_config(flow_file, set_, registry, prompt=prompt)
+        cfg = load_config(flow_file, [*set_, *([f"seeds={seeds}"] if seeds else [])], registry, prompt=prompt)
         check_environment(cfg, str(flow_file))
     except ConfigError as exc:
         _fail_input(str(exc))
-    from t3d.flows.flow import run_prompt
+    from t3d.flows.best_of_n import run_seeds
     from t3d.flows.server import PrefectConnection
 
     _setup_logging(verbose)
@@ -111,7 +118,7 @@ def run(
     with PrefectConnection(on_wait=lambda msg: console.status(msg, spinner="dots")) as prefect:
         for text in cfg.prompt_list():
             try:
-                result = run_prompt(
+                outcome = run_seeds(
                     cfg,
                     text,
                     registry,
@@ -122,16 +129,69 @@ def run(
                 )
             except ValueError as exc:  # planning errors: bad --from, disabled dependencies
                 _fail_input(f"{flow_file}: {exc}")
-            _print_run(result)
-            failed = failed or result.state == "failed"
+            for _, result, _ in sorted(outcome.ranked, key=lambda r: r[0]):
+                _print_run(result, seeded=len(outcome.ranked) > 1)
+            if len(outcome.ranked) > 1:
+                _print_ranking(outcome)
+            _deliver(cfg, outcome, flow_file, out_dir, prefect)
+            failed = failed or any(r.state == "failed" for _, r, _ in outcome.ranked)
     raise typer.Exit(EXIT_FAILED if failed else EXIT_OK)
 
 
-def _print_run(result) -> None:
+def _deliver(cfg, outcome, flow_file: Path, out_dir: Path | None, prefect) -> None:
+    """Copy the (best) run's files to outputs/<name>/ with its report; say where."""
+    from t3d.flows.outputs import deliver
+
+    best = outcome.best
+    if best.state == "failed":
+        return
+    seeds = outcome.ranked if len(outcome.ranked) > 1 else None
+    ui = os.environ.get("PREFECT_API_URL", "").rstrip("/").removesuffix("/api") or None
+    try:
+        folder = deliver(cfg, best, str(flow_file), out_dir, seeds=seeds, prefect_url=ui)
+    except OSError as exc:
+        console.print(f"[red]could not write the outputs folder: {escape(str(exc))}[/]", highlight=False)
+        return
+    if folder is None:
+        return
+    report = folder / "report.html"
+    out.print(f"outputs: {folder}/\nreport:  {report}   (or: t3d view {folder})", soft_wrap=True, highlight=False)
+    api = prefect.connected_url if prefect is not None else None
+    if api:
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        from t3d.flows.publish import publish_report_link
+
+        with temporary_settings(updates={PREFECT_API_URL: api}):
+            publish_report_link(best.prompt, report)
+
+
+def _print_ranking(outcome) -> None:
+    table = Table(title=escape(f"best of {len(outcome.ranked)} seeds: {outcome.prompt[:50]!r}"), title_justify="left")
+    for col in ("rank", "seed", "score", "state", "quality"):
+        table.add_column(col, no_wrap=True)
+    for rank, (seed, result, score) in enumerate(outcome.ranked, 1):
+        metrics = result.results[-1].metrics if result.results else {}
+        quality = " ".join(
+            f"{k}={metrics[k]:.3f}" for k in ("iou", "color_err") if isinstance(metrics.get(k), (int, float))
+        )
+        value = score.get("score")
+        table.add_row(
+            f"{rank}{' (best)' if rank == 1 else ''}",
+            str(seed),
+            f"{value:.4g}" if isinstance(value, (int, float)) else "-",
+            result.state,
+            quality,
+        )
+    out.print(table)
+
+
+def _print_run(result, seeded: bool = False) -> None:
     """The summary: one row per stage, at most 80 columns; then the file a person wants."""
     from t3d.store import short_id
 
-    table = Table(title=escape(f"{result.prompt[:60]!r}  [{result.state}]"), title_justify="left")
+    seed = f" seed {result.seed}" if seeded else ""
+    table = Table(title=escape(f"{result.prompt[:60]!r}{seed}  [{result.state}]"), title_justify="left")
     table.add_column("stage", no_wrap=True)
     table.add_column("state", no_wrap=True)
     table.add_column("s", justify="right", no_wrap=True)
@@ -182,10 +242,14 @@ def batch(
     data: Path | None = typer.Option(
         None, help="Prefect data folder when t3d starts the server itself (default ~/.cache/t3d/prefect)"
     ),
+    out_dir: Path | None = typer.Option(
+        None, "--out", help="deliver into DIR/<slug>/ and DIR/gallery-<file>.html (default: the flow's outputs:)"
+    ),
 ) -> None:
-    """Generate every prompt of a list: one flow run each; a failing prompt does not stop the others."""
+    """Generate every prompt of a list: one flow run each; a failing prompt does not stop the others.
+    Writes a gallery page with one card per prompt."""
     _quiet_third_parties(False)
-    from t3d.flows.batch import read_prompts, run_batch, write_summary
+    from t3d.flows.batch import read_prompts, run_batch, write_batch_gallery, write_summary
     from t3d.flows.config import ConfigError, load_config
     from t3d.flows.server import PrefectConnection
 
@@ -225,9 +289,11 @@ def batch(
             env={"TQDM_DISABLE": os.environ.get("TQDM_DISABLE", "1")},
             on_done=report,
             prefect=prefect,
+            out=out_dir,
         )
         base = summary or Path(f"batch-{prompts_file.stem}")
         json_path, csv_path = write_summary(rows, base)
+        gallery = write_batch_gallery(rows, flow, prompts_file.stem, out_dir)
         if api:
             from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -250,6 +316,7 @@ def batch(
         table.add_row(r.prompt, r.state, f"{r.seconds:.1f}", r.glb, quality, r.error)
     out.print(table)
     out.print(f"summary: {csv_path} and {json_path}")
+    out.print(f"gallery: {gallery}   (or: t3d view {gallery})", soft_wrap=True, highlight=False)
     raise typer.Exit(EXIT_FAILED if any(r.state == "failed" for r in rows) else EXIT_OK)
 
 

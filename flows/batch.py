@@ -21,6 +21,7 @@ from pathlib import Path
 
 from t3d import runner
 from t3d.flows.config import ConfigError, load_config
+from t3d.flows.outputs import delivery_dir, outputs_root
 from t3d.flows.server import PrefectConnection
 from t3d.store import ArtifactStore
 
@@ -58,6 +59,7 @@ class BatchRow:
     computed_stages: list[str] = field(default_factory=list)
     metrics: dict = field(default_factory=dict)
     error: str = ""
+    outputs: str = ""  # the delivery folder (outputs/<slug>/), when this run delivered one
 
 
 def _row_from_record(
@@ -90,6 +92,7 @@ def run_batch(
     env: dict | None = None,
     on_done: Callable[[BatchRow], None] | None = None,
     prefect: PrefectConnection | None = None,
+    out: str | Path | None = None,
 ) -> list[BatchRow]:
     """Each prompt runs as `t3d run FLOW --prompt P` in a child process (its own flow run).
 
@@ -103,11 +106,15 @@ def run_batch(
         cmd = [sys.executable, "-m", "t3d.cli.main", "run", str(flow_file), "--prompt", prompt]
         for o in overrides or []:
             cmd += ["--set", o]
+        if out is not None:
+            cmd += ["--out", str(out)]
         started = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         tail = "" if proc.returncode == 0 else (proc.stderr.strip().splitlines() or [""])[-1][:300]
         run_id = runner.run_id_for(cfg, prompt, str(flow_file))
         row = _row_from_record(prompt, run_id, store, time.perf_counter() - started, proc.returncode, tail)
+        folder = delivery_dir(cfg, prompt, flow_file, out)
+        row.outputs = str(folder) if row.state != "failed" and (folder / "report.html").is_file() else ""
         if on_done:
             on_done(row)
         return row
@@ -138,3 +145,32 @@ def write_summary(rows: list[BatchRow], base: str | Path) -> tuple[Path, Path]:
                 ]
             )
     return json_path, csv_path
+
+
+def write_batch_gallery(rows: list[BatchRow], flow_file: str | Path, stem: str, out: str | Path | None = None) -> Path:
+    """<outputs>/gallery-<stem>.html: one card per prompt, linking each delivery's report."""
+    from t3d.report import write_gallery
+
+    cfg = load_config(flow_file, prompt=rows[0].prompt)
+    root = outputs_root(cfg, flow_file, out)
+    root.mkdir(parents=True, exist_ok=True)
+    cards = []
+    for r in rows:
+        folder = Path(r.outputs) if r.outputs else None
+        thumb = None
+        if folder is not None:
+            thumb = next(
+                (f"{folder.name}/{n}" for n in ("turntable.gif", "turntable.png") if (folder / n).is_file()), None
+            )
+        cards.append(
+            {
+                "prompt": r.prompt,
+                "state": r.state,
+                "href": f"{folder.name}/report.html" if folder is not None else None,
+                "thumb": thumb,
+                "metrics": {k: v for k, v in r.metrics.items() if k.startswith("export.")},
+                "error": r.error or None,
+                "seconds": r.seconds,
+            }
+        )
+    return write_gallery(root / f"gallery-{stem}.html", f"batch {stem}", cards)

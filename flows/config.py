@@ -27,6 +27,11 @@ class FlowBase(BaseModel):
     prompts: list[str] | None = None
     negative_prompt: str = ""
     seed: int = Field(0, ge=0)
+    seeds: int | list[int] = Field(
+        1,
+        description="best-of-N: N runs (seed, seed+1, ...) or these seeds; the prior's own score picks the best",
+    )
+    outputs: str = Field("outputs", description="deliverables folder (relative to the flow file): <outputs>/<name>/")
     prior: str = "embedded"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     store: str = "./artifacts"
@@ -63,7 +68,16 @@ class FlowBase(BaseModel):
         except ValueError:
             raise ValueError(f"not slug-safe: use letters, digits, '.', '_', '-', e.g. {slugify(v)!r}") from None
 
-    @field_validator("store", "prior")
+    @field_validator("seeds")
+    @classmethod
+    def _seed_count_or_list(cls, v: int | list[int]) -> int | list[int]:
+        if isinstance(v, int) and not 1 <= v <= 64:
+            raise ValueError("give a count from 1 to 64 (e.g. seeds: 4) or a list of seeds (e.g. seeds: [0, 7, 42])")
+        if isinstance(v, list) and (not v or len(set(v)) != len(v) or min(v) < 0):
+            raise ValueError("give distinct seeds >= 0, e.g. seeds: [0, 7, 42] (or a count, e.g. seeds: 4)")
+        return v
+
+    @field_validator("store", "prior", "outputs")
     @classmethod
     def _plain_text(cls, v: str) -> str:
         if "\x00" in v:
@@ -91,6 +105,10 @@ class FlowBase(BaseModel):
             if request not in ("auto", "torch") and self.device == "cpu":
                 raise ValueError(f"backends.{name}: {request} needs CUDA, but device is cpu; use auto or torch there")
         return self
+
+    def seed_list(self) -> list[int]:
+        """The seeds one prompt runs with: [seed] unless best-of-N asks for more."""
+        return list(self.seeds) if isinstance(self.seeds, list) else [self.seed + i for i in range(self.seeds)]
 
     def prompt_list(self) -> list[str]:
         return [self.prompt] if self.prompt is not None else [p.strip() for p in self.prompts]

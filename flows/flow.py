@@ -41,6 +41,7 @@ class PromptRun:
     results: list[runner.StageResult] = field(default_factory=list)
     error: str | None = None
     failed_stage: str | None = None
+    seed: int | None = None
 
 
 def run_prompt(
@@ -108,7 +109,7 @@ def run_prompt(
             conn.close()
     state = _final_state(results, error)
     run.end(state, results, error)
-    return PromptRun(prompt, run.run_id, state, results, error, failed)
+    return PromptRun(prompt, run.run_id, state, results, error, failed, cfg.seed)
 
 
 def registry_spec(registry) -> str:

@@ -111,3 +111,23 @@ def publish_table(rows: list[dict], key: str, description: str) -> None:
         create_table_artifact(safe, key=_key(key), description=md_escape(description))
     except Exception as exc:
         log.debug("table artifact not published: %s", exc)
+
+
+def publish_report_link(prompt: str, report: Path) -> None:
+    """A markdown artifact pointing at the run's report page (where people look at the asset)."""
+    try:
+        from prefect.artifacts import create_markdown_artifact
+
+        uri = report.resolve().as_uri().replace("(", "%28").replace(")", "%29")
+        folder = str(report.parent).replace("`", "")
+        text = "\n".join(
+            [
+                f"### report: {md_escape(prompt)}",
+                "",
+                f"[open the report]({uri})  ",
+                f"or serve it: `t3d view {folder}`",
+            ]
+        )
+        create_markdown_artifact(text, key=_key(prompt, "report"), description=md_escape(f"report for {prompt!r}"))
+    except Exception as exc:
+        log.debug("report artifact not published: %s", exc)

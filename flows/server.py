@@ -385,6 +385,11 @@ class PrefectConnection:
             self._url = None
         return self._url
 
+    @property
+    def connected_url(self) -> str | None:
+        """The API this connection already reached, without connecting (or starting a server) now."""
+        return self._url if self._tried else None
+
     def child_env(self) -> dict:
         """os.environ for a child process, pointed at this API (and its server's data folder)."""
         url = self.api_url()

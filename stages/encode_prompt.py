@@ -80,5 +80,6 @@ STAGE = Stage(
     inputs=(),
     run=run,
     uses_prompt=True,
+    uses_seed=False,
     description="prompt, negative prompt and view-dependent prompts -> text embeddings",
 )

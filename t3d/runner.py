@@ -175,7 +175,8 @@ def plan(cfg, prompt: str, registry, store: ArtifactStore, force_from: str | Non
             context.update(prompt=prompt, negative_prompt=cfg.negative_prompt)
         if stage.uses_prior and compute_context:
             context["compute"] = compute_context
-        key = artifact_key(name, stage.version, params.key_params(), cfg.seed, inputs, prior, context)
+        seed = cfg.seed if stage.uses_seed else None
+        key = artifact_key(name, stage.version, params.key_params(), seed, inputs, prior, context)
         keys[name] = key
         forcing = forcing or name == force_from
         planned.append(PlannedStage(name, key, inputs, store.status(key), forced=forcing))
@@ -262,7 +263,7 @@ def _manifest(cfg, prompt: str, step: PlannedStage, stage, params, device: torch
         "stage": step.name,
         "version": stage.version,
         "params": params.key_params(),
-        "seed": cfg.seed,
+        "seed": cfg.seed if stage.uses_seed else None,
         "prompt": prompt,
         "negative_prompt": cfg.negative_prompt,
         "inputs": step.inputs,

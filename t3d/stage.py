@@ -80,6 +80,7 @@ class Stage:
     run: Callable[[StageContext], None]
     optional_inputs: tuple[str, ...] = ()  # read when enabled in the flow (e.g. refine's field over coarse's)
     uses_prompt: bool = False  # True: the prompt text itself is part of the key (encode_prompt)
+    uses_seed: bool = True  # False: deterministic whatever the seed, so N seeds of a prompt share it (encode_prompt)
     uses_prior: bool = (
         True  # False: never runs the prior, so compute: options that change results stay out of its key (export)
     )

@@ -201,7 +201,13 @@ def canonical_json(obj: Any) -> str:
 
 
 def artifact_key(
-    stage: str, version: str, params: dict, seed: int, inputs: dict[str, str], prior: str, context: dict | None = None
+    stage: str,
+    version: str,
+    params: dict,
+    seed: int | None,
+    inputs: dict[str, str],
+    prior: str,
+    context: dict | None = None,
 ) -> str:
     """Same (stage, version, params, seed, upstream keys, prior, context) -> same key -> same artifact."""
     payload = {
