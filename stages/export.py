@@ -5,6 +5,7 @@ it under the asset's name, a slug of the prompt unless `name` is given:
   NAME.glb                        PBR metallic 0, roughness 1, base colour factor 1 (y-up glTF)
   NAME.obj + NAME.mtl + NAME.png  white diffuse (Kd 1 1 1), texture named after the asset
   turntable.gif / turntable.png   the exported GLB itself, loaded back and rasterized
+  turntable.mp4                   the same pass as [RGB | normals | depth] (H.264; turntable_video)
 
 It reads the texture stage's mesh.glb when that stage is enabled, else extract_mesh's (same layout).
 """
@@ -14,9 +15,17 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
-from t3d.mesh.export import check_name, export_glb, export_obj, turntable
+from t3d.mesh.export import (
+    check_name,
+    export_glb,
+    export_obj,
+    load_textured,
+    render_turntable,
+    save_turntable,
+    write_turntable_video,
+)
 from t3d.slug import slugify
 from t3d.stage import Stage, StageContext, StageParams
 from t3d.stages.extract_mesh import load_mesh
@@ -31,11 +40,24 @@ class ExportParams(StageParams):
     turntable_frames: int = Field(24, ge=4)
     turntable_size: int = Field(256, ge=16)
     turntable_elevation: float = Field(15.0, ge=-89, le=89)
+    turntable_video: bool = Field(True, description="also write turntable.mp4: [RGB | normals | depth], H.264")
+    turntable_video_frames: int | None = Field(
+        None, ge=4, description="MP4 frames at 24 fps, a multiple of turntable_frames (one pass renders both); None: 2x"
+    )
 
     @field_validator("name")
     @classmethod
     def _slug_safe(cls, name: str | None) -> str | None:
         return None if name is None else check_name(name)
+
+    @model_validator(mode="after")
+    def _gif_frames_within_video(self) -> ExportParams:
+        if self.turntable_video_frames is not None and self.turntable_video_frames % self.turntable_frames:
+            raise ValueError(
+                f"turntable_video_frames ({self.turntable_video_frames}) must be a multiple of "
+                f"turntable_frames ({self.turntable_frames}): the GIF takes every k-th frame of the video's pass"
+            )
+        return self
 
 
 def run(ctx: StageContext) -> None:
@@ -59,20 +81,23 @@ def run(ctx: StageContext) -> None:
     ctx.backend["raster"] = raster.choice.as_dict()
     source = ctx.out / (f"{name}.glb" if "glb" in p.formats else f"{name}.obj")
     cam = ctx.camera
-    turntable(
+    views = render_turntable(
         source,
-        ctx.out / "turntable.gif",
-        p.turntable_frames,
+        (p.turntable_video_frames or 2 * p.turntable_frames) if p.turntable_video else p.turntable_frames,
         p.turntable_size,
         elevation_deg=p.turntable_elevation,
         radius=cam.radius,
         fov_deg=cam.fov_deg,
-        strip_path=ctx.out / "turntable.png",
         raster=raster,
         device=ctx.device,
         y_up=p.y_up,
     )
+    save_turntable(views.every(p.turntable_frames).rgb, ctx.out / "turntable.gif", strip_path=ctx.out / "turntable.png")
     ctx.timings["turntable_s"] = round(time.perf_counter() - t1, 3)
+    if p.turntable_video:
+        t2 = time.perf_counter()
+        write_turntable_video(ctx.out / "turntable.mp4", views)  # raises (no file) when ffmpeg is missing
+        ctx.timings["turntable_mp4_s"] = round(time.perf_counter() - t2, 3)
     ctx.metrics.update(
         {
             "name": name,
@@ -83,7 +108,6 @@ def run(ctx: StageContext) -> None:
         }
     )
     # Quality of the delivered file itself (toy prompts only): the GLB read back and rasterized.
-    from t3d.mesh.export import load_textured
     from t3d.toy.metrics import evaluate_mesh
 
     delivered = load_textured(source, y_up=p.y_up) if "glb" in p.formats else tmesh
@@ -92,11 +116,11 @@ def run(ctx: StageContext) -> None:
 
 STAGE = Stage(
     name="export",
-    version="1",
+    version="2",  # 2: turntable.mp4
     params=ExportParams,
     inputs=(SOURCE,),
     optional_inputs=("texture",),
     run=run,
     uses_prior=False,
-    description="GLB (PBR, non-metallic) and OBJ+MTL+PNG named after the asset, with a turntable of the files",
+    description="GLB (PBR, non-metallic) and OBJ+MTL+PNG named after the asset, plus GIF, PNG and MP4 turntables",
 )

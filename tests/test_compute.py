@@ -37,7 +37,8 @@ BF16_REL_NORM, FP16_REL_NORM = 0.08, 0.02
 # coarse.method became coarse.guidance and extract_mesh's geometry_* keys a geometry block; the
 # backend requests left the stage params for flow.yaml's `backends:`; the flow's seed draws every
 # stream (coarse.field.seed removed; coarse, refine, extract_mesh and texture versions bumped);
-# texture.albedo_prob's default went from 0.3 to 0 (issue 14's note).
+# texture.albedo_prob's default went from 0.3 to 0 (issue 14's note). Export version 2 (issue 17:
+# turntable.mp4 and its params) changed the export keys only.
 TINY_FLOW = {"prompt": "a red cube", "prior": "tiny-pixel", "stages": {"refine": {"enabled": True}}}
 TINY_KEYS = {
     "encode_prompt": "encode_prompt-68ffb64f0ec4aa9b7d9d",
@@ -45,7 +46,7 @@ TINY_KEYS = {
     "refine": "refine-1e34edcf54c9144a720c",
     "extract_mesh": "extract_mesh-a84ae52be926efdb5740",
     "texture": "texture-ff14f4e37c56606cc029",
-    "export": "export-141c861950bafcf2fa44",
+    "export": "export-e5714ccfbd3f9ae84bbe",
 }
 LATENT_FLOW = {"prompt": "a red cube", "prior": "tiny-latent"}
 LATENT_KEYS = {
@@ -53,7 +54,7 @@ LATENT_KEYS = {
     "coarse": "coarse-8b2611b06e619e41912e",
     "extract_mesh": "extract_mesh-1a60bc37c3a8f09ee420",
     "texture": "texture-558489b580aef0c8e6f4",
-    "export": "export-eac2b87b81fc570614a0",
+    "export": "export-e8782895c31d0b403005",
 }
 
 

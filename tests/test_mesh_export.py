@@ -280,6 +280,7 @@ def test_extract_mesh_and_export_stages(tmp_path):
         "a-red-cube.png",
         "turntable.gif",
         "turntable.png",
+        "turntable.mp4",
     } <= names
     mat = glb_json(ctx2.out / "a-red-cube.glb")["materials"][0]["pbrMetallicRoughness"]
     assert mat["metallicFactor"] == 0.0 and mat["roughnessFactor"] == 1.0

@@ -53,7 +53,7 @@ def test_full_pipeline_on_tiny_prior(tmp_path):
     glb = tmp_path / "store" / "objects" / export.key / "a-red-cube.glb"
     mesh = trimesh.load(glb, force="mesh")
     assert len(mesh.faces) > 0 and mesh.visual.uv is not None and mesh.visual.material.baseColorTexture is not None
-    for name in ("a-red-cube.obj", "a-red-cube.mtl", "a-red-cube.png", "turntable.gif"):
+    for name in ("a-red-cube.obj", "a-red-cube.mtl", "a-red-cube.png", "turntable.gif", "turntable.mp4"):
         assert (glb.parent / name).exists(), name
     assert {"iou", "color_err"} <= set(export.metrics), "toy prompts are scored on the delivered file"
     assert_valid_glb(glb)

@@ -1,4 +1,4 @@
-"""UV unwrapping, texture baking, GLB/OBJ export and turntable previews of the exported asset.
+"""UV unwrapping, texture baking, GLB/OBJ export and turntable previews (GIF, PNG strip, MP4) of the exported asset.
 
 Conventions:
 - UVs are OpenGL's (origin bottom-left, v up), like OBJ and nvdiffrast; glTF's v-down is applied
@@ -43,6 +43,11 @@ __all__ = [
     "export_obj",
     "load_textured",
     "turntable",
+    "render_turntable",
+    "save_turntable",
+    "write_turntable_video",
+    "TurntableViews",
+    "DEPTH_HALF_RANGE",
     "check_name",
     "ZUP_TO_YUP",
 ]
@@ -267,8 +272,153 @@ def load_textured(path: str | Path, y_up: bool = True) -> TexturedMesh:
 # Turntable
 # ----------------------------------------------------------------------------------------------
 
+DEPTH_HALF_RANGE = 1.2  # depth frames map camera distance radius -+ this to white..black (fixed: comparable runs)
+
+
+@dataclass
+class TurntableViews:
+    """One render pass around the object: uint8 [N,S,S,3] frames at azimuth start + i * 360 / N.
+
+    rgb: the texture (shaded, white background); normal: world normal * 0.5 + 0.5 (white
+    background); depth: grey, distance from the camera mapped from radius - DEPTH_HALF_RANGE
+    (white, near) to radius + DEPTH_HALF_RANGE (black, far); the background is black, as if
+    infinitely far, so the silhouette stays visible and nearer always reads brighter.
+    """
+
+    rgb: np.ndarray
+    normal: np.ndarray
+    depth: np.ndarray
+
+    def every(self, n_frames: int) -> TurntableViews:
+        """The n_frames-frame turntable inside this one (same azimuths as rendering n_frames directly)."""
+        total = len(self.rgb)
+        if n_frames <= 0 or total % n_frames:
+            raise ValueError(f"{n_frames} frames are not an even subset of the {total} rendered")
+        step = total // n_frames
+        return TurntableViews(self.rgb[::step], self.normal[::step], self.depth[::step])
+
+    def side_by_side(self) -> np.ndarray:
+        """[N, S, 3S, 3] frames: RGB | normals | depth."""
+        return np.concatenate([self.rgb, self.normal, self.depth], axis=2)
+
+
+def _to_uint8(images: torch.Tensor) -> np.ndarray:
+    return (images.clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
+
 
 @torch.no_grad()
+def render_turntable(
+    mesh_or_path: TexturedMesh | str | Path,
+    n_frames: int = 24,
+    size: int = 256,
+    *,
+    elevation_deg: float = 15.0,
+    radius: float = 2.5,
+    fov_deg: float = 40.0,
+    start_deg: float = 0.0,
+    background: float = 1.0,
+    shading: float = 0.25,
+    raster: RasterBackend,
+    device: torch.device | str = "cpu",
+    batch: int = 8,
+    y_up: bool = True,
+) -> TurntableViews:
+    """Rasterize the textured mesh around the z axis once, keeping RGB, normals and depth per frame.
+
+    A path is loaded with `load_textured` (so the check covers the file as written; `y_up` as it
+    was exported); colours are the texture looked up by UV, optionally dimmed by
+    `shading` * (1 - n.l) with a headlight so the shape reads; `background` fills empty RGB pixels.
+    """
+    from t3d.render.cameras import make_cameras
+    from t3d.render.raster import render_mesh
+
+    tm = mesh_or_path if isinstance(mesh_or_path, TexturedMesh) else load_textured(mesh_or_path, y_up=y_up)
+    device = torch.device(device)
+    v = torch.as_tensor(tm.verts, dtype=torch.float32, device=device)
+    f = torch.as_tensor(tm.faces, dtype=torch.int32, device=device)
+    uv = torch.as_tensor(tm.uvs, dtype=torch.float32, device=device)
+    tex = (
+        torch.as_tensor(np.ascontiguousarray(tm.texture[::-1, :, :3]), device=device).float() / 255.0
+    )  # GL orientation
+    az = [start_deg + i * 360.0 / n_frames for i in range(n_frames)]
+    rgbs, normals, depths = [], [], []
+    for s in range(0, n_frames, batch):
+        cams = make_cameras(az[s : s + batch], [elevation_deg] * len(az[s : s + batch]), radius, fov_deg).to(device)
+        out = render_mesh(v, f, cams, size, raster=raster, uvs=uv, tex=tex, antialias_rgb=False)
+        mask = out["mask"]
+        to_eye = cams.c2w[:, None, None, :3, 3] - out["xyz"]
+        distance = to_eye.norm(dim=-1, keepdim=True)
+        rgb = out["rgb"]
+        if shading > 0:
+            ndl = (out["normal"] * to_eye / distance.clamp_min(1e-8)).sum(-1, keepdim=True).abs()
+            rgb = rgb * (1 - shading * (1 - ndl))
+        rgbs.append(_to_uint8(rgb * mask + background * (1 - mask)))
+        normals.append(_to_uint8((out["normal"] * 0.5 + 0.5) * mask + (1 - mask)))
+        nearness = (radius + DEPTH_HALF_RANGE - distance) / (2 * DEPTH_HALF_RANGE)
+        depths.append(_to_uint8((nearness.clamp(0, 1) * mask).expand(-1, -1, -1, 3)))
+    return TurntableViews(np.concatenate(rgbs), np.concatenate(normals), np.concatenate(depths))
+
+
+def save_turntable(
+    frames: np.ndarray,
+    path_gif: str | Path,
+    fps: int = 12,
+    strip_path: str | Path | None = None,
+    strip_frames: int = 8,
+) -> None:
+    """uint8 [N,H,W,3] frames as a looping GIF, and optionally a strip PNG of `strip_frames` of them."""
+    path_gif = Path(path_gif)
+    path_gif.parent.mkdir(parents=True, exist_ok=True)
+    images = [Image.fromarray(fr) for fr in frames]
+    images[0].save(
+        path_gif, save_all=True, append_images=images[1:], duration=int(round(1000 / fps)), loop=0, optimize=False
+    )
+    if strip_path is not None:
+        n_frames = len(frames)
+        k = min(strip_frames, n_frames)
+        idx = [int(math.floor(i * n_frames / k)) for i in range(k)]
+        Image.fromarray(np.concatenate([frames[i] for i in idx], 1)).save(strip_path)
+
+
+def write_turntable_video(path: str | Path, views: TurntableViews, fps: float = 24, crf: int = 20) -> Path:
+    """An MP4 of [RGB | normals | depth] frames: H.264, yuv420p and +faststart, so browsers play it.
+
+    yuv420p needs even sizes: odd ones are padded by one white (bottom/right) pixel. The ffmpeg
+    binary is imageio-ffmpeg's; without it (or if it fails) this raises a RuntimeError and leaves
+    no file behind.
+    """
+    import imageio_ffmpeg
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames = views.side_by_side()
+    _, height, width, _ = frames.shape
+    pad = ((0, 0), (0, height % 2), (0, width % 2), (0, 0))
+    frames = np.ascontiguousarray(np.pad(frames, pad, constant_values=255))
+    try:
+        writer = imageio_ffmpeg.write_frames(
+            str(path),
+            (frames.shape[2], frames.shape[1]),
+            fps=fps,
+            codec="libx264",
+            pix_fmt_out="yuv420p",
+            quality=None,
+            macro_block_size=2,
+            ffmpeg_log_level="error",
+            output_params=["-crf", str(int(crf)), "-movflags", "+faststart"],
+        )
+        writer.send(None)
+        for frame in frames:
+            writer.send(frame)
+        writer.close()
+    except (OSError, RuntimeError) as err:
+        path.unlink(missing_ok=True)
+        raise RuntimeError(
+            f"could not write the turntable video {path.name} with ffmpeg (imageio-ffmpeg's binary): {err}"
+        ) from err
+    return path
+
+
 def turntable(
     mesh_or_path: TexturedMesh | str | Path,
     path_gif: str | Path,
@@ -284,53 +434,40 @@ def turntable(
     fps: int = 12,
     strip_path: str | Path | None = None,
     strip_frames: int = 8,
+    video_path: str | Path | None = None,
+    video_frames: int | None = None,
+    video_fps: float = 24,
     raster: RasterBackend,
     device: torch.device | str = "cpu",
     batch: int = 8,
     y_up: bool = True,
 ) -> np.ndarray:
-    """Render the exported, textured mesh itself around the z axis into a GIF (+ a strip PNG).
+    """Render the exported, textured mesh itself around the z axis into a GIF (+ a strip PNG, + an MP4).
 
-    A path is loaded with `load_textured` (so the check covers the file as written; `y_up` as it
-    was exported); colours are
-    the texture looked up by UV, optionally dimmed by `shading` * (1 - n.l) with a headlight so the
-    shape reads. Returns the frames, uint8 [n_frames, size, size, 3].
+    See `render_turntable` for the views. With `video_path`, one pass renders `video_frames`
+    (default n_frames; a multiple of it) frames for the [RGB | normals | depth] MP4, and the GIF
+    takes every k-th of them. Returns the GIF's frames, uint8 [n_frames, size, size, 3].
     """
-    from t3d.render.cameras import make_cameras
-    from t3d.render.raster import render_mesh
-
-    tm = mesh_or_path if isinstance(mesh_or_path, TexturedMesh) else load_textured(mesh_or_path, y_up=y_up)
-    device = torch.device(device)
-    v = torch.as_tensor(tm.verts, dtype=torch.float32, device=device)
-    f = torch.as_tensor(tm.faces, dtype=torch.int32, device=device)
-    uv = torch.as_tensor(tm.uvs, dtype=torch.float32, device=device)
-    tex = (
-        torch.as_tensor(np.ascontiguousarray(tm.texture[::-1, :, :3]), device=device).float() / 255.0
-    )  # GL orientation
-    az = [start_deg + i * 360.0 / n_frames for i in range(n_frames)]
-    frames = []
-    for s in range(0, n_frames, batch):
-        cams = make_cameras(az[s : s + batch], [elevation_deg] * len(az[s : s + batch]), radius, fov_deg).to(device)
-        out = render_mesh(v, f, cams, size, raster=raster, uvs=uv, tex=tex, antialias_rgb=False)
-        rgb = out["rgb"]
-        if shading > 0:
-            eye = cams.c2w[:, None, None, :3, 3]
-            to_eye = eye - out["xyz"]
-            to_eye = to_eye / to_eye.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-            ndl = (out["normal"] * to_eye).sum(-1, keepdim=True).abs()
-            rgb = rgb * (1 - shading * (1 - ndl))
-        mask = out["mask"]
-        rgb = rgb * mask + background * (1 - mask)
-        frames.append((rgb.clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy())
-    arr = np.concatenate(frames, 0)
-    path_gif = Path(path_gif)
-    path_gif.parent.mkdir(parents=True, exist_ok=True)
-    images = [Image.fromarray(fr) for fr in arr]
-    images[0].save(
-        path_gif, save_all=True, append_images=images[1:], duration=int(round(1000 / fps)), loop=0, optimize=False
+    total = (video_frames or n_frames) if video_path is not None else n_frames
+    if total % n_frames:
+        raise ValueError(f"video_frames ({total}) must be a multiple of n_frames ({n_frames})")
+    views = render_turntable(
+        mesh_or_path,
+        total,
+        size,
+        elevation_deg=elevation_deg,
+        radius=radius,
+        fov_deg=fov_deg,
+        start_deg=start_deg,
+        background=background,
+        shading=shading,
+        raster=raster,
+        device=device,
+        batch=batch,
+        y_up=y_up,
     )
-    if strip_path is not None:
-        k = min(strip_frames, n_frames)
-        idx = [int(math.floor(i * n_frames / k)) for i in range(k)]
-        Image.fromarray(np.concatenate([arr[i] for i in idx], 1)).save(strip_path)
-    return arr
+    frames = views.every(n_frames).rgb
+    save_turntable(frames, path_gif, fps, strip_path, strip_frames)
+    if video_path is not None:
+        write_turntable_video(video_path, views, fps=video_fps)
+    return frames
