@@ -31,6 +31,7 @@ from t3d.stage import Stage, StageContext, StageParams
 from t3d.stages.extract_mesh import load_mesh
 
 SOURCE = "extract_mesh"
+GIF_FPS = 12  # the GIF turntable's frame rate; the MP4 turns as fast
 
 
 class ExportParams(StageParams):
@@ -42,7 +43,10 @@ class ExportParams(StageParams):
     turntable_elevation: float = Field(15.0, ge=-89, le=89)
     turntable_video: bool = Field(True, description="also write turntable.mp4: [RGB | normals | depth], H.264")
     turntable_video_frames: int | None = Field(
-        None, ge=4, description="MP4 frames at 24 fps, a multiple of turntable_frames (one pass renders both); None: 2x"
+        None,
+        ge=4,
+        description="MP4 frames, a multiple of turntable_frames (one pass renders both; one turn = 2 s like the GIF); "
+        "None: the GIF's (no extra rendering)",
     )
 
     @field_validator("name")
@@ -83,7 +87,7 @@ def run(ctx: StageContext) -> None:
     cam = ctx.camera
     views = render_turntable(
         source,
-        (p.turntable_video_frames or 2 * p.turntable_frames) if p.turntable_video else p.turntable_frames,
+        (p.turntable_video_frames or p.turntable_frames) if p.turntable_video else p.turntable_frames,
         p.turntable_size,
         elevation_deg=p.turntable_elevation,
         radius=cam.radius,
@@ -92,11 +96,14 @@ def run(ctx: StageContext) -> None:
         device=ctx.device,
         y_up=p.y_up,
     )
-    save_turntable(views.every(p.turntable_frames).rgb, ctx.out / "turntable.gif", strip_path=ctx.out / "turntable.png")
+    save_turntable(
+        views.every(p.turntable_frames).rgb, ctx.out / "turntable.gif", GIF_FPS, strip_path=ctx.out / "turntable.png"
+    )
     ctx.timings["turntable_s"] = round(time.perf_counter() - t1, 3)
     if p.turntable_video:
         t2 = time.perf_counter()
-        write_turntable_video(ctx.out / "turntable.mp4", views)  # raises (no file) when ffmpeg is missing
+        fps = GIF_FPS * len(views.rgb) / p.turntable_frames  # one turn takes as long as the GIF's
+        write_turntable_video(ctx.out / "turntable.mp4", views, fps=fps)  # raises (no file) without ffmpeg
         ctx.timings["turntable_mp4_s"] = round(time.perf_counter() - t2, 3)
     ctx.metrics.update(
         {

@@ -38,23 +38,24 @@ BF16_REL_NORM, FP16_REL_NORM = 0.08, 0.02
 # backend requests left the stage params for flow.yaml's `backends:`; the flow's seed draws every
 # stream (coarse.field.seed removed; coarse, refine, extract_mesh and texture versions bumped);
 # texture.albedo_prob's default went from 0.3 to 0 (issue 14's note). Export version 2 (issue 17:
-# turntable.mp4 and its params) changed the export keys only.
+# turntable.mp4 and its params) changed the export keys; encode_prompt's key lost its seed (issue
+# 17: best-of-N seeds share it), which changed every key once.
 TINY_FLOW = {"prompt": "a red cube", "prior": "tiny-pixel", "stages": {"refine": {"enabled": True}}}
 TINY_KEYS = {
-    "encode_prompt": "encode_prompt-68ffb64f0ec4aa9b7d9d",
-    "coarse": "coarse-b9f727d0b224b9c55cfd",
-    "refine": "refine-1e34edcf54c9144a720c",
-    "extract_mesh": "extract_mesh-a84ae52be926efdb5740",
-    "texture": "texture-ff14f4e37c56606cc029",
-    "export": "export-e5714ccfbd3f9ae84bbe",
+    "encode_prompt": "encode_prompt-8d5bfe0eac5f2fcd5bc8",
+    "coarse": "coarse-ac26c40605c241bcadea",
+    "refine": "refine-304e32ad42b44996bf67",
+    "extract_mesh": "extract_mesh-5d92c22c90cc728f03cd",
+    "texture": "texture-692652285d976e350bcd",
+    "export": "export-cda904697a4495035481",
 }
 LATENT_FLOW = {"prompt": "a red cube", "prior": "tiny-latent"}
 LATENT_KEYS = {
-    "encode_prompt": "encode_prompt-4306cdb9323ec486ff21",
-    "coarse": "coarse-8b2611b06e619e41912e",
-    "extract_mesh": "extract_mesh-1a60bc37c3a8f09ee420",
-    "texture": "texture-558489b580aef0c8e6f4",
-    "export": "export-e8782895c31d0b403005",
+    "encode_prompt": "encode_prompt-dfc3c843745275968f68",
+    "coarse": "coarse-be2f237b524186b75f6d",
+    "extract_mesh": "extract_mesh-693e1dec05e24adbf844",
+    "texture": "texture-b32c30d2acda0a9c5e8a",
+    "export": "export-ba197e5ba1d6a6604170",
 }
 
 

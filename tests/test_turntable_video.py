@@ -153,8 +153,9 @@ def test_export_stage_writes_the_mp4(red_cube, tmp_path):
     stage.run(ctx)
     names = {p.name for p in out.iterdir()}
     assert {"a-red-cube.glb", "turntable.gif", "turntable.png", "turntable.mp4"} <= names
-    frames = read_mp4(out / "turntable.mp4")[0]
-    assert frames.shape == (8, 32, 96, 3)  # None: twice the GIF's frames
+    frames, meta = read_mp4(out / "turntable.mp4")
+    assert frames.shape == (4, 32, 96, 3)  # None: the GIF's frames, from the same pass
+    assert meta["fps"] == pytest.approx(12)  # one turn as long as the GIF's
     assert Image.open(out / "turntable.gif").n_frames == 4
     assert ctx.timings["turntable_mp4_s"] > 0
 
