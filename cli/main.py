@@ -508,6 +508,7 @@ def view(
         _fail_input(str(exc))
     out.print(url, soft_wrap=True, highlight=False)
     sys.stdout.flush()
+    console.print("serving on 127.0.0.1 only; Ctrl-C stops", highlight=False)
     serve_until_interrupted(server)
 
 
