@@ -173,7 +173,8 @@ tr.best { background: #f1f8e9; }
 .card .noimg { aspect-ratio: 1; display: flex; align-items: center; justify-content: center; color: var(--muted);
                background: #eef0f3; border-radius: 6px; }
 .card .prompt { font-weight: 600; overflow-wrap: anywhere; }
-.card .error { color: var(--bad); font-size: 0.9em; overflow-wrap: anywhere; white-space: pre-wrap; }
+.error { color: var(--bad); overflow-wrap: anywhere; white-space: pre-wrap; }
+.card .error { font-size: 0.9em; }
 """
 
 
@@ -326,14 +327,15 @@ def _meta_line(summary: dict) -> str:
     url = summary.get("prefect_url")
     if isinstance(url, str) and url.startswith(("http://", "https://")):
         items.append(f'<span><a href="{_esc(url)}">Prefect run</a></span>')
-    return '<p class="meta">' + " ".join(items) + "</p>"
+    error = f'<p class="error">{_esc(summary["error"])}</p>' if summary.get("error") else ""
+    return '<p class="meta">' + " ".join(items) + "</p>" + error
 
 
 def write_report(folder: Path, summary: dict) -> Path:
     """folder/report.html for one prompt's run, with the viewer script copied beside it.
 
     `summary` (JSON-able, paths relative to `folder`): prompt, state, seed, run_id, flow_file,
-    created, prefect_url?, deliverables {glb, obj, turntable_gif, turntable_png, turntable_mp4, ...},
+    created, prefect_url?, error?, deliverables {glb, obj, turntable_gif, turntable_png, turntable_mp4, ...},
     stages [{name, state, seconds, key, metrics, timings, images, curves}], seeds? [{seed, score,
     rank, best, metrics, href, thumb}]. Anything missing is left out of the page.
     """

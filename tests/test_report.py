@@ -84,27 +84,10 @@ def make_outputs(folder: Path, name: str = "cube") -> dict:
         size=96,
         strip_path=folder / "turntable.png",
         strip_frames=3,
+        video_path=folder / "turntable.mp4",
+        video_frames=12,
         raster=TorchRaster("cpu"),
     )
-    mp4 = folder / "turntable.mp4"
-    if shutil.which("ffmpeg"):  # the export stage's RGB|normals|depth video, stood in for by the GIF
-        subprocess.run(
-            [
-                "ffmpeg",
-                "-loglevel",
-                "error",
-                "-y",
-                "-i",
-                str(folder / "turntable.gif"),
-                "-vf",
-                "format=yuv420p",
-                "-c:v",
-                "libx264",
-                str(mp4),
-            ],
-            check=False,
-            timeout=120,
-        )
     loss_curve_png(folder / "coarse" / "loss_curve.png")
     shutil.copy(folder / "turntable.png", folder / "coarse" / "turntable.png")
     loss_curve_png(folder / "extract_mesh" / "geometry_loss_curve.png", seed=1)
@@ -122,7 +105,7 @@ def make_outputs(folder: Path, name: str = "cube") -> dict:
             "texture": f"{name}.png",
             "turntable_gif": "turntable.gif",
             "turntable_png": "turntable.png",
-            **({"turntable_mp4": "turntable.mp4"} if mp4.is_file() else {}),
+            "turntable_mp4": "turntable.mp4",
         },
         "stages": [
             {
@@ -208,7 +191,7 @@ def test_report_escapes_the_prompt_links_real_files_and_stays_offline(outputs):
     targets = local_targets(page)
     assert targets and all(t.is_file() for t in targets), [t for t in targets if not t.is_file()]
     names = {t.relative_to(folder).as_posix() for t in targets}
-    assert {"cube.glb", "cube.obj", "cube.mtl", "cube.png", "turntable.gif", "turntable.png"} <= names
+    assert {"cube.glb", "cube.obj", "cube.mtl", "cube.png", "turntable.gif", "turntable.png", "turntable.mp4"} <= names
     assert {"coarse/loss_curve.png", "coarse/turntable.png", "extract_mesh/geometry_loss_curve.png"} <= names
     assert report.VIEWER_NAME in names
     # the viewer: the script copied next to the page, the GLB inlined (file:// pages cannot fetch it)
@@ -255,6 +238,11 @@ def test_report_leaves_out_what_is_missing(tmp_path):
     assert "gone.glb" not in text and "turntable.gif" not in text and "coarse/turntable.png" not in text
     assert [t.relative_to(tmp_path).as_posix() for t in local_targets(page)] == ["coarse/loss_curve.png"]
     assert "state-failed" in text
+
+
+def test_report_shows_the_run_error_escaped(tmp_path):
+    text = report.write_report(tmp_path, {"prompt": "x", "state": "failed", "error": "texture: <NaN> loss"}).read_text()
+    assert '<p class="error">texture: &lt;NaN&gt; loss</p>' in text
 
 
 def test_report_without_the_viewer_script_says_how_to_get_it(outputs, tmp_path, monkeypatch):
@@ -503,7 +491,7 @@ def view_server(outputs):
 @pytest.mark.slow
 def test_report_renders_the_model_in_chromium(outputs, view_server, tmp_path):
     _browser_or_skip()
-    folder, summary = outputs
+    folder, _ = outputs
     assert view_server.endswith("/report.html") and view_server.startswith("http://127.0.0.1:")
     for how, url in (("file", (folder / "report.html").as_uri()), ("http", view_server)):
         shot = tmp_path / f"viewer-{how}.png"
@@ -511,7 +499,7 @@ def test_report_renders_the_model_in_chromium(outputs, view_server, tmp_path):
         assert_clean(result)
         assert result["loaded"] is True, result
         assert result["box"]["width"] >= 300 and result["box"]["height"] >= 300
-        assert len(result["videos"]) == int("turntable_mp4" in summary["deliverables"])
+        assert len(result["videos"]) == 1
         assert all(v["error"] is None and v["readyState"] >= 2 for v in result["videos"]), result["videos"]
         std, fraction = viewer_pixels(shot)
         print(f"{how}: viewer std {std:.1f}, fraction unlike background {fraction:.3f}, ms {result.get('ms')}")
