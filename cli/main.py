@@ -494,6 +494,24 @@ def doctor() -> None:
     out.print(table)
 
 
+@app.command()
+def view(
+    path: Path = typer.Argument(..., help="an outputs folder, a report.html or a gallery.html"),
+    port: int | None = typer.Option(None, help="port on 127.0.0.1 (default 8765, or a free one if taken; 0: any)"),
+) -> None:
+    """Serve a run's report or a batch's gallery on 127.0.0.1 and print its URL; Ctrl-C stops."""
+    from t3d.cli.view import ViewError, open_server, serve_until_interrupted
+
+    try:
+        server, url = open_server(path, port)
+    except ViewError as exc:
+        _fail_input(str(exc))
+    out.print(url, soft_wrap=True, highlight=False)
+    sys.stdout.flush()
+    console.print("serving on 127.0.0.1 only; Ctrl-C stops", highlight=False)
+    serve_until_interrupted(server)
+
+
 def _mount_optional() -> None:
     import importlib.util
 

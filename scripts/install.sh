@@ -2,6 +2,7 @@
 # Set up everything t3d needs on a fresh machine, from this repo's own files. Idempotent.
 #   .venv/               Python environment (CPU torch 2.13.0 unless T3D_TORCH says otherwise)
 #   .tools/node_modules  Khronos glTF validator, used by the export tests
+#   web/node_modules     model-viewer (the 3D view copied next to report.html) and playwright-core (the page check)
 # T3D_CUDA=1 sets up a CUDA machine instead: a CUDA torch (T3D_TORCH, default the index's `torch`),
 # nvdiffrast (`diffrp-nvdiffrast`: its sources, built by torch on first use with nvcc + ninja) and
 # tinycudann from its git source when the machine reaches GitHub (else the one command to run).
@@ -48,7 +49,11 @@ if command -v npm >/dev/null 2>&1; then
   if [ ! -d .tools/node_modules/gltf-validator ]; then
     npm install --silent --no-audit --no-fund --prefix .tools gltf-validator@2.0.0-dev.3.10 >/dev/null 2>&1 || echo "warning: npm could not install gltf-validator; GLB validation tests will be skipped" >&2
   fi
+  # web/: skipped while npm's record of the last install is newer than the lock file
+  if [ ! web/node_modules/.package-lock.json -nt web/package-lock.json ]; then
+    PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --silent --no-audit --no-fund --prefix web >/dev/null 2>&1 || echo "warning: npm ci in web/ failed; reports have no 3D view and the browser tests will be skipped" >&2
+  fi
 else
-  echo "warning: npm not found; GLB validation tests will be skipped" >&2
+  echo "warning: npm not found; GLB validation and browser tests will be skipped, reports have no 3D view" >&2
 fi
 echo "t3d installed: $(.venv/bin/t3d --help >/dev/null && echo ok) ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
