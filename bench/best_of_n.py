@@ -3,7 +3,7 @@
 Each prompt runs the real flow (examples/sds_red_cube.yaml, shortened by REDUCED's --set overrides
 so one run takes well under a minute on one core) with seeds 0..N-1 into a persistent store, so a
 re-run reuses every finished stage. Each seed's exported GLB is then scored with
-t3d.guidance.selection.score_result (the prior's denoising error with the prompt against without
+t3d.mesh.selection.score_result (the prior's denoising error with the prompt against without
 it, on fixed views, timesteps and noise), the best score is the pick, and the pick's IoU and
 colour error (the export stage's toy metrics, against the true primitive) are compared with the
 median over that prompt's seeds. "Beats" is strictly better (IoU higher, colour error lower); equal
@@ -79,7 +79,7 @@ def kendall_tau(xs: list[float], ys: list[float]) -> float | None:
 
 def analyse_prompt(prompt: str, seeds: list[dict]) -> dict:
     """One prompt's seeds (score, iou, color_err each) -> the pick, the medians and how the pick compares."""
-    from t3d.guidance.selection import SeedScore, rank_seeds
+    from t3d.mesh.selection import SeedScore, rank_seeds
 
     ok = [s for s in seeds if s.get("error") is None]
     row: dict = {"prompt": prompt, "seeds": seeds}
@@ -170,7 +170,7 @@ def run_and_score(prompt: str, seeds: list[int], sets: list[str], store: str, sc
 
     from t3d.flows.config import load_config
     from t3d.flows.flow import run_prompt
-    from t3d.guidance.selection import score_result
+    from t3d.mesh.selection import score_result
     from t3d.priors import load_prior
     from t3d.render.raster import choose_raster
     from t3d.runner import resolve_device
@@ -232,7 +232,7 @@ def run_all(prompts: list[str], seeds: list[int], sets: list[str], store: str, s
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from t3d.guidance.selection import DEFAULT_TIMESTEPS
+    from t3d.mesh.selection import DEFAULT_TIMESTEPS
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prompts", nargs="+", default=list(DEFAULT_PROMPTS))

@@ -155,7 +155,10 @@ def _deliver(cfg, outcome, flow_file: Path, out_dir: Path | None, prefect) -> No
     if folder is None:
         return
     report = folder / "report.html"
-    out.print(f"outputs: {folder}/\nreport:  {report}   (or: t3d view {folder})", soft_wrap=True, highlight=False)
+    shown = _shown_path(folder)
+    out.print(
+        f"outputs: {shown}/\nreport:  {shown}/report.html   (or: t3d view {shown})", soft_wrap=True, highlight=False
+    )
     api = prefect.connected_url if prefect is not None else None
     if api:
         from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -164,6 +167,14 @@ def _deliver(cfg, outcome, flow_file: Path, out_dir: Path | None, prefect) -> No
 
         with temporary_settings(updates={PREFECT_API_URL: api}):
             publish_report_link(best.prompt, report)
+
+
+def _shown_path(path: Path) -> Path:
+    """The path as a user would type it: relative to the working directory when it is under it."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        return path
 
 
 def _print_ranking(outcome) -> None:

@@ -1,7 +1,7 @@
 """Best-of-N: one prompt with N seeds, each a normal (cached, resumable) run, ranked by the prior.
 
 Results depend on the seed; instead of users re-running by hand, `seeds: 4` runs four and scores
-each exported asset with the prior itself (t3d/guidance/selection.py: how much the prompt helps
+each exported asset with the prior itself (t3d/mesh/selection.py: how much the prompt helps
 the prior denoise renders of the asset). The seeds share encode_prompt, whose key has no seed.
 """
 
@@ -51,7 +51,7 @@ def rank_runs(cfg, prompt: str, runs: dict[int, PromptRun]) -> list[tuple[int, P
     scores = score_glbs(cfg, prompt, glbs) if glbs else {}
     if not scores:
         log.warning("best-of-N: no exported GLB to score (is the export stage enabled?); keeping seed order")
-    from t3d.guidance.selection import rank_seeds
+    from t3d.mesh.selection import rank_seeds
 
     order = rank_seeds(scores) if scores else []
     order += [s for s in runs if s not in order and runs[s].state != "failed"]
@@ -62,7 +62,7 @@ def rank_runs(cfg, prompt: str, runs: dict[int, PromptRun]) -> list[tuple[int, P
 def score_glbs(cfg, prompt: str, glbs: dict[int, Path]) -> dict:
     """Each seed's exported GLB scored by the flow's prior on the flow's device (loaded once)."""
     from t3d import runner
-    from t3d.guidance.selection import score_result
+    from t3d.mesh.selection import score_result
     from t3d.render.raster import choose_raster
 
     device = runner.resolve_device(cfg.device)

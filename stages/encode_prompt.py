@@ -14,7 +14,7 @@ import torch
 from pydantic import field_validator
 from safetensors.torch import load_file, save_file
 
-from t3d.render.cameras import VIEW_SUFFIXES
+from t3d.render.cameras import VIEW_SUFFIXES, view_prompt
 from t3d.stage import Stage, StageContext, StageParams
 
 FILE = "embeddings.safetensors"
@@ -30,10 +30,6 @@ class EncodePromptParams(StageParams):
         if unknown:
             raise ValueError(f"unknown view(s) {unknown}; choose from {list(VIEW_SUFFIXES)}")
         return views
-
-
-def view_prompt(prompt: str, view: str) -> str:
-    return prompt.rstrip(" .") + VIEW_SUFFIXES[view]
 
 
 def run(ctx: StageContext) -> None:

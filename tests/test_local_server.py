@@ -68,7 +68,9 @@ def test_concurrent_runs_share_one_server_and_leave_nothing_running(tmp_path):
         assert "HTTP Request" not in stdout + stderr and "Traceback" not in stdout + stderr
         assert "b: started" in stderr and "b: done in" in stderr
         assert "deliverable:" in stdout
-        table = [line for line in stdout.splitlines() if not line.startswith("deliverable:")]
+        assert "outputs: outputs/a-red-cube/" in stdout  # under the cwd: shown relative to it
+        paths = ("deliverable:", "outputs:", "report:")
+        table = [line for line in stdout.splitlines() if not line.startswith(paths)]
         assert max(len(line) for line in table) <= 80, stdout
     log = (tmp_path / "prefect" / "server.log").read_text()
     assert log.count("prefect config set PREFECT_API_URL=") == 1, "one server started; the second run joined it"

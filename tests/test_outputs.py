@@ -146,7 +146,7 @@ def test_best_of_n_delivers_the_best_seed_with_every_seed_ranked(tmp_path, cfg):
 def test_rank_runs_orders_by_score_and_puts_failures_last(tmp_path, cfg, monkeypatch):
     config, _ = cfg
     from t3d.flows import best_of_n
-    from t3d.guidance.selection import SeedScore
+    from t3d.mesh.selection import SeedScore
 
     runs = {s: _run(tmp_path, str(s).encode(), seed=s) for s in (0, 1, 2, 3)}
     runs[2] = _run(tmp_path, b"f", state="failed", seed=2)

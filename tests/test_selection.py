@@ -1,4 +1,4 @@
-"""Best-of-N scoring (t3d.guidance.selection): deterministic, prompt-sensitive on the toy prior, ranking."""
+"""Best-of-N scoring (t3d.mesh.selection): deterministic, prompt-sensitive on the toy prior, ranking."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import trimesh
 
-from t3d.guidance.selection import DEFAULT_TIMESTEPS, SeedScore, rank_seeds, score_result
 from t3d.mesh.export import TexturedMesh, export_glb
+from t3d.mesh.selection import DEFAULT_TIMESTEPS, SeedScore, rank_seeds, score_result
 from t3d.render.cameras import CameraParams
 from t3d.render.raster import choose_raster
 from t3d.toy import world

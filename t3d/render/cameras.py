@@ -25,6 +25,11 @@ VIEW_SUFFIXES = {
 }
 
 
+def view_prompt(prompt: str, view: str) -> str:
+    """DreamFusion's view-dependent prompt: the prompt with the view's suffix."""
+    return prompt.rstrip(" .") + VIEW_SUFFIXES[view]
+
+
 class CameraParams(BaseModel):
     """The camera distribution: the prior is trained on it and the stages sample from it."""
 

@@ -24,11 +24,10 @@ import numpy as np
 import torch
 
 from t3d.mesh.export import TexturedMesh, load_textured
-from t3d.render.cameras import CameraBatch, CameraParams, orbit_cameras, view_names
+from t3d.render.cameras import CameraBatch, CameraParams, orbit_cameras, view_names, view_prompt
 from t3d.render.raster import RasterBackend, render_mesh
 from t3d.render.shading import composite_on_white, shade
 from t3d.render.volume import light_directions
-from t3d.stages.encode_prompt import view_prompt
 
 # Where the toy prior's prediction depends on the prompt: scoring true primitives ("a red cube",
 # "a blue sphere") against wrong ones (other colour and/or shape), the right object's margin is
