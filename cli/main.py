@@ -327,7 +327,8 @@ def batch(
         table.add_row(r.prompt, r.state, f"{r.seconds:.1f}", r.glb, quality, r.error)
     out.print(table)
     out.print(f"summary: {csv_path} and {json_path}")
-    out.print(f"gallery: {gallery}   (or: t3d view {gallery})", soft_wrap=True, highlight=False)
+    shown = _shown_path(gallery)
+    out.print(f"gallery: {shown}   (or: t3d view {shown})", soft_wrap=True, highlight=False)
     raise typer.Exit(EXIT_FAILED if any(r.state == "failed" for r in rows) else EXIT_OK)
 
 
