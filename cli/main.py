@@ -110,6 +110,7 @@ def run(
         check_environment(cfg, str(flow_file))
     except ConfigError as exc:
         _fail_input(str(exc))
+    _warn_prompts(cfg, cfg.prompt_list())
     from t3d.flows.best_of_n import run_seeds
     from t3d.flows.server import PrefectConnection
 
@@ -136,6 +137,14 @@ def run(
             _deliver(cfg, outcome, flow_file, out_dir, prefect)
             failed = failed or any(r.state == "failed" for _, r, _ in outcome.ranked)
     raise typer.Exit(EXIT_FAILED if failed else EXIT_OK)
+
+
+def _warn_prompts(cfg, prompts: list[str]) -> None:
+    """Say before the run which words the prior will ignore (a toy prior knows a few words only)."""
+    from t3d.flows.config import prompt_warnings
+
+    for line in prompt_warnings(cfg, prompts):
+        console.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
 
 
 def _deliver(cfg, outcome, flow_file: Path, out_dir: Path | None, prefect) -> None:
@@ -266,9 +275,10 @@ def batch(
 
     try:
         prompts = read_prompts(prompts_file)
-        load_config(flow, set_, prompt=prompts[0])
+        cfg = load_config(flow, set_, prompt=prompts[0])
     except ConfigError as exc:
         _fail_input(str(exc))
+    _warn_prompts(cfg, prompts)
     done = []
 
     def report(row) -> None:
@@ -320,16 +330,26 @@ def batch(
                     f"batch {prompts_file.name}",
                 )
     table = Table(title=f"batch {prompts_file} ({concurrency} at a time)", title_justify="left")
-    for col in ("prompt", "state", "seconds", "glb", "quality", "error"):
+    for col in ("prompt", "state", "seconds", "outputs", "quality", "error"):
         table.add_column(col, overflow="fold")
     for r in rows:
-        quality = ", ".join(f"{k}={v:.3g}" for k, v in r.metrics.items() if any(m in k for m in ("iou", "color_err")))
-        table.add_row(r.prompt, r.state, f"{r.seconds:.1f}", r.glb, quality, r.error)
+        where = f"{_shown_path(Path(r.outputs))}/" if r.outputs else r.glb
+        table.add_row(r.prompt, r.state, f"{r.seconds:.1f}", where, _final_quality(r.metrics), r.error)
     out.print(table)
     out.print(f"summary: {csv_path} and {json_path}")
     shown = _shown_path(gallery)
     out.print(f"gallery: {shown}   (or: t3d view {shown})", soft_wrap=True, highlight=False)
     raise typer.Exit(EXIT_FAILED if any(r.state == "failed" for r in rows) else EXIT_OK)
+
+
+def _final_quality(metrics: dict) -> str:
+    """The last stage's toy-world quality ("export: iou 0.875, color_err 0.052"); the CSV has all of it."""
+    stages = [k.rsplit(".", 1)[0] for k in metrics if k.endswith((".iou", ".color_err"))]
+    if not stages:
+        return ""
+    last = stages[-1]
+    parts = [f"{m} {metrics[f'{last}.{m}']:.3g}" for m in ("iou", "color_err") if f"{last}.{m}" in metrics]
+    return f"{last}: " + ", ".join(parts)
 
 
 @app.command()

@@ -384,6 +384,31 @@ def check_store_uri(uri: str, where: str, must_exist: bool = False) -> None:
         raise ConfigError(f"{where}: {existing} is not writable; choose a store folder you can write to")
 
 
+def prompt_warnings(cfg: FlowBase, prompts: list[str]) -> list[str]:
+    """One line per prompt the prior will partly ignore (the embedded prior knows a few words only)."""
+    from t3d.priors.loading import resolve_source
+    from t3d.priors.toy import unknown_words
+    from t3d.toy.world import COLOURS, SHAPES
+
+    try:
+        kind, folder = resolve_source(cfg.prior)
+    except (OSError, ValueError):  # check_environment names what is wrong with the prior
+        return []
+    if kind not in ("embedded", "folder") or not (Path(folder) / "t3d_prior.json").is_file():
+        return []
+    name = "the embedded prior" if kind == "embedded" else f"the toy prior {cfg.prior}"
+    lines = []
+    for prompt in prompts:
+        unknown = unknown_words(prompt, folder)
+        if unknown:
+            words = ", ".join(repr(w) for w in unknown)
+            lines.append(
+                f"{prompt!r}: {name} does not know {words} and ignores it; it knows the colours "
+                f"{', '.join(COLOURS)} and the shapes {', '.join(SHAPES)} (t3d prior sample shows what it draws)"
+            )
+    return lines
+
+
 def check_environment(cfg: FlowBase, source: str) -> None:
     """What the config cannot say by itself: the device exists, a library named in `backends:` can
     run on it (checked here, not minutes later when the first stage that uses it starts), the prior

@@ -40,6 +40,21 @@ def toy_vocab() -> list[str]:
     return words
 
 
+def unknown_words(prompt: str, folder: str | Path = EMBEDDED_DIR) -> list[str]:
+    """Words of `prompt` that a word-level toy prior has no token for, in order, once each.
+
+    Its tokenizer maps them to [UNK], so the prior ignores them: "a purple cube" is drawn as "a cube"
+    in any colour. Read from the folder's own tokenizer.json, the vocabulary it was trained with."""
+    import re
+
+    model = json.loads((Path(folder) / "tokenizer" / "tokenizer.json").read_text())["model"]
+    if model.get("type") != "WordLevel":
+        return []
+    known = set(model["vocab"])
+    words = re.findall(r"\w+|[^\w\s]+", prompt.lower())  # the Whitespace pre-tokenizer's split
+    return [w for w in dict.fromkeys(words) if w not in known]
+
+
 def build_toy_tokenizer():
     """Word-level tokenizer (lower-cased, split on whitespace and punctuation), padded to MAX_TOKENS."""
     from tokenizers import Tokenizer, normalizers, pre_tokenizers

@@ -298,3 +298,25 @@ def test_runner_hands_the_flow_backends_to_each_stage(tmp_path):
         "raster": {"library": "nvdiffrast", "backend": "torch", "reason": "requested"},
     }
     assert manifests["auto"]["raster"] == {"library": "nvdiffrast", "backend": "torch", "reason": "device is cpu"}
+
+
+def test_words_the_embedded_prior_ignores_are_named_before_the_run(tmp_path):
+    from t3d.flows.config import prompt_warnings
+    from t3d.priors.toy import unknown_words
+
+    assert unknown_words("A purple Cube, front view!") == ["purple", "!"]
+    assert unknown_words("a red cube with a black spot, back view") == []
+    cfg = load_config(write(tmp_path, GOOD), registry=REG)
+    lines = prompt_warnings(cfg, ["a red cube", "a purple thing", "a blue sphere"])
+    assert len(lines) == 1
+    assert lines[0].startswith("'a purple thing': the embedded prior does not know 'purple', 'thing'")
+    tiny = load_config(write(tmp_path, "prompt: a purple thing\nprior: tiny-pixel\n", "tiny.yaml"), registry=REG)
+    assert prompt_warnings(tiny, ["a purple thing"]) == [], "a real tokenizer has no unknown words to report"
+
+
+def test_batch_table_shows_the_last_stages_quality():
+    from t3d.cli.main import _final_quality
+
+    metrics = {"coarse.iou": 0.82, "coarse.color_err": 0.1, "export.iou": 0.8752, "export.color_err": 0.0518}
+    assert _final_quality(metrics) == "export: iou 0.875, color_err 0.0518"
+    assert _final_quality({"export.faces": 10}) == ""
