@@ -2,6 +2,8 @@
 //
 //   node scripts/page_check.mjs URL SCREENSHOT.png OUT.json [TIMEOUT_MS]
 //
+// TIMEOUT_MS (default 60000) bounds the page load and the viewer's load; the whole check gives up
+// after 2 x TIMEOUT_MS + 30 s (OUT.json then says so and the exit code is 3).
 // WebGL runs on SwiftShader (Chromium's CPU renderer), so the check needs no GPU. OUT.json gets
 // {console_errors, page_errors, failed_requests, http_errors, external_requests, loaded, box, images,
 // videos, ms}:
@@ -52,6 +54,16 @@ const result = {
   ms: {},
 };
 const t0 = Date.now();
+// A hard deadline over the whole check: SwiftShader on a saturated CPU can stall frames, decodes or
+// the screenshot indefinitely, and a check that never returns is worse than one that says so.
+const deadlineMs = 2 * timeoutMs + 30000;
+const watchdog = setTimeout(() => {
+  result.page_errors.push(`page_check: no result within ${deadlineMs} ms (a stalled browser; is the CPU saturated?)`);
+  result.ms.done = Date.now() - t0;
+  writeFileSync(outPath, JSON.stringify(result, null, 2));
+  browser.close().catch(() => null); // not awaited: a stalled browser may never answer
+  setTimeout(() => process.exit(3), 2000);
+}, deadlineMs);
 try {
   const page = await browser.newPage({ viewport: { width: 1200, height: 900 } });
   page.on("console", (msg) => {
@@ -97,8 +109,17 @@ try {
     result.ms.frames = Date.now() - t0;
     await page.waitForTimeout(500);
   }
-  // every image decoded (the gallery's thumbnails, the report's turntables and curves)
-  await page.evaluate(() => Promise.all([...document.images].map((img) => img.decode().catch(() => null))));
+  // every image decoded (the gallery's thumbnails, the report's turntables and curves); lazy ones
+  // below the fold would never load in a page nobody scrolls, so they are made eager first
+  await page.evaluate(() =>
+    Promise.all(
+      [...document.images].map((img) => {
+        img.loading = "eager";
+        const late = new Promise((resolve) => setTimeout(resolve, 20000));
+        return Promise.race([img.decode().catch(() => null), late]);
+      }),
+    ),
+  );
   result.images = await page.evaluate(() =>
     [...document.images].map((img) => ({ src: img.getAttribute("src"), naturalWidth: img.naturalWidth })),
   );
@@ -125,6 +146,7 @@ try {
   result.page_errors.push(`page_check: ${err}`);
 } finally {
   result.ms.done = Date.now() - t0;
-  await browser.close();
   writeFileSync(outPath, JSON.stringify(result, null, 2));
+  await browser.close();
+  clearTimeout(watchdog);
 }

@@ -516,3 +516,19 @@ def test_gallery_loads_every_thumbnail_in_chromium(outputs, tmp_path):
     assert_clean(result)
     assert result["loaded"] is None  # no viewer on the gallery
     assert len(result["images"]) == 3
+
+
+@pytest.mark.slow
+def test_page_check_loads_lazy_images_below_the_fold(tmp_path):
+    """A real report's stage images are loading="lazy" and sit below the first screen: a page nobody
+    scrolls never loads them, and the check used to wait for them forever (found on a 13-image report)."""
+    _browser_or_skip()
+    Image.new("RGB", (32, 16), (200, 30, 30)).save(tmp_path / "late.png")
+    page = tmp_path / "tall.html"
+    page.write_text(
+        '<!doctype html><html><head><meta charset="utf-8"><title>tall</title></head><body>'
+        '<div style="height:5000px"></div><img src="late.png" alt="late" loading="lazy"></body></html>'
+    )
+    result = page_check(page.as_uri(), tmp_path / "tall.png")
+    assert_clean(result)
+    assert result["images"] == [{"src": "late.png", "naturalWidth": 32}]
