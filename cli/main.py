@@ -279,6 +279,7 @@ def batch(
     except ConfigError as exc:
         _fail_input(str(exc))
     _warn_prompts(cfg, prompts)
+    _setup_logging(False)  # Prefect's exit chatter ("Still processing items: ...") stays off the screen
     done = []
 
     def report(row) -> None:
@@ -330,12 +331,17 @@ def batch(
                     f"batch {prompts_file.name}",
                 )
     table = Table(title=f"batch {prompts_file} ({concurrency} at a time)", title_justify="left")
-    for col in ("prompt", "state", "seconds", "outputs", "quality", "error"):
+    failed = any(r.state == "failed" for r in rows)
+    for col in ("prompt", "state", "seconds", "folder", "iou / colour err", *(["error"] if failed else [])):
         table.add_column(col, overflow="fold")
     for r in rows:
-        where = f"{_shown_path(Path(r.outputs))}/" if r.outputs else r.glb
-        table.add_row(r.prompt, r.state, f"{r.seconds:.1f}", where, _final_quality(r.metrics), r.error)
+        where = f"{Path(r.outputs).name}/" if r.outputs else ""
+        cells = [r.prompt, r.state, f"{r.seconds:.1f}", where, _final_quality(r.metrics)]
+        table.add_row(*cells, *([r.error] if failed else []))
     out.print(table)
+    roots = {_shown_path(Path(r.outputs).parent) for r in rows if r.outputs}
+    if roots:
+        out.print(f"outputs: {', '.join(f'{root}/' for root in sorted(roots))} (a folder per prompt)", soft_wrap=True)
     out.print(f"summary: {csv_path} and {json_path}")
     shown = _shown_path(gallery)
     out.print(f"gallery: {shown}   (or: t3d view {shown})", soft_wrap=True, highlight=False)
@@ -343,13 +349,14 @@ def batch(
 
 
 def _final_quality(metrics: dict) -> str:
-    """The last stage's toy-world quality ("export: iou 0.875, color_err 0.052"); the CSV has all of it."""
+    """The last stage's toy-world IoU and colour error ("0.875 / 0.052"); the CSV has every metric."""
     stages = [k.rsplit(".", 1)[0] for k in metrics if k.endswith((".iou", ".color_err"))]
     if not stages:
         return ""
     last = stages[-1]
-    parts = [f"{m} {metrics[f'{last}.{m}']:.3g}" for m in ("iou", "color_err") if f"{last}.{m}" in metrics]
-    return f"{last}: " + ", ".join(parts)
+    return " / ".join(
+        f"{metrics[f'{last}.{m}']:.3f}" if f"{last}.{m}" in metrics else "-" for m in ("iou", "color_err")
+    )
 
 
 @app.command()

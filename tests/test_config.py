@@ -318,5 +318,6 @@ def test_batch_table_shows_the_last_stages_quality():
     from t3d.cli.main import _final_quality
 
     metrics = {"coarse.iou": 0.82, "coarse.color_err": 0.1, "export.iou": 0.8752, "export.color_err": 0.0518}
-    assert _final_quality(metrics) == "export: iou 0.875, color_err 0.0518"
+    assert _final_quality(metrics) == "0.875 / 0.052"
+    assert _final_quality({"coarse.iou": 0.82}) == "0.820 / -"
     assert _final_quality({"export.faces": 10}) == ""
