@@ -390,10 +390,12 @@ def test_every_rasterizing_function_requires_the_backend():
 
     from t3d.mesh.dmtet import GeometryTrainer, render_shaded
     from t3d.mesh.export import bake_texture, turntable
+    from t3d.render.textured import render_lit_textured
     from t3d.toy.metrics import evaluate_mesh, render_textured_mesh
 
     for fn in (
         render_mesh,
+        render_lit_textured,
         render_shaded,
         GeometryTrainer,
         bake_texture,

@@ -20,14 +20,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from t3d.mesh.export import TexturedMesh, load_textured
 from t3d.render.cameras import CameraBatch, CameraParams, orbit_cameras, view_names, view_prompt
-from t3d.render.raster import RasterBackend, render_mesh
-from t3d.render.shading import composite_on_white, shade
-from t3d.render.volume import light_directions
+from t3d.render.raster import RasterBackend
+from t3d.render.textured import render_lit_textured
 
 # Where the toy prior's prediction depends on the prompt: scoring true primitives ("a red cube",
 # "a blue sphere") against wrong ones (other colour and/or shape), the right object's margin is
@@ -58,22 +56,19 @@ def render_for_prior(
 ) -> torch.Tensor:
     """[B,3,H,W] in [0,1]: the textured mesh as the texture stage shows it to the prior (texture
     looked up by UV, lambertian under the camera-fixed light, no antialiasing, on white)."""
-    device = torch.device(device)
-    cams = cameras.to(device)
-    tex = torch.as_tensor(np.ascontiguousarray(tmesh.texture[::-1, :, :3]), device=device).float() / 255.0
-    out = render_mesh(
-        torch.as_tensor(tmesh.verts, device=device),
-        torch.as_tensor(tmesh.faces, device=device),
-        cams,
+    rgb, _ = render_lit_textured(
+        tmesh.verts,
+        tmesh.faces,
+        tmesh.uvs,
+        tmesh.texture,
+        cameras,
         size,
         raster=raster,
-        uvs=torch.as_tensor(tmesh.uvs, device=device),
-        tex=tex,
-        antialias_rgb=False,
+        ambient=ambient,
+        antialias=False,
+        device=device,
     )
-    light = light_directions(cams)[:, None, None, :]
-    rgb = shade(out["rgb"], out["normal"], light, "lambertian", ambient)
-    return composite_on_white(rgb, out["mask"]).permute(0, 3, 1, 2).clamp(0, 1)
+    return rgb
 
 
 @torch.no_grad()

@@ -6,13 +6,11 @@ Used by the stages' metrics and by bench/quality.py, for NeRF renders and textur
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from t3d.render.cameras import CameraParams, make_cameras, orbit_cameras
 from t3d.render.raster import RasterBackend
-from t3d.render.shading import composite_on_white, shade
-from t3d.render.volume import light_directions
+from t3d.render.textured import render_lit_textured
 from t3d.toy import world as toyworld
 
 # The front spot's readout (world v2). A pixel is "mark" when it is off the white background and
@@ -128,25 +126,18 @@ def render_textured_mesh(
     tmesh, cams, size: int, raster: RasterBackend, device="cpu"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A TexturedMesh lit like the toy world (camera-fixed light): rgb [B,3,H,W] on white, mask [B,1,H,W]."""
-    from t3d.render.raster import render_mesh
-
-    cams = cams.to(device)
-    tex = torch.as_tensor(np.array(tmesh.texture), device=device)  # copy: read-only PNG buffers
-    tex = tex.float().div(255).flip(0)  # PNG rows -> GL rows (row 0 = v 0)
-    out = render_mesh(
-        torch.as_tensor(tmesh.verts, device=device),
-        torch.as_tensor(tmesh.faces, device=device),
+    return render_lit_textured(
+        tmesh.verts,
+        tmesh.faces,
+        tmesh.uvs,
+        tmesh.texture,
         cams,
         size,
         raster=raster,
-        uvs=torch.as_tensor(tmesh.uvs, device=device),
-        tex=tex[..., :3],
-        background=1.0,
+        ambient=toyworld.AMBIENT,
+        diffuse=toyworld.DIFFUSE,
+        device=device,
     )
-    light = light_directions(cams)[:, None, None, :]
-    shaded = shade(out["rgb"][..., :3], out["normal"], light, "lambertian", toyworld.AMBIENT, toyworld.DIFFUSE)
-    rgb = composite_on_white(shaded, out["mask"])
-    return rgb.permute(0, 3, 1, 2).clamp(0, 1), out["mask"].permute(0, 3, 1, 2)
 
 
 def evaluate_mesh(
