@@ -7,7 +7,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from t3d.backends import BackendsParams
 from t3d.priors.compute import ComputeParams
@@ -18,6 +27,9 @@ from t3d.stages import PIPELINE, StageRegistry, registry_from_env
 
 class ConfigError(Exception):
     """Bad user input (exit code 2). The message is meant to be printed as is."""
+
+
+SEEDS_HINT = "give a count from 1 to 64 (e.g. seeds: 4) or a list of seeds (e.g. seeds: [0, 7, 42])"
 
 
 class FlowBase(BaseModel):
@@ -68,22 +80,32 @@ class FlowBase(BaseModel):
         except ValueError:
             raise ValueError(f"not slug-safe: use letters, digits, '.', '_', '-', e.g. {slugify(v)!r}") from None
 
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _seeds_shape(cls, v):
+        """One error line for a wrong type (pydantic would give one per member of the union)."""
+        is_int = lambda x: isinstance(x, int) and not isinstance(x, bool)  # noqa: E731
+        if not (is_int(v) or (isinstance(v, list) and all(is_int(x) for x in v))):
+            raise ValueError(SEEDS_HINT)
+        return v
+
     @field_validator("seeds")
     @classmethod
     def _seed_count_or_list(cls, v: int | list[int]) -> int | list[int]:
         if isinstance(v, int) and not 1 <= v <= 64:
-            raise ValueError("give a count from 1 to 64 (e.g. seeds: 4) or a list of seeds (e.g. seeds: [0, 7, 42])")
+            raise ValueError(SEEDS_HINT)
         if isinstance(v, list) and (not v or len(set(v)) != len(v) or min(v) < 0):
             raise ValueError("give distinct seeds >= 0, e.g. seeds: [0, 7, 42] (or a count, e.g. seeds: 4)")
         return v
 
     @field_validator("store", "prior", "outputs")
     @classmethod
-    def _plain_text(cls, v: str) -> str:
+    def _plain_text(cls, v: str, info: ValidationInfo) -> str:
         if "\x00" in v:
             raise ValueError("holds a NUL byte; write a plain path or name")
         if not v.strip():
-            raise ValueError("is empty: give a value, e.g. ./artifacts for store or embedded for prior")
+            example = {"store": "./artifacts", "prior": "embedded", "outputs": "./outputs"}[info.field_name]
+            raise ValueError(f"is empty: give a value, e.g. {info.field_name}: {example}")
         return v.strip()
 
     @model_validator(mode="after")

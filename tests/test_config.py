@@ -81,6 +81,12 @@ MALFORMED = [
     ("prompt: a red cube\ncamera:\n  fov_deg: 200\n", [], ["camera.fov_deg", "less than 180"]),
     ("prompt: a red cube\ncamera:\n  radus: 2\n", [], ["camera.radus", "did you mean 'radius'"]),
     ("prompt: a red cube\nseed: [1, 2]\n", [], ["'seed'"]),
+    ("prompt: a red cube\nseeds: abc\n", [], ["'seeds': give a count from 1 to 64"]),
+    ("prompt: a red cube\nseeds: [1, x]\n", [], ["'seeds': give a count from 1 to 64"]),
+    ("prompt: a red cube\nseeds: true\n", [], ["'seeds': give a count from 1 to 64"]),
+    ("prompt: a red cube\nseeds: 0\n", [], ["'seeds': give a count from 1 to 64"]),
+    ("prompt: a red cube\nseeds: [3, 3]\n", [], ["'seeds': give distinct seeds"]),
+    ("prompt: a red cube\n", ["outputs="], ["'outputs': is empty", "outputs: ./outputs"]),
     ("- a red cube\n- a blue cone\n", [], ["top level must be a mapping"]),
     (
         "prompt: a red cube\n",
@@ -125,6 +131,7 @@ def test_malformed_flow_names_the_key(tmp_path, text, overrides, expected):
         assert str(path) in message, message
     for part in expected:
         assert part in message, f"{part!r} not in: {message}"
+    assert "\n" not in message, "one line"
 
 
 def test_yaml_syntax_error_gives_line_number(tmp_path):
