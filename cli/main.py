@@ -111,6 +111,7 @@ def run(
     except ConfigError as exc:
         _fail_input(str(exc))
     _warn_prompts(cfg, cfg.prompt_list())
+    _check_outputs(cfg, flow_file, out_dir)
     from t3d.flows.best_of_n import run_seeds
     from t3d.flows.server import PrefectConnection
 
@@ -137,6 +138,19 @@ def run(
             _deliver(cfg, outcome, flow_file, out_dir, prefect)
             failed = failed or any(r.state == "failed" for _, r, _ in outcome.ranked)
     raise typer.Exit(EXIT_FAILED if failed else EXIT_OK)
+
+
+def _check_outputs(cfg, flow_file: Path, out_dir: Path | None) -> None:
+    """Exit 2 now, not after the run, when the outputs folder cannot be written."""
+    from t3d.flows.outputs import check_outputs_root
+
+    try:
+        check_outputs_root(cfg, flow_file, out_dir)
+    except OSError as exc:
+        where = "--out" if out_dir is not None else f"{flow_file}: 'outputs'"
+        reason = exc.strerror or str(exc)
+        path = exc.filename or ""
+        _fail_input(f"{where}: cannot write deliveries there ({reason}{': ' + str(path) if path else ''})")
 
 
 def _warn_prompts(cfg, prompts: list[str]) -> None:
@@ -279,6 +293,7 @@ def batch(
     except ConfigError as exc:
         _fail_input(str(exc))
     _warn_prompts(cfg, prompts)
+    _check_outputs(cfg, flow, out_dir)
     _setup_logging(False)  # Prefect's exit chatter ("Still processing items: ...") stays off the screen
     done = []
 

@@ -47,6 +47,19 @@ def outputs_root(cfg, flow_file: str | Path | None, out: str | Path | None = Non
     return root.resolve()
 
 
+def check_outputs_root(cfg, flow_file: str | Path | None, out: str | Path | None = None) -> Path:
+    """Make sure deliveries can be written before minutes of compute, not after: the root is (or
+    becomes) a writable folder. Raises OSError naming the path and what is wrong."""
+    root = outputs_root(cfg, flow_file, out)
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"{root} is a file, not a folder")
+    root.mkdir(parents=True, exist_ok=True)
+    probe = root / f".write-probe-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    probe.write_bytes(b"")
+    probe.unlink()
+    return root
+
+
 def delivery_dir(cfg, prompt: str, flow_file: str | Path | None, out: str | Path | None = None) -> Path:
     """<outputs>/<slug of the prompt>/: predictable from the prompt alone (a batch of one flow file,
     whose `name` every prompt shares, still gets one folder per prompt)."""

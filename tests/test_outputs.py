@@ -185,3 +185,25 @@ def test_seeds_share_encode_prompt_but_not_the_rest(tmp_path):
         keys[seed] = {p.name: p.key for p in plan(cfg, PROMPT, registry, store)}
     assert keys[0]["encode_prompt"] == keys[1]["encode_prompt"]
     assert keys[0]["coarse"] != keys[1]["coarse"]
+
+
+def test_an_unwritable_outputs_folder_stops_the_run_before_it_starts(tmp_path, cfg):
+    import subprocess
+    import sys
+
+    config, flow = cfg
+    assert outputs.check_outputs_root(config, flow) == flow.parent / "outputs"
+    assert (flow.parent / "outputs").is_dir() and not list((flow.parent / "outputs").iterdir()), "no probe left"
+    a_file = tmp_path / "not-a-folder"
+    a_file.write_text("x")
+    with pytest.raises(NotADirectoryError):
+        outputs.check_outputs_root(config, flow, a_file)
+    proc = subprocess.run(
+        [sys.executable, "-m", "t3d.cli.main", "run", str(flow), "--out", str(a_file), "--no-prefect"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == f"error: --out: cannot write deliveries there ({a_file} is a file, not a folder)"
+    assert "encode_prompt" not in proc.stdout + proc.stderr, "nothing ran"
