@@ -360,7 +360,7 @@ def batch(
     out.print(f"summary: {csv_path} and {json_path}")
     shown = _shown_path(gallery)
     out.print(f"gallery: {shown}   (or: t3d view {shown})", soft_wrap=True, highlight=False)
-    raise typer.Exit(EXIT_FAILED if any(r.state == "failed" for r in rows) else EXIT_OK)
+    raise typer.Exit(EXIT_FAILED if failed else EXIT_OK)
 
 
 def _final_quality(metrics: dict) -> str:
