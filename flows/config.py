@@ -208,6 +208,7 @@ def _unwrap_optional(annotation: Any) -> Any:
 # rather than a did-you-mean.
 RENAMED_KEYS = {
     "stages.coarse.method": "stages.coarse.guidance",
+    "stages.coarse.occupancy_threshold": "stages.coarse.occupancy_alpha (an opacity per sample, not a density)",
     **{
         f"stages.extract_mesh.geometry_{old}": f"stages.extract_mesh.geometry.{new}"
         for old, new in (

@@ -106,7 +106,14 @@ class CoarseParams(StageParams):
     lambda_entropy: float = Field(10.0, description="opacity entropy (mean over pixels): crisp silhouettes")
     occupancy_res: int = Field(32, ge=0, description="occupancy grid cells per side for empty-space skipping; 0: off")
     occupancy_every: int = Field(8, ge=1)
-    occupancy_threshold: float = Field(0.01, ge=0)
+    occupancy_alpha: float = Field(
+        0.01,
+        ge=0,
+        description=(
+            "a cell is empty while one sample there stays below this opacity, sigma * (2 bound / n_samples) "
+            "(nerfacc's and threestudio's occ_thre 0.01): its samples are skipped"
+        ),
+    )
     field: FieldParams = Field(default_factory=_default_field)
     checkpoint_every: int = Field(100, ge=1)
     preview_size: int = Field(64, ge=16)
@@ -164,7 +171,12 @@ class CoarseTrainer:
             )
         self.opt = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15)
         self.occupancy = (
-            OccupancyGrid(params.field.bound, params.occupancy_res, params.occupancy_threshold, device=self.device)
+            OccupancyGrid(
+                params.field.bound,
+                params.occupancy_res,
+                params.occupancy_alpha * params.n_samples / (2 * params.field.bound),  # opacity -> density
+                device=self.device,
+            )
             if params.occupancy_res > 0
             else None
         )

@@ -102,6 +102,11 @@ MALFORMED = [
         ["stages.coarse.method: renamed to stages.coarse.guidance"],
     ),
     (
+        "prompt: a red cube\nstages:\n  coarse: {occupancy_threshold: 0.01}\n",
+        [],
+        ["stages.coarse.occupancy_threshold: renamed to stages.coarse.occupancy_alpha"],
+    ),
+    (
         "prompt: a red cube\nstages:\n  extract_mesh: {geometry_laplacian: 1.0}\n",
         [],
         ["stages.extract_mesh.geometry_laplacian: renamed to stages.extract_mesh.geometry.lambda_laplacian"],

@@ -256,3 +256,27 @@ def test_guidance_scale_convention_is_diffusers_form_and_documented():
         (GeometryParams, "guidance_scale"),
     ):
         assert CFG_CONVENTION in (model.model_fields[key].description or ""), model.__name__
+
+
+def test_coarse_occupancy_threshold_is_an_opacity_per_sample(tiny):
+    """occupancy_alpha is nerfacc's occ_thre: a cell is empty while sigma * (2 bound / n_samples) < alpha.
+    A field of constant density 2.0 at 48 samples over 1.8 units has 0.075 opacity per sample: kept at
+    alpha 0.05, skipped at 0.1; the old density threshold 0.01 kept every cell of the blob's halo."""
+    from t3d.stages.coarse import CoarseParams, CoarseTrainer
+    from t3d.stages.encode_prompt import PromptEmbeddings
+
+    prior, cond, uncond = tiny
+    emb = PromptEmbeddings(cond, uncond, {"front": cond, "side": cond, "back": cond, "overhead": cond}, {})
+
+    class Constant:
+        def density(self, points):
+            return torch.full((points.shape[0],), 2.0)
+
+    fractions = []
+    for alpha in (0.05, 0.1):
+        p = CoarseParams(n_samples=48, occupancy_res=8, occupancy_alpha=alpha)
+        p = p.model_copy(update={"field": p.field.model_copy(update={"grid": SMALL_GRID})})
+        trainer = CoarseTrainer(p, prior, emb, CameraParams(), CPU_GRID, seed=0)
+        assert trainer.occupancy.threshold == pytest.approx(alpha * 48 / (2 * 0.9))
+        fractions.append(trainer.occupancy.update(Constant(), dilate=0))
+    assert fractions == [1.0, 0.0]
