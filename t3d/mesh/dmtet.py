@@ -111,7 +111,7 @@ def marching_tets(verts: torch.Tensor, tets: torch.Tensor, sdf: torch.Tensor) ->
             return verts.new_zeros(0, 3), torch.zeros(0, 3, dtype=torch.long, device=verts.device)
         ends = torch.cat(tris)  # [F,3,2]
         owner = torch.cat(owner)
-        a, b = ends.min(-1).values, ends.max(-1).values
+        a, b = torch.minimum(ends[..., 0], ends[..., 1]), torch.maximum(ends[..., 0], ends[..., 1])
         uniq, inv = torch.unique((a * n + b).reshape(-1), return_inverse=True)
         ea, eb = uniq // n, uniq % n
         faces = inv.reshape(-1, 3)

@@ -562,9 +562,15 @@ def _silhouette_edges(pos: torch.Tensor, tri: torch.Tensor) -> tuple[torch.Tenso
     nf = tri.shape[0]
     facing = _facing_determinant(pos, tri) > 0  # [B,F]
     edges = torch.stack([tri[:, [1, 2]], tri[:, [2, 0]], tri[:, [0, 1]]], 1)  # [F,3,2]
-    key = (edges.amin(-1) * nv + edges.amax(-1)).reshape(-1)
-    _, inv, counts = torch.unique(key, return_inverse=True, return_counts=True)
-    order = torch.argsort(inv, stable=True)
+    lo, hi = edges.unbind(-1)
+    key = (torch.minimum(lo, hi) * nv + torch.maximum(lo, hi)).reshape(-1)  # amin(-1) on int64 is ~100x slower
+    # one stable sort groups each edge's faces (torch.unique plus an argsort of its inverse sorted twice)
+    sorted_key, order = torch.sort(key, stable=True)
+    starts = torch.ones_like(sorted_key, dtype=torch.bool)
+    starts[1:] = sorted_key[1:] != sorted_key[:-1]
+    group = torch.cumsum(starts, 0) - 1
+    inv = torch.empty_like(group).index_copy_(0, order, group)
+    counts = torch.bincount(group)
     first = torch.cumsum(counts, 0) - counts
     face_of = order // 3  # faces of each unique edge, contiguous
     fid = torch.arange(nf * 3, device=tri.device) // 3
