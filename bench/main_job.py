@@ -56,7 +56,7 @@ def stage_summary(store: Path) -> dict:
         out[m["stage"]] = {
             "s": m.get("timings", {}).get("total_s"),
             "timings": m.get("timings", {}),
-            **{k: metrics[k] for k in ("iou", "color_err") if k in metrics},
+            **{k: metrics[k] for k in ("iou", "color_err", "steps") if k in metrics},
         }
     return {k: out[k] for k in STAGES if k in out}
 
@@ -78,8 +78,21 @@ def run_once(flow: dict, work: Path, env: dict, no_prefect: bool) -> dict:
         "wall_s": round(wall, 2),
         "stages_s": round(sum(s["s"] or 0.0 for s in stages.values()), 2),
         "outside_stages_s": round(wall - sum(s["s"] or 0.0 for s in stages.values()), 2),
+        **machine_yardstick(stages, wall),
         "stages": stages,
     }
+
+
+def machine_yardstick(stages: dict, wall: float) -> dict:
+    """These machines differ ~3x in speed. The prior's forward pass per coarse step (the step's
+    floor, which no 3D-side work changes) measures this one, so walls from different machines
+    compare as wall / prior_step_s: the main job's cost in prior forward passes."""
+    coarse = stages.get("coarse", {})
+    steps, prior_s = coarse.get("steps"), coarse.get("timings", {}).get("prior_forward_s")
+    if not prior_s or not steps:
+        return {}
+    per_step = prior_s / steps
+    return {"prior_step_s": round(per_step, 4), "wall_in_prior_steps": round(wall / per_step)}
 
 
 def main(argv=None) -> dict:
