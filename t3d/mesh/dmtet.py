@@ -198,7 +198,14 @@ class GeometryParams(BaseModel):
     guidance_scale: float = Field(7.5, gt=0, description=CFG_CONVENTION)
     t_range: TRange = (0.02, 0.5)
     lambda_laplacian: float = Field(0.5, ge=0, description="weight of mesh smoothness (Laplacian, in voxels^2)")
-    lambda_anchor: float = Field(10.0, ge=0, description="weight of the pull towards the coarse SDF (in voxels^2)")
+    lambda_anchor: float = Field(
+        1.0,
+        ge=0,
+        description=(
+            "weight of the pull towards the coarse SDF (in voxels^2). At 10 it held the NeRF's rounded drum: "
+            "the red cube's normal consistency 0.908 and edge sharpness 0.805; at 1, 0.951 and 0.880"
+        ),
+    )
     band_voxels: float = Field(
         4.0, gt=0, description="only tets this many voxels from the initial surface are kept (they can hold it)"
     )
