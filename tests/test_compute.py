@@ -40,22 +40,24 @@ BF16_REL_NORM, FP16_REL_NORM = 0.08, 0.02
 # texture.albedo_prob's default went from 0.3 to 0 (issue 14's note). Export version 2 (issue 17:
 # turntable.mp4 and its params) changed the export keys; encode_prompt's key lost its seed (issue
 # 17: best-of-N seeds share it), which changed every key once.
+# The planned keys of two flows without `compute:`. They last moved with issue #14's occupancy_alpha (coarse)
+# and #16's geometry lambda_anchor 1 (extract_mesh); the later stages follow through their inputs.
 TINY_FLOW = {"prompt": "a red cube", "prior": "tiny-pixel", "stages": {"refine": {"enabled": True}}}
 TINY_KEYS = {
     "encode_prompt": "encode_prompt-8d5bfe0eac5f2fcd5bc8",
-    "coarse": "coarse-ac26c40605c241bcadea",
-    "refine": "refine-304e32ad42b44996bf67",
-    "extract_mesh": "extract_mesh-5d92c22c90cc728f03cd",
-    "texture": "texture-692652285d976e350bcd",
-    "export": "export-cda904697a4495035481",
+    "coarse": "coarse-8fae80363c1028678ff4",
+    "refine": "refine-60a8168910f8e22f76a5",
+    "extract_mesh": "extract_mesh-a119afaeb27ab3b979fe",
+    "texture": "texture-4f89b7f195443bacd2f2",
+    "export": "export-904ece704cf9b1818fe9",
 }
 LATENT_FLOW = {"prompt": "a red cube", "prior": "tiny-latent"}
 LATENT_KEYS = {
     "encode_prompt": "encode_prompt-dfc3c843745275968f68",
-    "coarse": "coarse-be2f237b524186b75f6d",
-    "extract_mesh": "extract_mesh-693e1dec05e24adbf844",
-    "texture": "texture-b32c30d2acda0a9c5e8a",
-    "export": "export-ba197e5ba1d6a6604170",
+    "coarse": "coarse-39cdbffb9aeabfc7f089",
+    "extract_mesh": "extract_mesh-995fadd8700465aa6c59",
+    "texture": "texture-a530c0d394a9fe7cb661",
+    "export": "export-7d78106a7cd98b937624",
 }
 
 
