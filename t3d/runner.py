@@ -81,6 +81,15 @@ def prior_loader(
     return lambda: _cached_prior(load_prior, source, str(device), compute)
 
 
+def warm_prior(cfg, planned: list[PlannedStage], registry) -> bool:
+    """Load the flow's prior into this process's cache now, when a stage that will run here needs
+    it (what that stage's first `ctx.load_prior()` would do). True when it loaded."""
+    if not any(p.needs_run and registry[p.name].uses_prior for p in planned):
+        return False
+    prior_loader(cfg.prior, resolve_device(cfg.device), cfg.compute)()
+    return True
+
+
 class StageFailed(Exception):
     """A stage raised; `results` holds the stages of the same run that finished before it."""
 

@@ -232,3 +232,50 @@ def test_a_registry_without_spec_cannot_go_to_prefect(tmp_path, identity_prior):
     with pytest.raises(ValueError, match="registry_from_spec"):
         run_prompt(cfg, cfg.prompt, REGISTRY(), prefect=_StubPrefect())
     assert run_prompt(cfg, cfg.prompt, REGISTRY(), use_prefect=False, show_progress=False).state == "completed"
+
+
+def test_prefect_connects_while_the_prior_loads(tmp_path, calls, identity_prior, monkeypatch):
+    """A first run's two waits, Prefect's server start and the prior's load, overlap: each side
+    below waits for the other to have started, which a sequential run could never satisfy."""
+    import threading
+
+    from t3d import runner
+
+    loading, connecting = threading.Event(), threading.Event()
+    overlapped = []
+
+    class Connecting:
+        problem = None
+        connected_url = None
+
+        def api_url(self):
+            connecting.set()
+            overlapped.append(("connect", loading.wait(10)))
+            return None  # no Prefect: the stages then run here
+
+    def warm(cfg, planned, registry):
+        loading.set()
+        overlapped.append(("prior", connecting.wait(10)))
+        return True
+
+    monkeypatch.setattr(runner, "warm_prior", warm)
+    cfg = cfg_for(tmp_path, identity_prior)
+    result = run_prompt(cfg, cfg.prompt, REG, show_progress=False, prefect=Connecting())
+    assert result.state == "completed" and calls() == ["a", "b", "c"]
+    assert sorted(overlapped) == [("connect", True), ("prior", True)]
+
+
+def test_warm_prior_loads_only_for_a_stage_that_runs_and_needs_it(monkeypatch):
+    from types import SimpleNamespace
+
+    from t3d import runner
+
+    loaded = []
+    monkeypatch.setattr(runner, "prior_loader", lambda source, device, compute: lambda: loaded.append(source))
+    cfg = SimpleNamespace(prior="embedded", device="cpu", compute=None)
+    registry = {"coarse": SimpleNamespace(uses_prior=True), "export": SimpleNamespace(uses_prior=False)}
+    step = lambda name, needs: SimpleNamespace(name=name, needs_run=needs)  # noqa: E731
+    assert runner.warm_prior(cfg, [step("coarse", False), step("export", True)], registry) is False
+    assert loaded == []
+    assert runner.warm_prior(cfg, [step("coarse", True), step("export", True)], registry) is True
+    assert loaded == ["embedded"]
