@@ -111,7 +111,7 @@ class CoarseParams(StageParams):
         ge=0,
         description=(
             "a cell is empty while one sample there stays below this opacity, sigma * (2 bound / n_samples) "
-            "(nerfacc's and threestudio's occ_thre 0.01): its samples are skipped"
+            "(nerfacc's occ_thre 0.01 on density x step): its samples are skipped"
         ),
     )
     field: FieldParams = Field(default_factory=_default_field)
