@@ -7,7 +7,7 @@ import pytest
 import torch
 import trimesh
 
-from t3d.mesh.dmtet import laplacian_loss, marching_tets, render_shaded, sdf_from_density, tet_grid
+from t3d.mesh.dmtet import laplacian_loss, marching_tets, render_shaded, sdf_from_density, tet_edges, tet_grid
 from t3d.render.raster import TorchRaster
 
 R = 32
@@ -47,6 +47,58 @@ def test_marching_tets_sphere_is_closed_outward_and_on_the_surface(grid):
     assert (r - 0.55).abs().max() < 0.2 * SPACING[0]  # chords of a sphere: just inside it
     outward = np.einsum("ij,ij->i", m.face_normals, m.triangles_center - centre.numpy())
     assert (outward > 0).all()
+
+
+def _reference_marching_tets(verts, tets, sdf):
+    """marching_tets as first written (per-case corner sorts, torch.unique of the crossed edges):
+    the fast version, with its lookup tables and edges found once, must give the same bits."""
+    n = verts.shape[0]
+    cases = ((1, (((0, 1), (0, 2), (0, 3)),)), (3, (((0, 3), (1, 3), (2, 3)),)))
+    cases += ((2, (((0, 2), (0, 3), (1, 3)), ((0, 2), (1, 3), (1, 2)))),)
+    occ_t = (sdf < 0)[tets]
+    n_in = occ_t.sum(1)
+    keep = (n_in > 0) & (n_in < 4)
+    tv, n_in = tets[keep], n_in[keep]
+    q = torch.gather(tv, 1, torch.argsort((~occ_t[keep]).to(torch.int8), dim=1, stable=True))
+    tris, owner = [], []
+    for count, edge_lists in cases:
+        sel = (n_in == count).nonzero().squeeze(1)
+        for edges in edge_lists:
+            tris.append(torch.stack([torch.stack([q[sel, i], q[sel, j]], -1) for i, j in edges], 1))
+            owner.append(sel)
+    ends, owner = torch.cat(tris), torch.cat(owner)
+    a, b = torch.minimum(ends[..., 0], ends[..., 1]), torch.maximum(ends[..., 0], ends[..., 1])
+    uniq, inv = torch.unique((a * n + b).reshape(-1), return_inverse=True)
+    ea, eb, faces = uniq // n, uniq % n, inv.reshape(-1, 3)
+    s_a, s_b = sdf[ea], sdf[eb]
+    w = (s_a / (s_a - s_b)).unsqueeze(-1)
+    mverts = verts[ea] + w * (verts[eb] - verts[ea])
+    p = mverts.detach()[faces]
+    normal = torch.linalg.cross(p[:, 1] - p[:, 0], p[:, 2] - p[:, 0], dim=-1)
+    corners, k = verts[q[owner]], n_in[owner].unsqueeze(-1).float()
+    is_in = (torch.arange(4)[None, :] < n_in[owner][:, None]).float().unsqueeze(-1)
+    centre_in = (corners * is_in).sum(1) / k
+    centre_out = (corners * (1 - is_in)).sum(1) / (4 - k)
+    flip = (normal * (centre_out - centre_in)).sum(-1) < 0
+    return mverts, torch.where(flip[:, None], faces[:, [0, 2, 1]], faces)
+
+
+@pytest.mark.parametrize("banded", [False, True])
+def test_marching_tets_equals_the_reference_bit_for_bit(grid, banded):
+    verts, tets = grid
+    noise = 0.3 * float(SPACING[0]) * torch.randn(len(verts), generator=torch.Generator().manual_seed(3))
+    sdf = ((verts - torch.tensor([0.07, 0.0, -0.1])).norm(dim=-1) - 0.6 + noise).requires_grad_(True)
+    if banded:  # as GeometryTrainer keeps them: only tets near the surface
+        near = sdf.detach().abs() < 3 * float(SPACING[0])
+        tets = tets[near[tets].all(1)]
+    want_v, want_f = _reference_marching_tets(verts, tets, sdf)
+    got_v, got_f = marching_tets(verts, tets, sdf, tet_edges(tets, len(verts)))
+    assert want_f.shape[0] > 1000
+    assert torch.equal(got_f, want_f) and torch.equal(got_v, want_v)
+    weights = torch.randn(got_v.shape, generator=torch.Generator().manual_seed(4))
+    (want_g,) = torch.autograd.grad((want_v * weights).sum(), sdf)
+    (got_g,) = torch.autograd.grad((got_v * weights).sum(), sdf)
+    assert torch.equal(got_g, want_g)
 
 
 def test_marching_tets_empty_and_gradient_sign(grid):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -38,6 +38,8 @@ from t3d.optim import flatten_optimizer, restore_optimizer
 __all__ = [
     "tet_grid",
     "sdf_from_density",
+    "TetEdges",
+    "tet_edges",
     "marching_tets",
     "laplacian_loss",
     "render_shaded",
@@ -86,48 +88,98 @@ def sdf_from_density(sigma: np.ndarray, threshold: float, spacing, smooth_voxels
 _ONE_INSIDE = ((0, 1), (0, 2), (0, 3))
 _THREE_INSIDE = ((0, 3), (1, 3), (2, 3))
 _TWO_INSIDE = (((0, 2), (0, 3), (1, 3)), ((0, 2), (1, 3), (1, 2)))
+_TET_EDGES = ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))  # a tet's 6 edges as corner pairs
 
 
-def marching_tets(verts: torch.Tensor, tets: torch.Tensor, sdf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _case_tables() -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """Per 4-bit inside pattern (bit k: corner k inside): the inside count [16], the corners
+    inside first [16,4] (each group in corner order, as a stable argsort of the outside flags
+    gives), and for each triangle case, the tet edges ([16,3] slots of _TET_EDGES) its corners
+    lie on. Face order: every 1-inside tet's triangle, every 3-inside one's, then the two of 2."""
+    edge_of = {frozenset(e): k for k, e in enumerate(_TET_EDGES)}
+    n_in = torch.tensor([bin(code).count("1") for code in range(16)])
+    order = torch.tensor(
+        [[k for k in range(4) if code >> k & 1] + [k for k in range(4) if not code >> k & 1] for code in range(16)]
+    )
+    cases = []
+    for count, edge_lists in ((1, (_ONE_INSIDE,)), (3, (_THREE_INSIDE,)), (2, _TWO_INSIDE)):
+        for edges in edge_lists:
+            table = torch.tensor([[edge_of.get(frozenset((int(o[i]), int(o[j]))), 0) for i, j in edges] for o in order])
+            cases.append((count, table))
+    return n_in, order, tuple(cases)
+
+
+_N_IN, _INSIDE_FIRST, _CASE_EDGES = _case_tables()
+
+
+class TetEdges(NamedTuple):
+    """The edges of a tet set, found once: `ends` [E,2] (low, high vertex index), ordered as
+    torch.unique orders their keys low * n + high, `of_tet` [T,6], each tet's edges (in
+    _TET_EDGES order) as rows of `ends`, and `corners` [4,T], the tets' corners slot by slot.
+    With them marching_tets needs no sort per call."""
+
+    ends: torch.Tensor
+    of_tet: torch.Tensor
+    corners: torch.Tensor
+
+
+def tet_edges(tets: torch.Tensor, n_verts: int) -> TetEdges:
+    pairs = torch.tensor(_TET_EDGES, device=tets.device)
+    a, b = tets[:, pairs[:, 0]], tets[:, pairs[:, 1]]
+    key = torch.minimum(a, b) * n_verts + torch.maximum(a, b)
+    uniq, inv = torch.unique(key.reshape(-1), return_inverse=True)
+    return TetEdges(torch.stack([uniq // n_verts, uniq % n_verts], 1), inv.reshape(-1, 6), tets.t().contiguous())
+
+
+def marching_tets(
+    verts: torch.Tensor, tets: torch.Tensor, sdf: torch.Tensor, edges: TetEdges | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Surface of sdf < 0: (vertices [M,3], faces [F,3] int64), outward-facing, watertight when the
-    grid encloses the surface. Differentiable w.r.t. `sdf` (and `verts`)."""
-    n = verts.shape[0]
+    grid encloses the surface. Differentiable w.r.t. `sdf` (and `verts`). `edges`: tet_edges(tets,
+    len(verts)), for a caller that extracts from the same tets many times (the same result)."""
+    n, device = verts.shape[0], verts.device
+    if edges is None:
+        edges = tet_edges(tets, n)
     with torch.no_grad():
-        occ = sdf < 0
-        occ_t = occ[tets]
-        n_in = occ_t.sum(1)
-        keep = (n_in > 0) & (n_in < 4)
-        tv, n_in = tets[keep], n_in[keep]
-        order = torch.argsort((~occ_t[keep]).to(torch.int8), dim=1, stable=True)
-        q = torch.gather(tv, 1, order)  # inside corners first
-        tris, owner = [], []
-        for count, cases in ((1, (_ONE_INSIDE,)), (3, (_THREE_INSIDE,)), (2, _TWO_INSIDE)):
+        occ = (sdf < 0).to(torch.uint8)
+        o = occ.index_select(0, edges.corners.view(-1)).view(4, -1)  # [4,T]
+        code = o[0] | (o[1] << 1) | (o[2] << 2) | (o[3] << 3)
+        kept = ((code > 0) & (code < 15)).nonzero().squeeze(1)
+        code = code.index_select(0, kept).long()
+        n_in = _N_IN.to(device).index_select(0, code)
+        face_edges, owner = [], []
+        for count, table in _CASE_EDGES:
             sel = (n_in == count).nonzero().squeeze(1)
-            for edges in cases:
-                ends = torch.stack([torch.stack([q[sel, i], q[sel, j]], -1) for i, j in edges], 1)  # [S,3,2]
-                tris.append(ends)
-                owner.append(sel)
-        if not tris or sum(t.shape[0] for t in tris) == 0:
-            return verts.new_zeros(0, 3), torch.zeros(0, 3, dtype=torch.long, device=verts.device)
-        ends = torch.cat(tris)  # [F,3,2]
+            of_tet = edges.of_tet.index_select(0, kept.index_select(0, sel))
+            face_edges.append(torch.gather(of_tet, 1, table.to(device).index_select(0, code.index_select(0, sel))))
+            owner.append(sel)
+        face_edges = torch.cat(face_edges)  # [F,3] rows of edges.ends
+        if face_edges.shape[0] == 0:
+            return verts.new_zeros(0, 3), torch.zeros(0, 3, dtype=torch.long, device=device)
         owner = torch.cat(owner)
-        a, b = torch.minimum(ends[..., 0], ends[..., 1]), torch.maximum(ends[..., 0], ends[..., 1])
-        uniq, inv = torch.unique((a * n + b).reshape(-1), return_inverse=True)
-        ea, eb = uniq // n, uniq % n
-        faces = inv.reshape(-1, 3)
-    s_a, s_b = sdf[ea], sdf[eb]
+        used = torch.zeros(edges.ends.shape[0], dtype=torch.bool, device=device)
+        used[face_edges.reshape(-1)] = True
+        ea, eb = edges.ends.index_select(0, used.nonzero().squeeze(1)).unbind(1)
+        faces = (torch.cumsum(used, 0) - 1).index_select(0, face_edges.reshape(-1)).view(-1, 3)
+    s_a, s_b = sdf.index_select(0, ea), sdf.index_select(0, eb)
     w = (s_a / (s_a - s_b)).unsqueeze(-1)
-    mverts = verts[ea] + w * (verts[eb] - verts[ea])
+    v_a = verts.index_select(0, ea)
+    mverts = v_a + w * (verts.index_select(0, eb) - v_a)
     with torch.no_grad():  # face away from the tet's inside corners
-        p = mverts.detach()[faces]
+        p = mverts.detach().index_select(0, faces.reshape(-1)).view(-1, 3, 3)
         normal = torch.linalg.cross(p[:, 1] - p[:, 0], p[:, 2] - p[:, 0], dim=-1)
-        corners = verts[q[owner]]  # [F,4,3]
-        k = n_in[owner].unsqueeze(-1).float()
-        slot = torch.arange(4, device=verts.device)[None, :]
-        is_in = (slot < n_in[owner][:, None]).float().unsqueeze(-1)
-        centre_in = (corners * is_in).sum(1) / k
-        centre_out = (corners * (1 - is_in)).sum(1) / (4 - k)
-        flip = (normal * (centre_out - centre_in)).sum(-1) < 0
+        # the inside and outside corners' centres, once per tet
+        order = _INSIDE_FIRST.to(device).index_select(0, code)
+        tv = torch.gather(tets.index_select(0, kept), 1, order)
+        corners = verts.index_select(0, tv.reshape(-1)).view(-1, 4, 3)
+        k = n_in.unsqueeze(-1).float()
+        # corners 0 (always inside) and 3 (always outside) need no mask; the sums run in slot order
+        in_1, in_2 = (n_in > 1).unsqueeze(-1), (n_in > 2).unsqueeze(-1)
+        c0, c1, c2, c3 = corners.unbind(1)
+        zero = torch.zeros_like(c0)
+        centre_in = (c0 + torch.where(in_1, c1, zero) + torch.where(in_2, c2, zero)) / k
+        centre_out = (torch.where(in_1, zero, c1) + torch.where(in_2, zero, c2) + c3) / (4 - k)
+        flip = (normal * (centre_out - centre_in).index_select(0, owner)).sum(-1) < 0
         faces = torch.where(flip[:, None], faces[:, [0, 2, 1]], faces)
     return mverts, faces
 
@@ -136,7 +188,7 @@ def laplacian_loss(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     """Mean squared distance of each vertex from the average of its edge neighbours."""
     e = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
     e = torch.cat([e, e.flip(1)])
-    nsum = torch.zeros_like(verts).index_add(0, e[:, 0], verts[e[:, 1]])
+    nsum = torch.zeros_like(verts).index_add(0, e[:, 0], verts.index_select(0, e[:, 1]))
     deg = torch.zeros(verts.shape[0], device=verts.device, dtype=verts.dtype).index_add(
         0, e[:, 0], torch.ones_like(e[:, 0], dtype=verts.dtype)
     )
@@ -244,6 +296,7 @@ class GeometryTrainer:
         self.voxel = float(np.mean(spacing))
         self.band = self.sdf0.abs() < settings.band_voxels * self.voxel
         self.tets = tets[self.band[tets].all(1)]  # only tets near the surface can hold it during refinement
+        self.tet_edges = tet_edges(self.tets, self.verts.shape[0])
         r = max(2, min(self.res, int(settings.correction_resolution)))
         self.delta = torch.nn.Parameter(torch.zeros(1, 1, r, r, r, device=device))
         self.opt = torch.optim.Adam([self.delta], lr=settings.lr)
@@ -262,7 +315,7 @@ class GeometryTrainer:
 
         s, voxel = self.settings, self.voxel
         sdf = self.current_sdf()
-        mverts, faces = marching_tets(self.verts, self.tets, sdf)
+        mverts, faces = marching_tets(self.verts, self.tets, sdf, self.tet_edges)
         if faces.shape[0] == 0:
             raise FloatingPointError(f"geometry refinement lost the surface at step {self.step_idx}; lower geometry.lr")
         cams = sample_cameras(self.camera_params, s.batch_size, self.gen).to(self.device)
@@ -314,5 +367,5 @@ class GeometryTrainer:
     @torch.no_grad()
     def surface(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The refined surface (vertices [M,3], faces [F,3]) at the current SDF."""
-        mverts, faces = marching_tets(self.verts, self.tets, self.current_sdf())
+        mverts, faces = marching_tets(self.verts, self.tets, self.current_sdf(), self.tet_edges)
         return mverts.detach(), faces

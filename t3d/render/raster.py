@@ -304,46 +304,51 @@ def _visibility(pos: torch.Tensor, tri: torch.Tensor, height: int, width: int, m
     nf = tri.shape[0]
     device = pos.device
     dtype = pos.dtype
-    v = pos[:, tri]  # [B,F,3,4]
-    x, y, z, w = v.unbind(-1)
-    reject = (
-        (w <= 0).all(-1)
-        | (x > w).all(-1)
-        | (x < -w).all(-1)
-        | (y > w).all(-1)
-        | (y < -w).all(-1)
-        | (z > w).all(-1)
-        | (z < -w).all(-1)
-    )
-    p = torch.stack([x, y, w], -1)  # [B,F,3,3]
-    c, d = _edge_coefficients(p)
-    reject |= d == 0
+    # Per vertex first (a mesh has ~half as many vertices as faces, and each face has three):
+    # Cohen-Sutherland outcodes, bit k set when the vertex is outside clip plane k; a face whose
+    # three vertices share a bit lies wholly outside that plane.
+    x, y, z, w = pos.unbind(-1)  # [B,V]
+    outcode = (w <= 0).to(torch.uint8)
+    for bit, outside in enumerate((x > w, x < -w, y > w, y < -w, z > w, z < -w), start=1):
+        outcode |= outside.to(torch.uint8) << bit
     # Pixel bounding boxes: the pixel centres inside the projected vertices' box when every vertex
     # is in front of the camera (the projected triangle is then the hull of its vertices), the
     # whole screen otherwise (the edge functions do the real clipping).
-    front = (w > 0).all(-1)
     ws = torch.where(w > 0, w, torch.ones_like(w))
     big = float(max(height, width) + 2)
     sx = (((x / ws) + 1.0) * (width / 2.0) - 0.5).clamp(-big, big)  # pixel-index units
     sy = (((y / ws) + 1.0) * (height / 2.0) - 0.5).clamp(-big, big)
-    eps = 1e-3
-    i0 = torch.where(front, (sx.amin(-1) - eps).ceil(), torch.zeros_like(sx[..., 0])).clamp_min(0).long()
-    i1 = (
-        torch.where(front, (sx.amax(-1) + eps).floor(), torch.full_like(sx[..., 0], width - 1))
-        .clamp_max(width - 1)
-        .long()
-    )
-    j0 = torch.where(front, (sy.amin(-1) - eps).ceil(), torch.zeros_like(sy[..., 0])).clamp_min(0).long()
-    j1 = (
-        torch.where(front, (sy.amax(-1) + eps).floor(), torch.full_like(sy[..., 0], height - 1))
-        .clamp_max(height - 1)
-        .long()
-    )
-    bw = (i1 - i0 + 1).clamp_min(0)
-    bh = (j1 - j0 + 1).clamp_min(0)
-    counts = (bw * bh).masked_fill(reject, 0).reshape(-1)  # [B*F]
+    corner = tri.t().reshape(-1)  # [3F]: every face's first corners, then its second, then third
 
+    def per_corner(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return values.index_select(1, corner).view(bsz, 3, nf).unbind(1)  # three [B,F]
+
+    o0, o1, o2 = per_corner(outcode)
+    reject = (o0 & o1 & o2) != 0
+    front = ((o0 | o1 | o2) & 1) == 0
+    x0, x1, x2 = per_corner(sx)
+    y0, y1, y2 = per_corner(sy)
+    eps = 1e-3
+    zero, full_w, full_h = torch.zeros_like(x0), torch.full_like(x0, width - 1), torch.full_like(x0, height - 1)
+    i0 = torch.where(front, (torch.minimum(torch.minimum(x0, x1), x2) - eps).ceil(), zero).clamp_min(0).long()
+    i1 = torch.where(front, (torch.maximum(torch.maximum(x0, x1), x2) + eps).floor(), full_w).clamp_max(width - 1)
+    j0 = torch.where(front, (torch.minimum(torch.minimum(y0, y1), y2) - eps).ceil(), zero).clamp_min(0).long()
+    j1 = torch.where(front, (torch.maximum(torch.maximum(y0, y1), y2) + eps).floor(), full_h).clamp_max(height - 1)
+    bw = (i1.long() - i0 + 1).clamp_min(0)
+    bh = (j1.long() - j0 + 1).clamp_min(0)
+    counts = (bw * bh).masked_fill(reject, 0).reshape(-1)  # [B*F]
+    # edge functions only for faces whose box holds a pixel centre (most faces of a fine mesh
+    # seen at a few dozen pixels hold none); a degenerate one (D = 0) covers nothing
     keep = counts.nonzero().squeeze(1)
+    v = pos.reshape(-1, 4).index_select(0, ((keep // nf) * pos.shape[1])[:, None].add(tri[keep % nf]).reshape(-1))
+    v = v.view(-1, 3, 4)  # [K,3,4] the kept faces' vertices
+    c, d = _edge_coefficients(v[..., [0, 1, 3]])
+    nondegenerate = (d != 0).nonzero().squeeze(1)
+    keep, c, d, v = keep[nondegenerate], c[nondegenerate], d[nondegenerate], v[nondegenerate]
+    z, w = v[..., 2], v[..., 3]
+    i0 = i0.reshape(-1)
+    j0 = j0.reshape(-1)
+    bw = bw.reshape(-1)
     npix = bsz * height * width
     zbuf = torch.full((npix,), math.inf, dtype=dtype, device=device)
     idbuf = torch.zeros(npix, dtype=torch.long, device=device)
@@ -351,17 +356,9 @@ def _visibility(pos: torch.Tensor, tri: torch.Tensor, height: int, width: int, m
         return idbuf
     counts_k = counts[keep]
     # everything a pair needs about its triangle, packed for one gather per chunk:
-    # edge coefficients (9), z (3), w (3), sign of D (1), first pixel column and row (2)
-    packed = torch.cat(
-        [
-            c.reshape(-1, 9),
-            z.reshape(-1, 3),
-            w.reshape(-1, 3),
-            d.reshape(-1, 1).sign(),
-        ],
-        -1,
-    )[keep]
-    i0_k, j0_k, bw_k = i0.reshape(-1)[keep], j0.reshape(-1)[keep], bw.reshape(-1)[keep]
+    # edge coefficients (9), z (3), w (3), sign of D (1)
+    packed = torch.cat([c.reshape(-1, 9), z, w, d.reshape(-1, 1).sign()], -1)
+    i0_k, j0_k, bw_k = i0[keep], j0[keep], bw[keep]
     base_k = (keep // nf) * (height * width)
     id_k = keep % nf + 1
 
@@ -547,7 +544,8 @@ def _facing_determinant(pos: torch.Tensor, tri: torch.Tensor) -> torch.Tensor:
     """[B,F] D = p0 . (p1 x p2) of each triangle's clip (x, y, w): _edge_coefficients' determinant
     without its three edge functions (the silhouette test needs only its sign)."""
     pv = pos[..., [0, 1, 3]]
-    return (torch.linalg.cross(pv[:, tri[:, 1]], pv[:, tri[:, 2]], dim=-1) * pv[:, tri[:, 0]]).sum(-1)
+    p0, p1, p2 = (pv.index_select(1, tri[:, k]) for k in range(3))
+    return (torch.linalg.cross(p1, p2, dim=-1) * p0).sum(-1)
 
 
 def _silhouette_edges(pos: torch.Tensor, tri: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -600,9 +598,11 @@ def _torch_antialias(
     pid = torch.arange(bsz * height * width, device=color.device).view(bsz, height, width)
     sil, across = _silhouette_edges(pos.detach(), tri)  # [B,F,3], [F,3]
     # only triangles within _AA_MAX_WALK steps of a silhouette edge can start a useful walk
-    near = sil.any(-1)
+    near = sil[..., 0] | sil[..., 1] | sil[..., 2]
+    across_flat = across.reshape(-1)
     for _ in range(_AA_MAX_WALK - 1):
-        near = near | near[:, across].any(-1)
+        n0, n1, n2 = near.index_select(1, across_flat).view(bsz, -1, 3).unbind(-1)
+        near = near | n0 | n1 | n2
     near_px = near.gather(1, (ids - 1).clamp_min(0).reshape(bsz, -1)).view(bsz, height, width) & (ids > 0)
     # neighbour pairs (P, Q) where P shows triangle A in front of what Q shows (nothing, or a
     # farther surface): left/right then bottom/top, each in both roles
@@ -639,9 +639,10 @@ def _torch_antialias(
     # Inside a triangle the segment's edge functions are linear in t: E(t) = e_p + t (e_q - e_p).
     idx = torch.arange(p_idx.numel(), device=color.device)
     cur = t_a
+    pos_flat, n_verts = pos.reshape(-1, 4), pos.shape[1]  # gathered rows stay differentiable
     found_idx, found_t, found_edge = [], [], []
     for _ in range(_AA_MAX_WALK):
-        vtx = pos[b[idx][:, None], tri[cur]]  # [N,3,4], differentiable
+        vtx = pos_flat.index_select(0, (b[idx] * n_verts)[:, None].add(tri[cur]).reshape(-1)).view(-1, 3, 4)
         c, d = _edge_coefficients(vtx[..., [0, 1, 3]])
         sgn = d.sign()[:, None]
         e_p = (c[..., 0] * px[idx] + c[..., 1] * py[idx] + c[..., 2]) * sgn
@@ -702,7 +703,7 @@ def _torch_antialias(
 def vertex_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     """Area-weighted unit vertex normals [V,3] (differentiable)."""
     faces = faces.long()
-    v0, v1, v2 = verts[faces[:, 0]], verts[faces[:, 1]], verts[faces[:, 2]]
+    v0, v1, v2 = (verts.index_select(0, faces[:, k]) for k in range(3))
     fn = torch.linalg.cross(v1 - v0, v2 - v0, dim=-1)  # length = 2 * area
     vn = torch.zeros_like(verts).index_add(0, faces.reshape(-1), fn.repeat_interleave(3, dim=0))
     return vn / vn.norm(dim=-1, keepdim=True).clamp_min(1e-12)
