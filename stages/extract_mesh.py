@@ -196,7 +196,7 @@ def run(ctx: StageContext) -> None:
 
 STAGE = Stage(
     name="extract_mesh",
-    version="3",
+    version="4",  # 4: the geometry correction is clamped inside the band (same params, closed surface)
     params=ExtractMeshParams,
     inputs=("encode_prompt", "coarse"),
     optional_inputs=("refine",),

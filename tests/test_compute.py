@@ -41,23 +41,24 @@ BF16_REL_NORM, FP16_REL_NORM = 0.08, 0.02
 # turntable.mp4 and its params) changed the export keys; encode_prompt's key lost its seed (issue
 # 17: best-of-N seeds share it), which changed every key once.
 # The planned keys of two flows without `compute:`. They last moved with issue #14's occupancy_alpha (coarse)
-# and #16's geometry lambda_anchor 1 (extract_mesh); the later stages follow through their inputs.
+# and #16's geometry lambda_anchor 1, then geometry band_voxels 8 and extract_mesh version 4 (the correction
+# clamped inside the band); the later stages follow through their inputs.
 TINY_FLOW = {"prompt": "a red cube", "prior": "tiny-pixel", "stages": {"refine": {"enabled": True}}}
 TINY_KEYS = {
     "encode_prompt": "encode_prompt-8d5bfe0eac5f2fcd5bc8",
     "coarse": "coarse-8fae80363c1028678ff4",
     "refine": "refine-60a8168910f8e22f76a5",
-    "extract_mesh": "extract_mesh-a119afaeb27ab3b979fe",
-    "texture": "texture-4f89b7f195443bacd2f2",
-    "export": "export-904ece704cf9b1818fe9",
+    "extract_mesh": "extract_mesh-92adeae2e5a6930642ec",
+    "texture": "texture-bd5d1e7529d3c67d86b0",
+    "export": "export-03bf0848c1498681bae8",
 }
 LATENT_FLOW = {"prompt": "a red cube", "prior": "tiny-latent"}
 LATENT_KEYS = {
     "encode_prompt": "encode_prompt-dfc3c843745275968f68",
     "coarse": "coarse-39cdbffb9aeabfc7f089",
-    "extract_mesh": "extract_mesh-995fadd8700465aa6c59",
-    "texture": "texture-a530c0d394a9fe7cb661",
-    "export": "export-7d78106a7cd98b937624",
+    "extract_mesh": "extract_mesh-6759156f32f05e3b4dcc",
+    "texture": "texture-53c07504f969fb79ff13",
+    "export": "export-1f826be01003c112d6f7",
 }
 
 

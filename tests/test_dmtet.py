@@ -198,3 +198,28 @@ def test_extract_mesh_stage_refines_geometry_and_resumes(tmp_path):
     stage.run(ctx_b)
     assert ctx_b.metrics["resumed_from"] == 2
     assert ctx_b.metrics["faces"] == ctx.metrics["faces"] and ctx_b.metrics["area"] == ctx.metrics["area"]
+
+
+@pytest.mark.parametrize("clamped", [True, False])
+def test_the_refined_surface_never_leaves_the_band(clamped):
+    """GeometryTrainer keeps only tets near the initial surface. A correction big enough to push
+    the surface past them would cut it open there (the cubes' edges did, after ~100 SDS steps);
+    the clamp in current_sdf keeps every zero crossing inside the kept tets, for any correction."""
+    from t3d.mesh.dmtet import GeometryParams, GeometryTrainer
+
+    r = 24
+    axis = np.linspace(-1, 1, r)
+    dist = np.sqrt(sum(g**2 for g in np.meshgrid(axis, axis, axis, indexing="ij")))
+    settings = GeometryParams(resolution=r, correction_resolution=6, band_voxels=4)
+    trainer = GeometryTrainer(
+        40.0 * (dist < 0.55), np.full(3, -1.0), np.full(3, 2.0 / (r - 1)), 1.0, None, None, None, None, settings,
+        torch.Generator(), raster=TorchRaster("cpu"),
+    )  # fmt: skip
+    if not clamped:
+        trainer.limit = float("inf")
+    with torch.no_grad():  # a correction of up to +-0.5 world units (~6 voxels): far past the band
+        trainer.delta.copy_(0.5 * torch.randn(trainer.delta.shape, generator=torch.Generator().manual_seed(0)))
+    verts, faces = trainer.surface()
+    mesh = trimesh.Trimesh(verts.numpy(), faces.numpy(), process=False)
+    assert len(faces) > 500
+    assert mesh.is_watertight == clamped  # without the clamp the same correction opens holes

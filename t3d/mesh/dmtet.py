@@ -259,7 +259,13 @@ class GeometryParams(BaseModel):
         ),
     )
     band_voxels: float = Field(
-        4.0, gt=0, description="only tets this many voxels from the initial surface are kept (they can hold it)"
+        8.0,
+        gt=2,
+        description=(
+            "only tets this many voxels from the initial surface are kept; the SDF's correction is clamped to "
+            "2 voxels less, so the surface can never leave them (at 4 and unclamped, the cubes' edges left the band "
+            "after ~100 steps and the mesh got holes there)"
+        ),
     )
     ambient: float = Field(0.35, ge=0, le=1, description="lambertian shading of the renders: light never below this")
 
@@ -295,6 +301,7 @@ class GeometryTrainer:
         self.sdf0 = torch.as_tensor(sdf_from_density(sigma, threshold, spacing), device=device).reshape(-1)
         self.voxel = float(np.mean(spacing))
         self.band = self.sdf0.abs() < settings.band_voxels * self.voxel
+        self.limit = (settings.band_voxels - 2) * self.voxel  # see current_sdf
         self.tets = tets[self.band[tets].all(1)]  # only tets near the surface can hold it during refinement
         self.tet_edges = tet_edges(self.tets, self.verts.shape[0])
         r = max(2, min(self.res, int(settings.correction_resolution)))
@@ -305,9 +312,13 @@ class GeometryTrainer:
         self.history: list[dict] = []
 
     def current_sdf(self) -> torch.Tensor:
+        """sdf0 plus the upsampled correction, clamped to `limit`: where |sdf0| >= band, the sign
+        cannot change, and a tet that straddles the band's edge has all corners at |sdf0| > limit
+        (the distance changes by at most a tet's diameter, sqrt(3) voxels, across it), so every
+        zero crossing lies in a kept tet and the surface stays closed."""
         res = self.res
         up = torch.nn.functional.interpolate(self.delta, size=(res, res, res), mode="trilinear", align_corners=True)
-        return self.sdf0 + up.reshape(-1)
+        return self.sdf0 + up.reshape(-1).clamp(-self.limit, self.limit)
 
     def step(self) -> dict:
         from t3d.guidance.sds import guidance_loss
