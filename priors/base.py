@@ -41,6 +41,8 @@ class DiffusionPrior:
     offload_device: torch.device | None = None
     # compute.compile: torch.compile(unet), sharing its weights; dropped (eager) if it ever fails
     compiled_unet: Any = None
+    # compute.trace: frozen TorchScript traces of the UNet for no-grad calls (priors/compute.py UNetTrace)
+    traced_unet: Any = None
 
     # ---- schedule -------------------------------------------------------------------------
     @property
@@ -146,7 +148,8 @@ class DiffusionPrior:
         return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
     def _unet_call(self, net, *args, **kwargs):
-        """net(*args, **kwargs), through the compiled UNet when compute.compile gave one. A compiled
+        """net(*args, **kwargs), through the compiled UNet when compute.compile gave one, else through
+        compute.trace's frozen trace where it serves the call (no grad; same bits). A compiled
         call that raises (inductor, a missing compiler) is retried eagerly, with one warning, and
         the compiled UNet is dropped for good; an error the eager UNet repeats is raised as is."""
         if net is self.unet and self.compiled_unet is not None:
@@ -161,6 +164,10 @@ class DiffusionPrior:
                     type(exc).__name__,
                     first,
                 )
+        if net is self.unet and self.traced_unet is not None:
+            out = self.traced_unet(*args, **kwargs)
+            if out is not None:
+                return out
         return net(*args, **kwargs)
 
     def _eps(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:

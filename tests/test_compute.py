@@ -8,7 +8,8 @@ Tolerances (measured on this project's 2-core CPU machine, torch 2.13, SDS gradi
   tile size; offload is a no-op without a GPU);
 - precision: bf16: ||g - g_default|| / ||g_default|| 0.025-0.032 (asserted <= 0.08, cosine >= 0.99);
 - precision: fp16 (CPU kernels exist in torch >= 2.1): 0.003-0.004 (asserted <= 0.02);
-- compile (T3D_TEST_COMPILE=1 only, ~55 s of inductor on a CPU): predict_noise 8.5e-6 of max |eps|.
+- compile (T3D_TEST_COMPILE=1 only, ~55 s of inductor on a CPU): predict_noise 8.5e-6 of max |eps|;
+- trace and split: bit-identical (torch.equal), which their run-time check enforces per input layout.
 """
 
 from __future__ import annotations
@@ -81,7 +82,15 @@ def test_a_flow_without_compute_keeps_its_keys(registry, tmp_path):
 
 
 def test_options_that_cannot_change_results_stay_out_of_keys(registry, tmp_path):
-    same = {"attention": "sliced", "vae": "sliced", "offload": "encoders", "channels_last": True, "compile": True}
+    same = {
+        "attention": "sliced",
+        "vae": "sliced",
+        "offload": "encoders",
+        "channels_last": True,
+        "compile": True,
+        "trace": False,
+        "split": True,
+    }
     assert _keys({**TINY_FLOW, "compute": same}, registry, tmp_path) == TINY_KEYS
     assert _keys({**LATENT_FLOW, "compute": same}, registry, tmp_path) == LATENT_KEYS
     assert _keys({**LATENT_FLOW, "compute": {"profile": "low-memory"}}, registry, tmp_path) == LATENT_KEYS
@@ -379,3 +388,95 @@ def test_doctor_names_the_install_command_of_each_missing_piece(monkeypatch):
     monkeypatch.setattr(doctor, "_try", lambda fn: (False, "ModuleNotFoundError: no module"))
     rows = {name: detail for name, ok, detail in doctor.checks() if name == "xatlas"}
     assert "`bash scripts/install.sh` installs it" in rows["xatlas"]
+
+
+# ---- trace and split: the same bits as the eager UNet ----------------------------------------
+def _unet_inputs(prior, batch: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    c = prior.unet.config
+    x = torch.randn(batch, c.in_channels, c.sample_size, c.sample_size, generator=g)
+    t = torch.randint(20, 980, (batch,), generator=g)
+    cond = prior.encode_text(["a red cube"] * (batch // 2) + [""] * (batch - batch // 2))
+    return x, t, cond
+
+
+@pytest.mark.parametrize("source", ["tiny-latent", "tiny-pixel"])
+def test_trace_and_split_give_the_eager_bits(source):
+    """The coarse stage's call: 4 renders, CFG, so a batch of 8 whose halves are cond and uncond."""
+    eager = load_prior(source, compute=ComputeParams(trace=False))
+    traced = load_prior(source, compute=ComputeParams(trace=True, split=True))
+    assert eager.traced_unet is None and eager.compute["trace"] is False
+    assert traced.compute["trace"] is True and traced.compute["split"] is True
+    with torch.no_grad():
+        # calls 1-2 run eagerly, the 3rd decides the plan, the next 3 run the halves serially, then threads
+        for seed in range(8):
+            x, t, cond = _unet_inputs(eager, 8, seed)
+            x, t, cond_u, uncond = x[:4], t[:4], cond[:4], cond[4:]
+            got = traced.predict_noise(x, t, cond_u, uncond, guidance_scale=7.5)
+            assert torch.equal(got, eager.predict_noise(x, t, cond_u, uncond, guidance_scale=7.5)), seed
+    (plan,) = traced.traced_unet.plans.values()
+    # Batch 8's halves match it bit for bit on these priors and the embedded one (other batch sizes
+    # need not: oneDNN picks its convolutions by batch size, and the first call's check then keeps
+    # the whole-batch trace).
+    assert plan is not None and plan["half"] is not None and plan["calls"] == 6
+    assert traced.traced_unet.seen == {next(iter(traced.traced_unet.plans)): 3}
+
+
+def test_every_batch_size_gives_the_eager_bits():
+    eager = load_prior("tiny-pixel", compute=ComputeParams(trace=False))
+    traced = load_prior("tiny-pixel", compute=ComputeParams(trace=True, split=True))
+    with torch.no_grad():
+        for batch in (1, 2, 4, 6, 16):
+            for seed in range(5):
+                x, t, cond = _unet_inputs(eager, batch, seed)
+                expected = eager.unet(x, t, encoder_hidden_states=cond).sample
+                assert torch.equal(traced._unet_call(traced.unet, x, t, encoder_hidden_states=cond).sample, expected), (
+                    batch
+                )
+    assert len(traced.traced_unet.plans) == 5
+
+
+def test_split_is_refused_where_the_halves_would_differ():
+    """channels_last inputs: oneDNN's convolutions then depend on the batch size, so the first
+    call's check keeps the whole-batch trace and the outputs stay the eager ones."""
+    eager = load_prior("tiny-pixel", compute=ComputeParams(trace=False))
+    traced = load_prior("tiny-pixel", compute=ComputeParams(trace=True, split=True))
+    with torch.no_grad():
+        for seed in range(5):
+            x, t, cond = _unet_inputs(eager, 4, seed)
+            x = x.contiguous(memory_format=torch.channels_last)
+            expected = eager.unet(x, t, encoder_hidden_states=cond).sample
+            assert torch.equal(traced._unet_call(traced.unet, x, t, encoder_hidden_states=cond).sample, expected)
+            halves = torch.cat(
+                [eager.unet(x[i : i + 2], t[i : i + 2], encoder_hidden_states=cond[i : i + 2]).sample for i in (0, 2)]
+            )
+    (plan,) = traced.traced_unet.plans.values()
+    assert plan["half"] is None or torch.equal(halves, expected)
+
+
+def test_trace_steps_aside_for_grad_extra_arguments_and_changed_weights():
+    prior = load_prior("tiny-pixel", compute=ComputeParams(trace=True))
+    x, t, cond = _unet_inputs(prior, 2)
+    assert prior.traced_unet(x, t, encoder_hidden_states=cond) is None  # grad mode: eager
+    with torch.no_grad():
+        assert prior.traced_unet(x, t, encoder_hidden_states=cond, class_labels=t) is None
+        assert [prior.traced_unet(x, t, encoder_hidden_states=cond) for _ in range(2)] == [None, None]  # not yet
+        before = prior.traced_unet(x, t, encoder_hidden_states=cond).sample
+        assert torch.equal(prior.traced_unet(x, t, encoder_hidden_states=cond).sample, before)
+        assert list(prior.traced_unet.plans.values())[0]["calls"] == 2  # the trace served the 4th call
+        next(prior.unet.parameters()).mul_(1.5)  # weights written in place: the frozen constants are stale
+        after = prior.traced_unet(x, t, encoder_hidden_states=cond).sample
+        assert not torch.equal(after, before)
+        assert torch.equal(after, prior.unet(x, t, encoder_hidden_states=cond).sample)
+
+
+def test_trace_auto_is_for_small_cpu_unets_and_yaml_switches_parse(monkeypatch):
+    import yaml
+
+    assert ComputeParams.model_validate(yaml.safe_load("trace: off\nsplit: on")).model_dump()["trace"] is False
+    assert ComputeParams.model_validate(yaml.safe_load("split: on")).split is True
+    assert load_prior("tiny-pixel").compute["trace"] is True  # the default on a CPU
+    monkeypatch.setattr("t3d.priors.compute.TRACE_AUTO_MAX_PARAMS", 1000)
+    assert load_prior("tiny-pixel").traced_unet is None
+    assert load_prior("tiny-pixel", compute=ComputeParams(trace=True)).traced_unet is not None
+    assert load_prior("tiny-pixel", compute=ComputeParams(trace=True, compile=True)).traced_unet is None
