@@ -1,13 +1,15 @@
 """Wall time of the README's main job, `t3d run examples/sds_red_cube.yaml`, as a new user runs it.
 
-cold: a fresh artifact store and a fresh Prefect data folder (the run starts the server);
+cold: a fresh artifact store and a Prefect data folder as install.sh leaves it (database created,
+no server running: the run starts the server); --unprepared leaves the folder empty instead (the
+run's server then also creates the database, as after an install that could not);
 warm: a fresh store again, with a Prefect server on that folder already up (this script holds it).
 Each run is a subprocess of the installed `t3d` CLI; its per-stage seconds, quality metrics and
 timing splits come from the stages' manifests in the run's store. --no-prefect runs the stages
 in-process instead (what CI and a busy machine can afford); --runs picks cold, warm or both.
 --set KEY=VALUE overrides the flow (repeatable, dotted keys: stages.coarse.steps=20) for a quick
 smoke run. Last output: one JSON object {"runs": {"cold": {...}, "warm": {...}}, "flow", "threads"}.
-Usage: python bench/main_job.py [--runs cold,warm] [--no-prefect] [--threads 2] [--set K=V ...]
+Usage: python bench/main_job.py [--runs cold,warm] [--no-prefect] [--unprepared] [--threads 2] [--set K=V ...]
 """
 
 from __future__ import annotations
@@ -101,6 +103,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-prefect", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="T3D_TORCH_THREADS for the runs (default: unset)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
+    ap.add_argument("--unprepared", action="store_true", help="cold: an empty Prefect folder, no database yet")
     ap.add_argument("--keep", action="store_true", help="keep the temporary stores (their path is printed)")
     args = ap.parse_args(argv)
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
@@ -114,6 +117,10 @@ def main(argv=None) -> dict:
         env["T3D_TORCH_THREADS"] = str(args.threads)
     result: dict = {}
     server = None
+    if not args.no_prefect and not args.unprepared:
+        from t3d.flows.server import prepare_data_dir
+
+        prepare_data_dir(tmp / "prefect")  # what install.sh does for the default folder (untimed)
     try:
         for name in runs:
             if name == "warm" and not args.no_prefect:
@@ -130,7 +137,13 @@ def main(argv=None) -> dict:
             print(f"stores kept under {tmp}", flush=True)
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-    out = {"runs": result, "flow": str(FLOW.relative_to(ROOT)), "overrides": args.overrides, "threads": args.threads}
+    out = {
+        "runs": result,
+        "flow": str(FLOW.relative_to(ROOT)),
+        "overrides": args.overrides,
+        "threads": args.threads,
+        "prefect_folder": "unprepared" if args.unprepared else "prepared as by install.sh",
+    }
     print(json.dumps(out))
     return out
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -381,12 +382,26 @@ def server(
     data: Path | None = typer.Option(
         None, help="Prefect database and settings folder (default ~/.cache/t3d/prefect, where `t3d run` reports)"
     ),
+    prepare: bool = typer.Option(
+        False,
+        "--prepare",
+        help="only create or upgrade the folder's Prefect database, then exit (install.sh does so)",
+    ),
 ) -> None:
     """Start Prefect's server and UI; runs report to it once PREFECT_API_URL points at it."""
     import signal
     import time
 
-    from t3d.flows.server import PrefectConnection, default_data_dir
+    from t3d.flows.server import PrefectConnection, default_data_dir, prepare_data_dir
+
+    if prepare:
+        try:
+            folder = prepare_data_dir(data)
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+            console.print(f"[red]{escape(str(exc))}[/]", highlight=False)
+            raise typer.Exit(EXIT_FAILED) from None
+        out.print(f"Prefect database ready in {folder}", highlight=False, soft_wrap=True)
+        return
 
     def on_term(*_):
         raise KeyboardInterrupt

@@ -56,4 +56,7 @@ if command -v npm >/dev/null 2>&1; then
 else
   echo "warning: npm not found; GLB validation and browser tests will be skipped, reports have no 3D view" >&2
 fi
+# Prefect's database for `t3d run`'s local server (~/.cache/t3d/prefect, or T3D_PREFECT_HOME): its
+# migrations take 6-8 s that a new user's first run would otherwise wait for.
+.venv/bin/t3d server --prepare >/dev/null || echo "warning: could not prepare Prefect's database; the first \`t3d run\` will" >&2
 echo "t3d installed: $(.venv/bin/t3d --help >/dev/null && echo ok) ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
