@@ -241,6 +241,9 @@ def execute(
         stage_log.info("%s: started (%s)", step.name, short_id(step.key))
         t0 = time.perf_counter()
         with cpu_threads(device):
+            # Recorded, not keyed, like the device: both change float rounding (CPU scatter-adds sum
+            # in a thread-dependent order), not the maths, and keys name the maths.
+            ctx.backend["torch_threads"] = torch.get_num_threads()
             stage.run(ctx)
         ctx.timings["total_s"] = round(time.perf_counter() - t0, 4)
         return {"metrics": ctx.metrics, "backend": ctx.backend, "timings": ctx.timings}

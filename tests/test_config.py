@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 
@@ -305,6 +306,10 @@ def test_runner_hands_the_flow_backends_to_each_stage(tmp_path):
         result = execute(cfg, cfg.prompt, step, registry, store, show_progress=False)
         manifests[request] = store.get(result.key).manifest["backend"]
         assert (Path(result.path) / "devices.txt").read_text() == "cpu cpu"
+    threads = manifests["torch"].pop("torch_threads")  # recorded, not keyed (t3d/runner.py)
+    assert isinstance(threads, int) and threads >= 1
+    if (os.cpu_count() or 1) <= 2 and not os.environ.get("T3D_TORCH_THREADS"):
+        assert threads == 1  # the shared-2-core default
     assert manifests["torch"] == {
         "hashgrid": {"library": "tinycudann", "backend": "torch", "reason": "requested"},
         "raster": {"library": "nvdiffrast", "backend": "torch", "reason": "requested"},
