@@ -177,8 +177,10 @@ def test_quality_cube_gate_reads_the_last_mesh_stage():
             "iou": 0.95,
             "normal_consistency": 0.99,
             "edge_sharpness": 0.95,
+            "watertight": True,
         },
         {"prompt": "a red cube", "stage": "export", "iou": 0.86, "normal_consistency": 0.87, "edge_sharpness": 0.80},
+        {"prompt": "a blue cube", "stage": "extract_mesh", "iou": 0.95, "watertight": True},
         {"prompt": "a blue cube", "stage": "export", "iou": 0.95, "normal_consistency": 0.97, "edge_sharpness": 0.9},
         {"prompt": "a red cube", "stage": "coarse", "iou": 0.99},
         {"prompt": "a blue sphere", "stage": "export", "iou": 0.99, "normal_consistency": 0.99},
@@ -186,6 +188,17 @@ def test_quality_cube_gate_reads_the_last_mesh_stage():
     gate = _quality().cube_gate(rows)
     assert set(gate["prompts"]) == {"a red cube", "a blue cube"}
     assert gate["prompts"]["a red cube"]["stage"] == "export" and not gate["prompts"]["a red cube"]["pass"]
-    assert gate["prompts"]["a blue cube"]["pass"]
+    assert gate["prompts"]["a blue cube"]["pass"] and gate["prompts"]["a blue cube"]["watertight"] is True
     assert gate["pass"] is False
     assert _quality().cube_gate(rows[2:])["pass"] is True
+
+
+def test_quality_cube_gate_fails_an_open_surface_the_figures_pass():
+    """Session 10's slit along the blue cube's front edge: 0.951 / 0.973 / 0.930, but not closed."""
+    export = {"prompt": "a blue cube", "stage": "export", "iou": 0.951, "normal_consistency": 0.973}
+    export["edge_sharpness"] = 0.930
+    for closed, passes in ((False, False), (None, False), (True, True)):
+        rows = [{"prompt": "a blue cube", "stage": "extract_mesh", "iou": 0.951, "watertight": closed}, export]
+        gate = _quality().cube_gate(rows)
+        assert gate["pass"] is passes and gate["prompts"]["a blue cube"]["watertight"] is closed
+    assert _quality().cube_gate([export])["pass"] is False  # no extract_mesh row: closedness unknown
