@@ -109,7 +109,8 @@ class ComputeParams(BaseModel):
         "auto",
         description=(
             "with trace: run a batch's two halves (CFG's cond and uncond) on two threads; same bits; auto = on "
-            "with one torch thread on a multi-core machine (16 % faster on 2 idle cores, no slower on a busy one)"
+            "with one torch thread on a multi-core machine (the main job's coarse prior time 29 -> 19-21 s on 2 "
+            "cores; no slower beside a busy process)"
         ),
     )
     trace: bool | Literal["auto"] = Field(
@@ -117,7 +118,7 @@ class ComputeParams(BaseModel):
         description=(
             "run the UNet's no-grad calls through a frozen TorchScript trace (one per input shape): the same "
             f"kernels and bits without diffusers' per-module Python overhead; auto = on for a CPU UNet of at "
-            f"most {TRACE_AUTO_MAX_PARAMS // 10**6}M parameters without compile (15 % of the toy prior's step)"
+            f"most {TRACE_AUTO_MAX_PARAMS // 10**6}M parameters without compile (a sixth of the toy prior's forward)"
         ),
     )
 
@@ -251,15 +252,18 @@ class UNetTrace:
 
     Same bits, checked at run time: the TRACE_AFTER-th call of an input layout (shapes, strides,
     dtype) runs the UNet eagerly and returns that, and keeps the trace only if it gives exactly the
-    same output, and the split only if the two halves do too. Earlier calls run eagerly, so short
-    uses (a preview, a test) never pay for tracing (0.5-1 s a layout). (They need not: with channels_last inputs
-    oneDNN's convolutions depend on the batch size.) A call it cannot serve returns None and the
-    caller runs the UNet eagerly: extra keyword arguments, grad mode, a layout whose check failed,
-    weights changed in place since the trace (their version counters), or a failed trace.
+    same output, and the split only if the two halves do too (they need not: oneDNN picks its
+    convolutions by batch size for some layouts, e.g. channels_last renders). Earlier calls run
+    eagerly, so short uses (a preview, a test, a smoke run) never pay for tracing. A call it
+    cannot serve returns None and the caller runs the UNet eagerly: extra keyword arguments, grad
+    mode, a layout whose check failed, weights changed in place since the trace (their version
+    counters), or a failed trace.
     """
 
     MAX_LAYOUTS = 8
-    TRACE_AFTER = 3
+    # A layout is traced at its 20th call: deciding costs 1-1.5 s (an eager call, two traces), which
+    # the 5-35 ms a traced call saves repays within ~100 calls; runs of a few steps never pay it.
+    TRACE_AFTER = 20
     SERIAL_CALLS = 3  # TorchScript's executor profiles and optimises a graph in its first calls
 
     def __init__(self, unet: torch.nn.Module, split: bool | str = "auto"):

@@ -58,5 +58,5 @@ else
 fi
 # Prefect's database for `t3d run`'s local server (~/.cache/t3d/prefect, or T3D_PREFECT_HOME): its
 # migrations take 6-8 s that a new user's first run would otherwise wait for.
-.venv/bin/t3d server --prepare >/dev/null || echo "warning: could not prepare Prefect's database; the first \`t3d run\` will" >&2
+.venv/bin/t3d server --prepare >/dev/null || echo "warning: could not prepare Prefect's database; the first \`t3d run\` will create it (6-8 s more)" >&2
 echo "t3d installed: $(.venv/bin/t3d --help >/dev/null && echo ok) ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

@@ -24,7 +24,7 @@ from t3d import runner
 from t3d.flows.config import ConfigError, validate
 from t3d.guidance.sds import guidance_loss
 from t3d.priors import load_prior
-from t3d.priors.compute import PROFILES, ComputeParams
+from t3d.priors.compute import PROFILES, ComputeParams, UNetTrace
 from t3d.runner import prior_loader
 from t3d.stages import default_registry
 from t3d.store import ArtifactStore, artifact_key
@@ -401,8 +401,9 @@ def _unet_inputs(prior, batch: int, seed: int = 0):
 
 
 @pytest.mark.parametrize("source", ["tiny-latent", "tiny-pixel"])
-def test_trace_and_split_give_the_eager_bits(source):
+def test_trace_and_split_give_the_eager_bits(source, monkeypatch):
     """The coarse stage's call: 4 renders, CFG, so a batch of 8 whose halves are cond and uncond."""
+    monkeypatch.setattr(UNetTrace, "TRACE_AFTER", 3)  # the default waits 20 calls
     eager = load_prior(source, compute=ComputeParams(trace=False))
     traced = load_prior(source, compute=ComputeParams(trace=True, split=True))
     assert eager.traced_unet is None and eager.compute["trace"] is False
@@ -422,7 +423,8 @@ def test_trace_and_split_give_the_eager_bits(source):
     assert traced.traced_unet.seen == {next(iter(traced.traced_unet.plans)): 3}
 
 
-def test_every_batch_size_gives_the_eager_bits():
+def test_every_batch_size_gives_the_eager_bits(monkeypatch):
+    monkeypatch.setattr(UNetTrace, "TRACE_AFTER", 3)
     eager = load_prior("tiny-pixel", compute=ComputeParams(trace=False))
     traced = load_prior("tiny-pixel", compute=ComputeParams(trace=True, split=True))
     with torch.no_grad():
@@ -436,9 +438,10 @@ def test_every_batch_size_gives_the_eager_bits():
     assert len(traced.traced_unet.plans) == 5
 
 
-def test_split_is_refused_where_the_halves_would_differ():
+def test_split_is_refused_where_the_halves_would_differ(monkeypatch):
     """channels_last inputs: oneDNN's convolutions then depend on the batch size, so the first
     call's check keeps the whole-batch trace and the outputs stay the eager ones."""
+    monkeypatch.setattr(UNetTrace, "TRACE_AFTER", 3)
     eager = load_prior("tiny-pixel", compute=ComputeParams(trace=False))
     traced = load_prior("tiny-pixel", compute=ComputeParams(trace=True, split=True))
     with torch.no_grad():
@@ -460,10 +463,12 @@ def test_trace_steps_aside_for_grad_extra_arguments_and_changed_weights():
     assert prior.traced_unet(x, t, encoder_hidden_states=cond) is None  # grad mode: eager
     with torch.no_grad():
         assert prior.traced_unet(x, t, encoder_hidden_states=cond, class_labels=t) is None
-        assert [prior.traced_unet(x, t, encoder_hidden_states=cond) for _ in range(2)] == [None, None]  # not yet
+        waiting = UNetTrace.TRACE_AFTER - 1  # short uses never pay for a trace
+        assert [prior.traced_unet(x, t, encoder_hidden_states=cond) for _ in range(waiting)] == [None] * waiting
+        assert not prior.traced_unet.plans
         before = prior.traced_unet(x, t, encoder_hidden_states=cond).sample
         assert torch.equal(prior.traced_unet(x, t, encoder_hidden_states=cond).sample, before)
-        assert list(prior.traced_unet.plans.values())[0]["calls"] == 2  # the trace served the 4th call
+        assert list(prior.traced_unet.plans.values())[0]["calls"] == 2  # the trace served the next call
         next(prior.unet.parameters()).mul_(1.5)  # weights written in place: the frozen constants are stale
         after = prior.traced_unet(x, t, encoder_hidden_states=cond).sample
         assert not torch.equal(after, before)

@@ -153,13 +153,12 @@ def test_leases_of_dead_processes_are_dropped(tmp_path):
 
 def test_server_prepare_creates_the_database_and_starts_nothing(tmp_path):
     """What install.sh runs: the database exists afterwards (a first run's server only has to
-    start), no server is left running, and a second call is a harmless no-op."""
+    start) and no server is left running."""
     env = _env(tmp_path)
     data = tmp_path / "prefect"
-    for _ in range(2):
-        proc = subprocess.run([*CLI, "server", "--prepare"], env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        assert f"Prefect database ready in {data}" in proc.stdout
+    proc = subprocess.run([*CLI, "server", "--prepare"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"Prefect database ready in {data}" in proc.stdout
     assert (data / "prefect.db").stat().st_size > 100_000
     assert not (data / "server.json").exists() and server_pids(data) == []
     import sqlite3
