@@ -268,10 +268,18 @@ def prepare_data_dir(data_dir: str | Path | None = None, timeout_s: float = 900.
     current database is left as it is (the upgrade is then a no-op)."""
     data_dir = Path(data_dir or default_data_dir()).expanduser().resolve()
     cmd = [sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"]
-    with _locked(data_dir):
-        proc = subprocess.run(
-            cmd, env=server_env(data_dir), capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL
-        )
+    try:
+        with _locked(data_dir):
+            proc = subprocess.run(
+                cmd,
+                env=server_env(data_dir),
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
+                stdin=subprocess.DEVNULL,
+            )
+    except OSError as exc:
+        raise RuntimeError(f"cannot prepare a Prefect database in {data_dir}: {exc.strerror or exc}") from exc
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
         raise RuntimeError(f"preparing the Prefect database in {data_dir} failed (exit {proc.returncode}): {tail[0]}")

@@ -35,7 +35,7 @@ import os
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 log = logging.getLogger("t3d")
 
@@ -121,6 +121,14 @@ class ComputeParams(BaseModel):
             f"most {TRACE_AUTO_MAX_PARAMS // 10**6}M parameters without compile (a sixth of the toy prior's forward)"
         ),
     )
+
+    @field_validator("trace", "split", mode="before")
+    @classmethod
+    def _auto_or_bool(cls, value: Any) -> Any:
+        """One clear error for anything but auto / true / false (YAML reads on/off as booleans)."""
+        if isinstance(value, bool) or value == "auto":
+            return value
+        raise ValueError("use auto, true or false")
 
     @model_validator(mode="before")
     @classmethod

@@ -485,3 +485,14 @@ def test_trace_auto_is_for_small_cpu_unets_and_yaml_switches_parse(monkeypatch):
     assert load_prior("tiny-pixel").traced_unet is None
     assert load_prior("tiny-pixel", compute=ComputeParams(trace=True)).traced_unet is not None
     assert load_prior("tiny-pixel", compute=ComputeParams(trace=True, compile=True)).traced_unet is None
+
+
+def test_trace_and_split_take_auto_true_or_false_with_one_error(tmp_path):
+    flow = tmp_path / "flow.yaml"
+    flow.write_text("prompt: a red cube\ncompute: {trace: maybe}\n")
+    with pytest.raises(ConfigError) as err:
+        from t3d.flows.config import load_config
+
+        load_config(flow, [], default_registry())
+    assert str(err.value).count("\n") == 0 and "compute.trace" in str(err.value)
+    assert "use auto, true or false" in str(err.value) and "'maybe'" in str(err.value)

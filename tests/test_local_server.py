@@ -166,3 +166,10 @@ def test_server_prepare_creates_the_database_and_starts_nothing(tmp_path):
     with sqlite3.connect(data / "prefect.db") as db:
         tables = {row[0] for row in db.execute("select name from sqlite_master where type='table'")}
     assert {"flow_run", "task_run", "artifact", "alembic_version"} <= tables
+
+
+def test_server_prepare_names_the_folder_it_cannot_use():
+    from t3d.flows.server import prepare_data_dir
+
+    with pytest.raises(RuntimeError, match=r"cannot prepare a Prefect database in /proc/t3d-nope: "):
+        prepare_data_dir("/proc/t3d-nope")
