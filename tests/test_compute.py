@@ -496,3 +496,22 @@ def test_trace_and_split_take_auto_true_or_false_with_one_error(tmp_path):
         load_config(flow, [], default_registry())
     assert str(err.value).count("\n") == 0 and "compute.trace" in str(err.value)
     assert "use auto, true or false" in str(err.value) and "'maybe'" in str(err.value)
+
+
+def test_a_trace_that_fails_warns_once_and_runs_eagerly(monkeypatch, caplog):
+    """What happens the day torch drops torch.jit (deprecated in 2.13): eager, one warning."""
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("torch.jit is gone")
+
+    monkeypatch.setattr(torch.jit, "trace", refuse)
+    monkeypatch.setattr(UNetTrace, "TRACE_AFTER", 1)
+    eager = load_prior("tiny-pixel", compute=ComputeParams(trace=False))
+    traced = load_prior("tiny-pixel", compute=ComputeParams(trace=True))
+    x, t, cond = _unet_inputs(eager, 2)
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="t3d"):
+        outs = [traced._unet_call(traced.unet, x, t, encoder_hidden_states=cond).sample for _ in range(3)]
+        expected = eager.unet(x, t, encoder_hidden_states=cond).sample
+    assert all(torch.equal(o, expected) for o in outs)
+    assert traced.traced_unet.failed.startswith("RuntimeError: torch.jit is gone")
+    assert sum("compute.trace" in r.getMessage() for r in caplog.records) == 1
