@@ -16,6 +16,8 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from .compute import call_in_halves
+
 _log = logging.getLogger("t3d")
 
 
@@ -43,6 +45,8 @@ class DiffusionPrior:
     compiled_unet: Any = None
     # compute.trace: frozen TorchScript traces of the UNet for no-grad calls (priors/compute.py UNetTrace)
     traced_unet: Any = None
+    # compute.cfg_halves: CFG's cond and uncond halves as two UNet calls (priors/compute.py)
+    cfg_halves: bool = False
 
     # ---- schedule -------------------------------------------------------------------------
     @property
@@ -124,7 +128,8 @@ class DiffusionPrior:
         unet: torch.nn.Module | None = None,
         **unet_kwargs,
     ) -> torch.Tensor:
-        """Epsilon prediction with classifier-free guidance: one batched UNet call for cond+uncond.
+        """Epsilon prediction with classifier-free guidance: one batched UNet call for cond+uncond,
+        or two calls, one per half, with `compute.cfg_halves` (priors/compute.py says why).
 
         `unet` lets VSD query a LoRA-adapted copy; `unet_kwargs` pass e.g. class_labels (camera).
         """
@@ -141,20 +146,24 @@ class DiffusionPrior:
             torch.cat([x_t, x_t]),
             torch.cat([t, t]),
             encoder_hidden_states=torch.cat([cond, uncond]).to(self.dtype),
+            halves=self.cfg_halves and net is self.unet,
             **{k: torch.cat([v, v]) if torch.is_tensor(v) else v for k, v in unet_kwargs.items()},
         ).sample
         out = self._eps(out, torch.cat([x_t, x_t]), torch.cat([t, t]))
         eps_cond, eps_uncond = out.chunk(2)
         return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
-    def _unet_call(self, net, *args, **kwargs):
+    def _unet_call(self, net, *args, halves: bool = False, **kwargs):
         """net(*args, **kwargs), through the compiled UNet when compute.compile gave one, else through
-        compute.trace's frozen trace where it serves the call (no grad; same bits). A compiled
-        call that raises (inductor, a missing compiler) is retried eagerly, with one warning, and
-        the compiled UNet is dropped for good; an error the eager UNet repeats is raised as is."""
+        compute.trace's frozen trace where it serves the call (no grad; same bits). `halves`: the
+        batch's two halves as two calls (compute.cfg_halves). A compiled call that raises
+        (inductor, a missing compiler) is retried eagerly, with one warning, and the compiled UNet
+        is dropped for good; an error the eager UNet repeats is raised as is."""
         if net is self.unet and self.compiled_unet is not None:
             try:
-                return self.compiled_unet(*args, **kwargs)
+                return (
+                    call_in_halves(self.compiled_unet, args, kwargs) if halves else self.compiled_unet(*args, **kwargs)
+                )
             except Exception as exc:
                 self.compiled_unet = None
                 first = str(exc).splitlines()[0][:200] if str(exc) else ""
@@ -165,10 +174,10 @@ class DiffusionPrior:
                     first,
                 )
         if net is self.unet and self.traced_unet is not None:
-            out = self.traced_unet(*args, **kwargs)
+            out = self.traced_unet(*args, halves=halves, **kwargs)
             if out is not None:
                 return out
-        return net(*args, **kwargs)
+        return call_in_halves(net, args, kwargs) if halves else net(*args, **kwargs)
 
     def _eps(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         # DeepFloyd IF predicts (eps, variance) stacked on channels: keep eps.

@@ -10,6 +10,7 @@
       compile: false
       trace: auto             # auto | true | false
       split: auto             # auto | true | false (needs trace)
+      cfg_halves: auto        # auto | true | false
 
 Every option acts on the prior only. The field's parameters, the renders, the SDS/SJC/VSD
 gradient and the loss stay float32 whatever `precision` says: the guidance code casts the
@@ -24,8 +25,17 @@ follow through their input keys):
   `auto` keeps the keys t3d had before `compute:` existed (it is what load_prior always did).
 - vae: tiled: diffusers' tiled encode blends overlapping tiles once a render is larger than the
   VAE's tile (its config's sample_size), which changes the latents.
-- attention, vae: sliced, offload, channels_last, compile, trace, split: never (same maths; measured on
-  the tiny priors in tests/test_compute.py; trace gives the same bits).
+- attention, vae: sliced, offload, channels_last, compile, trace, split, cfg_halves: never (same
+  maths; measured on the tiny priors in tests/test_compute.py; trace and split give the same bits).
+
+cfg_halves runs classifier-free guidance's cond and uncond halves as two UNet calls instead of one
+call on the stacked batch. It is the same maths, but oneDNN picks its convolutions by batch size,
+so for some batch sizes and layouts (the toy prior at batch 4, channels_last renders) the halves
+round differently from the whole. Defining CFG as two calls makes every such call splittable
+(`split` then runs the halves on two cores with the same bits as running them one after the
+other), which the stacked call is only where the rounding happens to agree (batch 8). `auto`
+follows `trace`'s size rule but not its setting or success, so `trace: false` reproduces a traced
+run's bits and a machine's core count never changes them.
 """
 
 from __future__ import annotations
@@ -113,6 +123,14 @@ class ComputeParams(BaseModel):
             "cores; no slower beside a busy process)"
         ),
     )
+    cfg_halves: bool | Literal["auto"] = Field(
+        "auto",
+        description=(
+            "run CFG's cond and uncond halves as two UNet calls instead of one stacked call (same maths, other "
+            "float rounding at some batch sizes), so that `split` can put them on two cores at every batch size; "
+            f"auto = on for a CPU UNet of at most {TRACE_AUTO_MAX_PARAMS // 10**6}M parameters"
+        ),
+    )
     trace: bool | Literal["auto"] = Field(
         "auto",
         description=(
@@ -122,7 +140,7 @@ class ComputeParams(BaseModel):
         ),
     )
 
-    @field_validator("trace", "split", mode="before")
+    @field_validator("trace", "split", "cfg_halves", mode="before")
     @classmethod
     def _auto_or_bool(cls, value: Any) -> Any:
         """One clear error for anything but auto / true / false (YAML reads on/off as booleans)."""
@@ -216,6 +234,9 @@ def apply_compute(prior, compute: ComputeParams | None) -> Any:
         prior.traced_unet = UNetTrace(unet, split=compute.split)
     report["trace"] = prior.traced_unet is not None
     report["split"] = compute.split if prior.traced_unet is not None else False
+    small_cpu_unet = prior.device.type == "cpu" and _unet_params(unet) <= TRACE_AUTO_MAX_PARAMS
+    prior.cfg_halves = small_cpu_unet if compute.cfg_halves == "auto" else bool(compute.cfg_halves)
+    report["cfg_halves"] = prior.cfg_halves
     prior.compute = report
     return prior
 
@@ -225,7 +246,25 @@ def _trace_wanted(compute: ComputeParams, prior, unet) -> bool:
         return False
     if compute.trace is True:
         return True
-    return prior.device.type == "cpu" and sum(p.numel() for p in unet.parameters()) <= TRACE_AUTO_MAX_PARAMS
+    return prior.device.type == "cpu" and _unet_params(unet) <= TRACE_AUTO_MAX_PARAMS
+
+
+def _unet_params(unet) -> int:
+    return sum(p.numel() for p in unet.parameters())
+
+
+def call_in_halves(fn, args: tuple, kwargs: dict) -> UNetOutput:
+    """fn on the first half of a batch, then on the second, concatenated (compute.cfg_halves).
+    Every tensor argument whose first dimension is the batch's is halved."""
+    n = args[0].shape[0]
+
+    def part(lo: int, hi: int):
+        a = tuple(x[lo:hi] if torch.is_tensor(x) and x.ndim and x.shape[0] == n else x for x in args)
+        k = {key: v[lo:hi] if torch.is_tensor(v) and v.ndim and v.shape[0] == n else v for key, v in kwargs.items()}
+        out = fn(*a, **k)
+        return out if torch.is_tensor(out) else out.sample
+
+    return UNetOutput(torch.cat([part(0, n // 2), part(n // 2, n)]))
 
 
 class UNetOutput:
@@ -256,7 +295,9 @@ class UNetTrace:
     split: a batch runs as two halves (CFG's cond and uncond), the second on a worker thread. A
     trace holds the GIL only to start, so with one torch thread the halves use two cores; unlike
     a second OpenMP thread nothing spin-waits, so a busy machine loses nothing (`split_enabled`
-    decides per call).
+    decides per call). A call with `halves` (compute.cfg_halves) is defined as the two half
+    calls, so its halves always split; one without them splits only where the halves give the
+    whole batch's bits.
 
     Same bits, checked at run time: the TRACE_AFTER-th call of an input layout (shapes, strides,
     dtype) runs the UNet eagerly and returns that, and keeps the trace only if it gives exactly the
@@ -294,7 +335,7 @@ class UNetTrace:
             return bool(self.split)
         return torch.get_num_threads() == 1 and (os.cpu_count() or 1) >= 2
 
-    def __call__(self, sample, timestep, encoder_hidden_states=None, **extra) -> UNetOutput | None:
+    def __call__(self, sample, timestep, encoder_hidden_states=None, halves=False, **extra) -> UNetOutput | None:
         if self.failed or extra or torch.is_grad_enabled() or encoder_hidden_states is None:
             return None
         inputs = (sample, timestep, encoder_hidden_states)
@@ -303,27 +344,38 @@ class UNetTrace:
         if self._weight_versions() != self._versions:
             self.plans.clear()  # weights written in place: the frozen constants are stale
             self._versions = self._weight_versions()
-        layout = tuple((tuple(x.shape), x.stride(), x.dtype, x.device) for x in inputs)
+        if halves and not (sample.shape[0] % 2 == 0 and all(x.shape[0] == sample.shape[0] for x in inputs)):
+            return None
+        layout = (bool(halves), *((tuple(x.shape), x.stride(), x.dtype, x.device) for x in inputs))
         if layout not in self.plans:
             self.seen[layout] = self.seen.get(layout, 0) + 1
             if self.seen[layout] < self.TRACE_AFTER or len(self.plans) >= self.MAX_LAYOUTS:
                 return None
-            return self._decide(layout, inputs)
+            return self._decide(layout, inputs, halves)
         plan = self.plans[layout]
         if plan is None:
             return None
         plan["calls"] += 1
-        if plan["half"] is None or not self.split_enabled():
+        if plan["half"] is None:
             return UNetOutput(plan["trace"](*inputs))
         first, second = _halves(inputs)
-        if plan["calls"] <= self.SERIAL_CALLS:
+        if not self.split_enabled() or plan["calls"] <= self.SERIAL_CALLS:
             return UNetOutput(torch.cat([plan["half"](*first), plan["half"](*second)]))
         pending = self._worker().submit(_run_no_grad, plan["half"], second)
         out = plan["half"](*first)
         return UNetOutput(torch.cat([out, pending.result()]))
 
-    def _decide(self, layout: tuple, inputs: tuple) -> UNetOutput:
+    def _decide(self, layout: tuple, inputs: tuple, halves: bool = False) -> UNetOutput:
         """The eager output, after deciding this layout's plan by comparing the traces with it."""
+        if halves:
+            eager = call_in_halves(_PositionalUNet(self.unet), inputs, {}).sample
+            first, second = _halves(inputs)
+            half = self._trace(first)
+            plan = None
+            if half is not None and torch.equal(torch.cat([half(*first), half(*second)]), eager):
+                plan = {"trace": None, "half": half, "calls": 1}
+            self.plans[layout] = plan
+            return UNetOutput(eager)
         sample, timestep, hidden = inputs
         eager = self.unet(sample, timestep, encoder_hidden_states=hidden, return_dict=False)[0]
         plan = None

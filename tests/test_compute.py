@@ -402,10 +402,11 @@ def _unet_inputs(prior, batch: int, seed: int = 0):
 
 @pytest.mark.parametrize("source", ["tiny-latent", "tiny-pixel"])
 def test_trace_and_split_give_the_eager_bits(source, monkeypatch):
-    """The coarse stage's call: 4 renders, CFG, so a batch of 8 whose halves are cond and uncond."""
+    """The coarse stage's call as one stacked CFG call (cfg_halves off): 4 renders, so a batch of
+    8 whose halves are cond and uncond."""
     monkeypatch.setattr(UNetTrace, "TRACE_AFTER", 3)  # the default waits 20 calls
-    eager = load_prior(source, compute=ComputeParams(trace=False))
-    traced = load_prior(source, compute=ComputeParams(trace=True, split=True))
+    eager = load_prior(source, compute=ComputeParams(trace=False, cfg_halves=False))
+    traced = load_prior(source, compute=ComputeParams(trace=True, split=True, cfg_halves=False))
     assert eager.traced_unet is None and eager.compute["trace"] is False
     assert traced.compute["trace"] is True and traced.compute["split"] is True
     with torch.no_grad():
@@ -421,6 +422,42 @@ def test_trace_and_split_give_the_eager_bits(source, monkeypatch):
     # the whole-batch trace).
     assert plan is not None and plan["half"] is not None and plan["calls"] == 6
     assert traced.traced_unet.seen == {next(iter(traced.traced_unet.plans)): 3}
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cfg_halves_split_at_every_batch_size_with_the_serial_bits(channels_last, monkeypatch):
+    """cfg_halves defines CFG as two half calls, so the split serves batch 4 and channels_last
+    renders too (the geometry and texture stages' calls), which the stacked call cannot."""
+    monkeypatch.setattr(UNetTrace, "TRACE_AFTER", 3)
+    eager = load_prior("tiny-pixel", compute=ComputeParams(trace=False, cfg_halves=True))
+    traced = load_prior("tiny-pixel", compute=ComputeParams(trace=True, split=True, cfg_halves=True))
+    stacked = load_prior("tiny-pixel", compute=ComputeParams(trace=False, cfg_halves=False))
+    assert traced.compute["cfg_halves"] is True and stacked.compute["cfg_halves"] is False
+    differs = False
+    with torch.no_grad():
+        for batch in (1, 2):  # CFG doubles it to 2, 4
+            for seed in range(7):  # calls 1-2 eager, 3rd decides, 4-5 serial halves, 6-7 on two threads
+                x, t, cond = _unet_inputs(eager, 2 * batch, seed)
+                x, t, cond_u, uncond = x[:batch], t[:batch], cond[:batch], cond[batch:]
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                args = (x, t, cond_u, uncond)
+                want = eager.predict_noise(*args, guidance_scale=7.5)
+                assert torch.equal(traced.predict_noise(*args, guidance_scale=7.5), want), (batch, seed)
+                differs |= not torch.equal(stacked.predict_noise(*args, guidance_scale=7.5), want)
+    plans = traced.traced_unet.plans
+    assert len(plans) == 2 and all(p is not None and p["half"] is not None and p["calls"] == 5 for p in plans.values())
+    if channels_last:  # oneDNN rounds these halves differently from the stacked batch
+        assert differs
+
+
+def test_cfg_halves_auto_follows_the_size_rule_not_the_trace(monkeypatch):
+    assert load_prior("tiny-pixel").compute["cfg_halves"] is True
+    assert load_prior("tiny-pixel", compute=ComputeParams(trace=False)).cfg_halves is True  # same bits as traced
+    assert load_prior("tiny-pixel", compute=ComputeParams(cfg_halves=False)).cfg_halves is False
+    monkeypatch.setattr("t3d.priors.compute.TRACE_AUTO_MAX_PARAMS", 1000)
+    assert load_prior("tiny-pixel").cfg_halves is False
+    assert load_prior("tiny-pixel", compute=ComputeParams(cfg_halves=True)).cfg_halves is True
 
 
 def test_every_batch_size_gives_the_eager_bits(monkeypatch):
