@@ -196,7 +196,8 @@ def run(ctx: StageContext) -> None:
 
 STAGE = Stage(
     name="extract_mesh",
-    version="4",  # 4: the geometry correction is clamped inside the band (same params, closed surface)
+    version="5",  # 4: the geometry correction is clamped inside the band (same params, closed surface);
+    # 5: decimation's mirrored face pairs (zero-volume flaps) are dropped, so a closed surface stays watertight
     params=ExtractMeshParams,
     inputs=("encode_prompt", "coarse"),
     optional_inputs=("refine",),

@@ -43,23 +43,24 @@ BF16_REL_NORM, FP16_REL_NORM = 0.08, 0.02
 # 17: best-of-N seeds share it), which changed every key once.
 # The planned keys of two flows without `compute:`. They last moved with issue #14's occupancy_alpha (coarse)
 # and #16's geometry lambda_anchor 1, then geometry band_voxels 8 and extract_mesh version 4 (the correction
-# clamped inside the band); the later stages follow through their inputs.
+# clamped inside the band), then extract_mesh version 5 (decimation's mirrored face pairs dropped); the
+# later stages follow through their inputs.
 TINY_FLOW = {"prompt": "a red cube", "prior": "tiny-pixel", "stages": {"refine": {"enabled": True}}}
 TINY_KEYS = {
     "encode_prompt": "encode_prompt-8d5bfe0eac5f2fcd5bc8",
     "coarse": "coarse-8fae80363c1028678ff4",
     "refine": "refine-60a8168910f8e22f76a5",
-    "extract_mesh": "extract_mesh-92adeae2e5a6930642ec",
-    "texture": "texture-bd5d1e7529d3c67d86b0",
-    "export": "export-03bf0848c1498681bae8",
+    "extract_mesh": "extract_mesh-4dcc3606a91b78879b78",
+    "texture": "texture-65acd3033c8d8e3a1689",
+    "export": "export-a26d233c6d5f7ed91648",
 }
 LATENT_FLOW = {"prompt": "a red cube", "prior": "tiny-latent"}
 LATENT_KEYS = {
     "encode_prompt": "encode_prompt-dfc3c843745275968f68",
     "coarse": "coarse-39cdbffb9aeabfc7f089",
-    "extract_mesh": "extract_mesh-6759156f32f05e3b4dcc",
-    "texture": "texture-53c07504f969fb79ff13",
-    "export": "export-1f826be01003c112d6f7",
+    "extract_mesh": "extract_mesh-1d4278aab7c42b9a770e",
+    "texture": "texture-7f8f8a25a3bb38a59abf",
+    "export": "export-4545c4de9189b1b0f3df",
 }
 
 
@@ -90,6 +91,7 @@ def test_options_that_cannot_change_results_stay_out_of_keys(registry, tmp_path)
         "compile": True,
         "trace": False,
         "split": True,
+        "cfg_halves": False,
     }
     assert _keys({**TINY_FLOW, "compute": same}, registry, tmp_path) == TINY_KEYS
     assert _keys({**LATENT_FLOW, "compute": same}, registry, tmp_path) == LATENT_KEYS

@@ -24,7 +24,15 @@ from t3d.mesh.export import (
     turntable,
     unwrap,
 )
-from t3d.mesh.extract import auto_threshold, decimate, extract_mesh, largest_component, orient_outward
+from t3d.mesh.extract import (
+    auto_threshold,
+    clean_mesh,
+    decimate,
+    drop_mirrored_pairs,
+    extract_mesh,
+    largest_component,
+    orient_outward,
+)
 from t3d.render.raster import TorchRaster
 from t3d.runner import Backends, prior_loader
 from tests.contexts import stage_context
@@ -100,6 +108,23 @@ def test_decimate_respects_budget_and_orientation(sphere_mesh):
     assert len(small.faces) == len(d.faces)
     m = extract_mesh(sphere_density(), 48, 1.0, max_faces=500)
     assert len(m.faces) <= 500 and m.volume > 0
+
+
+def test_a_mirrored_flap_from_decimation_is_dropped_and_the_surface_stays_closed():
+    """The refined red cube's mesh once had a triangle and its mirror image hinged on a surface
+    edge: no hole, but a non-manifold edge, so not watertight."""
+    ball = trimesh.creation.icosphere(subdivisions=2)
+    a, b = ball.faces[0][:2]
+    tip = len(ball.vertices)
+    verts = np.vstack([ball.vertices, ball.vertices[[a, b]].mean(0) * 1.01])
+    flapped = trimesh.Trimesh(verts, np.vstack([ball.faces, [[a, b, tip], [b, a, tip]]]), process=False)
+    assert not flapped.is_watertight and flapped.is_volume is False
+    fixed = drop_mirrored_pairs(flapped)
+    assert fixed.is_watertight and len(fixed.faces) == len(ball.faces) and len(fixed.vertices) == len(ball.vertices)
+    assert np.allclose(fixed.volume, ball.volume)
+    assert drop_mirrored_pairs(ball) is ball  # nothing to drop: untouched
+    cleaned = clean_mesh(verts, flapped.faces, max_faces=len(flapped.faces))  # under budget: no decimation
+    assert cleaned.is_watertight
 
 
 def test_orient_outward_fixes_inverted_mesh():
