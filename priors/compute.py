@@ -10,7 +10,7 @@
       compile: false
       trace: auto             # auto | true | false
       split: auto             # auto | true | false (needs trace)
-      cfg_halves: auto        # auto | true | false
+      cfg_halves: false       # auto | true | false
 
 Every option acts on the prior only. The field's parameters, the renders, the SDS/SJC/VSD
 gradient and the loss stay float32 whatever `precision` says: the guidance code casts the
@@ -35,7 +35,9 @@ round differently from the whole. Defining CFG as two calls makes every such cal
 (`split` then runs the halves on two cores with the same bits as running them one after the
 other), which the stacked call is only where the rounding happens to agree (batch 8). `auto`
 follows `trace`'s size rule but not its setting or success, so `trace: false` reproduces a traced
-run's bits and a machine's core count never changes them.
+run's bits and a machine's core count never changes them. It is off by default: unlike trace and
+split it changes results, and at seed 0 the rounding alone moved bench/quality.py's blue cube out
+of the cube gate (README, compute).
 """
 
 from __future__ import annotations
@@ -124,11 +126,13 @@ class ComputeParams(BaseModel):
         ),
     )
     cfg_halves: bool | Literal["auto"] = Field(
-        "auto",
+        False,
         description=(
             "run CFG's cond and uncond halves as two UNet calls instead of one stacked call (same maths, other "
-            "float rounding at some batch sizes), so that `split` can put them on two cores at every batch size; "
-            f"auto = on for a CPU UNet of at most {TRACE_AUTO_MAX_PARAMS // 10**6}M parameters"
+            "float rounding at some batch sizes), so that `split` can put them on two cores at every batch size "
+            "(the main job's extract_mesh + texture ~4 s faster on 2 cores); "
+            f"auto = on for a CPU UNet of at most {TRACE_AUTO_MAX_PARAMS // 10**6}M parameters; off by default "
+            "because it changes results (README: compute)"
         ),
     )
     trace: bool | Literal["auto"] = Field(

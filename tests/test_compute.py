@@ -91,7 +91,7 @@ def test_options_that_cannot_change_results_stay_out_of_keys(registry, tmp_path)
         "compile": True,
         "trace": False,
         "split": True,
-        "cfg_halves": False,
+        "cfg_halves": True,
     }
     assert _keys({**TINY_FLOW, "compute": same}, registry, tmp_path) == TINY_KEYS
     assert _keys({**LATENT_FLOW, "compute": same}, registry, tmp_path) == LATENT_KEYS
@@ -453,12 +453,13 @@ def test_cfg_halves_split_at_every_batch_size_with_the_serial_bits(channels_last
         assert differs
 
 
-def test_cfg_halves_auto_follows_the_size_rule_not_the_trace(monkeypatch):
-    assert load_prior("tiny-pixel").compute["cfg_halves"] is True
-    assert load_prior("tiny-pixel", compute=ComputeParams(trace=False)).cfg_halves is True  # same bits as traced
-    assert load_prior("tiny-pixel", compute=ComputeParams(cfg_halves=False)).cfg_halves is False
+def test_cfg_halves_is_off_by_default_and_auto_follows_the_size_rule_not_the_trace(monkeypatch):
+    assert load_prior("tiny-pixel").compute["cfg_halves"] is False  # it changes results: opt-in
+    auto = ComputeParams(cfg_halves="auto")
+    assert load_prior("tiny-pixel", compute=auto).compute["cfg_halves"] is True
+    assert load_prior("tiny-pixel", compute=ComputeParams(cfg_halves="auto", trace=False)).cfg_halves is True
     monkeypatch.setattr("t3d.priors.compute.TRACE_AUTO_MAX_PARAMS", 1000)
-    assert load_prior("tiny-pixel").cfg_halves is False
+    assert load_prior("tiny-pixel", compute=auto).cfg_halves is False
     assert load_prior("tiny-pixel", compute=ComputeParams(cfg_halves=True)).cfg_halves is True
 
 
