@@ -360,8 +360,8 @@ class UNetTrace:
         if plan is None:
             return None
         plan["calls"] += 1
-        if plan["half"] is None:
-            return UNetOutput(plan["trace"](*inputs))
+        if plan["half"] is None or (plan["trace"] is not None and not self.split_enabled()):
+            return UNetOutput(plan["trace"](*inputs))  # the whole batch in one call, where that gives the bits
         first, second = _halves(inputs)
         if not self.split_enabled() or plan["calls"] <= self.SERIAL_CALLS:
             return UNetOutput(torch.cat([plan["half"](*first), plan["half"](*second)]))

@@ -463,6 +463,25 @@ def test_cfg_halves_is_off_by_default_and_auto_follows_the_size_rule_not_the_tra
     assert load_prior("tiny-pixel", compute=ComputeParams(cfg_halves=True)).cfg_halves is True
 
 
+def test_without_split_the_whole_batch_trace_serves(monkeypatch):
+    monkeypatch.setattr(UNetTrace, "TRACE_AFTER", 3)
+    eager = load_prior("tiny-pixel", compute=ComputeParams(trace=False))
+    traced = load_prior("tiny-pixel", compute=ComputeParams(trace=True, split=False))
+
+    def halves_ran(*_):
+        raise AssertionError("the half trace ran without split")
+
+    with torch.no_grad():
+        for seed in range(5):
+            x, t, cond = _unet_inputs(eager, 8, seed)
+            if seed == 3:  # the 3rd call decided the plan: batch 8 has a half trace
+                (plan,) = traced.traced_unet.plans.values()
+                assert plan["half"] is not None
+                plan["half"] = halves_ran
+            got = traced._unet_call(traced.unet, x, t, encoder_hidden_states=cond).sample
+            assert torch.equal(got, eager.unet(x, t, encoder_hidden_states=cond).sample)
+
+
 def test_every_batch_size_gives_the_eager_bits(monkeypatch):
     monkeypatch.setattr(UNetTrace, "TRACE_AFTER", 3)
     eager = load_prior("tiny-pixel", compute=ComputeParams(trace=False))
