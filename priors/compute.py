@@ -238,8 +238,7 @@ def apply_compute(prior, compute: ComputeParams | None) -> Any:
         prior.traced_unet = UNetTrace(unet, split=compute.split)
     report["trace"] = prior.traced_unet is not None
     report["split"] = compute.split if prior.traced_unet is not None else False
-    small_cpu_unet = prior.device.type == "cpu" and _unet_params(unet) <= TRACE_AUTO_MAX_PARAMS
-    prior.cfg_halves = small_cpu_unet if compute.cfg_halves == "auto" else bool(compute.cfg_halves)
+    prior.cfg_halves = _small_cpu_unet(prior, unet) if compute.cfg_halves == "auto" else bool(compute.cfg_halves)
     report["cfg_halves"] = prior.cfg_halves
     prior.compute = report
     return prior
@@ -250,11 +249,12 @@ def _trace_wanted(compute: ComputeParams, prior, unet) -> bool:
         return False
     if compute.trace is True:
         return True
-    return prior.device.type == "cpu" and _unet_params(unet) <= TRACE_AUTO_MAX_PARAMS
+    return _small_cpu_unet(prior, unet)
 
 
-def _unet_params(unet) -> int:
-    return sum(p.numel() for p in unet.parameters())
+def _small_cpu_unet(prior, unet) -> bool:
+    """The `auto` rule of trace and cfg_halves."""
+    return prior.device.type == "cpu" and sum(p.numel() for p in unet.parameters()) <= TRACE_AUTO_MAX_PARAMS
 
 
 def call_in_halves(fn, args: tuple, kwargs: dict) -> UNetOutput:
@@ -372,8 +372,9 @@ class UNetTrace:
     def _decide(self, layout: tuple, inputs: tuple, halves: bool = False) -> UNetOutput:
         """The eager output, after deciding this layout's plan by comparing the traces with it."""
         if halves:
-            eager = call_in_halves(_PositionalUNet(self.unet), inputs, {}).sample
             first, second = _halves(inputs)
+            positional = _PositionalUNet(self.unet)
+            eager = torch.cat([positional(*first), positional(*second)])
             half = self._trace(first)
             plan = None
             if half is not None and torch.equal(torch.cat([half(*first), half(*second)]), eager):
